@@ -1,0 +1,27 @@
+"""clipmoe_kernels: the MoE compute ops of clipmoe (routing metadata, expert FFN) and their plain-torch twins.
+
+Layering: imports only torch and its own extension `_C`; never clipmoe or open_clip; no device query at import.
+"""
+from clipmoe_kernels._backend import BACKENDS, ENV_BACKEND, check_backend, select_backend
+from clipmoe_kernels._ext import EXT_IMPORT_ERROR, has_ext_op
+from clipmoe_kernels.activation import ACTIVATIONS, get_activation, gelu, gelu_tanh, quick_gelu
+from clipmoe_kernels.expert_ffn import check_expert_args, expert_ffn_naive, expert_ffn_torch
+from clipmoe_kernels.routing import (DEFAULT_BLOCK_M, RoutingMeta, moe_align, moe_align_ref, num_tiles_bound,
+                                     topk_routing_ref)
+
+
+def available_ops() -> dict:
+    """Which compiled ops this install has, e.g. {"extension": True, "cpu": True, "cuda": True, ...}."""
+    return {
+        "extension": has_ext_op("cpu"),
+        "cpu": has_ext_op("cpu"),
+        "cuda": has_ext_op("cuda"),
+        "extension_error": None if EXT_IMPORT_ERROR is None else str(EXT_IMPORT_ERROR),
+    }
+
+
+__all__ = [
+    "ACTIVATIONS", "BACKENDS", "DEFAULT_BLOCK_M", "ENV_BACKEND", "RoutingMeta", "available_ops", "check_backend",
+    "check_expert_args", "expert_ffn_naive", "expert_ffn_torch", "gelu", "gelu_tanh", "get_activation", "moe_align",
+    "moe_align_ref", "num_tiles_bound", "quick_gelu", "select_backend", "topk_routing_ref",
+]

@@ -1,0 +1,33 @@
+"""Guarded import of the compiled extension clipmoe_kernels._C, and the fake (meta) implementations of its ops.
+
+The extension is an accelerator, never a requirement: when it was not built (or fails to load), every op has a
+plain-torch twin and `has_ext_op` reports False.
+"""
+import torch
+
+try:
+    from clipmoe_kernels import _C
+    EXT_IMPORT_ERROR = None
+except ImportError as exc:  # not built (CLIPMOE_SKIP_EXT_BUILD=1, a pure-Python install) or built for another torch
+    _C = None
+    EXT_IMPORT_ERROR = exc
+
+
+def has_ext_op(device_type: str) -> bool:
+    """Whether the extension implements its ops for tensors on `device_type` ("cpu" or "cuda")."""
+    if _C is None:
+        return False
+    if device_type == "cpu":
+        return True
+    return device_type == "cuda" and _C.built_with_cuda()
+
+
+if _C is not None:
+    @torch.library.register_fake("clipmoe::moe_align")
+    def _moe_align_fake(topk_ids, num_experts, block_m):
+        tk = topk_ids.numel()
+        num_tiles = (tk + block_m - 1) // block_m + num_experts
+
+        def new(n):
+            return topk_ids.new_empty((n,), dtype=torch.int32)
+        return new(num_experts), new(num_experts + 1), new(tk), new(tk), new(num_tiles), new(num_tiles)
