@@ -1,0 +1,164 @@
+"""MoEFFN: a drop-in Mixture-of-Experts replacement for the MLP of a CLIP transformer block."""
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from clipmoe_kernels import (check_backend, expert_ffn_naive, expert_ffn_torch, get_activation, select_backend,
+                             topk_routing_ref)
+
+from clipmoe.losses import AuxLosses, balance_loss, router_z_loss
+
+_EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch}
+
+
+@dataclass
+class MoEAux:
+    """What one forward of an MoEFFN leaves behind for auxiliary losses and routing analysis."""
+    router_logits: torch.Tensor      # [T, E] as produced by the router (input dtype)
+    router_probs: torch.Tensor       # [T, E] fp32 softmax
+    topk_ids: torch.Tensor           # [T, k] int64, decreasing probability
+    topk_weights: torch.Tensor       # [T, k] fp32, renormalised when the module renormalises
+    balance_loss: torch.Tensor       # scalar, paper form (top-1 share); 1 at perfect balance
+    balance_loss_topk: torch.Tensor  # scalar, official-code form (all k choices); k at perfect balance
+    z_loss: torch.Tensor             # scalar router z-loss
+
+
+class _WeightView:
+    """Lets open_clip read `block.mlp.c_fc.weight.dtype` (ResidualAttentionBlock.get_weight_dtype)."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+
+class MoEFFN(nn.Module):
+    """Top-k Mixture of Experts FFN: y = Σ_j w_j · expert_{e_j}(x), with a linear router.
+
+    Router: Linear(d_model, E, bias=False) → fp32 softmax over all E → top-k → renormalise the k weights (switchable).
+    Expert e: act(x W1[e]ᵀ + b1[e]) → dropout → W2[e]ᵀ + b2[e], stored stacked in nn.Linear orientation:
+    w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D].
+
+    Args:
+        d_model: D, the width of the block.  hidden_dim: F, the width of each expert (4·D in CLIP).
+        num_experts: E >= 1.  top_k: k in [1, E].
+        activation: "quick_gelu" (OpenAI CLIP), "gelu" (erf) or "gelu_tanh".
+        dropout: probability between activation and the second linear, in training mode (CLIP-MoE: 0.1).
+        renormalize: divide the top-k weights by their sum.
+        backend: "auto" (CLIPMOE_BACKEND, else the fastest available), "torch" (sorted segments) or "naive"
+            (the official per-expert loop).
+    Input x of any leading shape [..., D] ((L, N, D) and (N, L, D) alike); output of the same shape. After each
+    forward, `self.aux` holds a MoEAux (router logits and probabilities, balance and z losses); what forward returns
+    is unchanged. Tokens whose router logits are NaN or +inf get NaN outputs (see topk_routing_ref).
+    """
+
+    def __init__(self, d_model: int, hidden_dim: int, num_experts: int = 4, top_k: int = 2,
+                 activation: str = "quick_gelu", dropout: float = 0.0, renormalize: bool = True,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        get_activation(activation)
+        check_backend(backend)
+        self.d_model, self.hidden_dim = d_model, hidden_dim
+        self.num_experts, self.top_k = num_experts, top_k
+        self.activation, self.dropout, self.renormalize, self.backend = activation, dropout, renormalize, backend
+        factory = {"device": device, "dtype": dtype}
+        self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, d_model, **factory))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden_dim, **factory))
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model, **factory))
+        self.aux: Optional[MoEAux] = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Each expert initialised like a pair of nn.Linear layers; the router like nn.Linear."""
+        self.router.reset_parameters()
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1.0 / math.sqrt(w.shape[-1])
+            for e in range(self.num_experts):
+                nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
+            nn.init.uniform_(b, -bound, bound)
+
+    @property
+    def c_fc(self):
+        return _WeightView(self.w1)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, activation={self.activation!r}, dropout={self.dropout}, "
+                f"renormalize={self.renormalize}, backend={self.backend!r}")
+
+    @torch.no_grad()
+    def load_expert(self, index: int, mlp_state: Mapping[str, torch.Tensor]):
+        """Copy a dense MLP's weights into expert `index`. Accepts open_clip (c_fc/c_proj), timm and HF (fc1/fc2)
+        key names; keys may carry a module prefix ('mlp.c_fc.weight' works like 'c_fc.weight')."""
+        if not 0 <= index < self.num_experts:
+            raise ValueError(f"index must be in [0, num_experts={self.num_experts}), got {index}")
+        names = {}
+        for key, value in mlp_state.items():
+            layer, _, param = key.rpartition(".")
+            layer = layer.rpartition(".")[2]
+            names[(layer, param)] = value
+        for up, down in (("c_fc", "c_proj"), ("fc1", "fc2")):
+            if (up, "weight") in names:
+                break
+        else:
+            raise ValueError(f"mlp_state has no 'c_fc.weight' or 'fc1.weight' key; got keys {sorted(mlp_state)}")
+        targets = {(up, "weight"): self.w1, (up, "bias"): self.b1, (down, "weight"): self.w2, (down, "bias"): self.b2}
+        for (layer, param), target in targets.items():
+            if (layer, param) not in names:
+                raise ValueError(f"mlp_state lacks '{layer}.{param}' (an MoEFFN expert needs both linears with biases)")
+            value = names[(layer, param)]
+            if tuple(value.shape) != tuple(target.shape[1:]):
+                raise ValueError(f"mlp_state['{layer}.{param}'] has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(target.shape[1:])} for d_model={self.d_model}, hidden_dim={self.hidden_dim}")
+            target[index].copy_(value)
+
+    def _check_input(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.device != self.w1.device:
+            raise ValueError(f"x is on {x.device} but the MoEFFN weights are on {self.w1.device}")
+        if x.dtype != self.w1.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the MoEFFN weights are {self.w1.dtype} "
+                            f"(cast one of them, or run under torch.autocast)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        tokens = x.reshape(-1, self.d_model)
+        logits = self.router(tokens)
+        probs, topk_weights, topk_ids = topk_routing_ref(logits, self.top_k, self.renormalize)
+        expert_ffn = _EXPERT_FFNS[select_backend(self.backend, x.device)]
+        y = expert_ffn(tokens, topk_ids, topk_weights, self.w1, self.b1, self.w2, self.b2,
+                       activation=self.activation, dropout_p=self.dropout, training=self.training)
+        self.aux = MoEAux(logits, probs, topk_ids, topk_weights,
+                          balance_loss(probs, topk_ids, "paper"), balance_loss(probs, topk_ids, "topk"),
+                          router_z_loss(logits))
+        return y.reshape(x.shape[:-1] + (self.d_model,))
+
+
+def collect_aux_losses(model: nn.Module, form: str = "paper") -> AuxLosses:
+    """Mean over the MoEFFN layers of `model` of the balance loss (form "paper" or "topk") and of the router z-loss,
+    from their last forward. CLIP-MoE's objective is L_clip + 0.01 · balance (paper eq. 9)."""
+    if form not in ("paper", "topk"):
+        raise ValueError(f"form must be 'paper' or 'topk', got {form!r}")
+    per_layer, z = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, MoEFFN) and module.aux is not None:
+            per_layer[name] = module.aux.balance_loss if form == "paper" else module.aux.balance_loss_topk
+            z.append(module.aux.z_loss)
+    if not per_layer:
+        raise ValueError("model has no MoEFFN layer that has run a forward; call the model first")
+    return AuxLosses(torch.stack(list(per_layer.values())).mean(), torch.stack(z).mean(), per_layer)

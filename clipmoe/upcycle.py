@@ -1,0 +1,99 @@
+"""Upcycling: replace the dense MLP of every transformer block of a CLIP model by an MoEFFN.
+
+Recognised MLPs: open_clip's native `Sequential(c_fc, gelu, c_proj)` (both towers of the native CLIP models) and
+timm's `Mlp(fc1, act, fc2)` (timm vision trunks). Gated (SwiGLU) and convolutional MLPs are left alone.
+"""
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from clipmoe.config import MoEConfig
+from clipmoe.moe_ffn import MoEFFN
+
+
+def _activation_name(act: nn.Module, where: str) -> str:
+    kind = type(act).__name__
+    if kind == "QuickGELU":
+        return "quick_gelu"
+    if kind == "GELUTanh" or (kind == "GELU" and getattr(act, "approximate", "none") == "tanh"):
+        return "gelu_tanh"
+    if kind == "GELU":
+        return "gelu"
+    raise ValueError(f"{where}: unsupported MLP activation {kind}; MoEFFN supports QuickGELU, GELU and GELU(tanh)")
+
+
+def _dense_mlp_parts(module: nn.Module):
+    """(up Linear, activation, down Linear, dropout p) of a recognised dense MLP, else None."""
+    if isinstance(module, nn.Sequential) and hasattr(module, "c_fc") and hasattr(module, "c_proj"):
+        act = getattr(module, "gelu", None)
+        if isinstance(module.c_fc, nn.Linear) and isinstance(module.c_proj, nn.Linear) and act is not None:
+            return module.c_fc, act, module.c_proj, 0.0
+    if type(module).__name__ == "Mlp" and isinstance(getattr(module, "fc1", None), nn.Linear) \
+            and isinstance(getattr(module, "fc2", None), nn.Linear):
+        if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
+            return None  # an Mlp with an inner norm is not a plain two-linear FFN
+        drop = getattr(module, "drop1", None)
+        return module.fc1, module.act, module.fc2, drop.p if isinstance(drop, nn.Dropout) else 0.0
+    return None
+
+
+def dense_mlps(model: nn.Module) -> dict:
+    """{module name: module} of the dense MLPs that `upcycle` would replace, in model order."""
+    return {name: m for name, m in model.named_modules() if _dense_mlp_parts(m) is not None}
+
+
+def _parent(model: nn.Module, name: str):
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2,
+            experts: Optional[Mapping[str, Sequence[Mapping[str, torch.Tensor]]]] = None, *,
+            activation: Optional[str] = None, dropout: Optional[float] = None, renormalize: bool = True,
+            backend: str = "auto") -> nn.Module:
+    """Replace, in place, every dense MLP of `model` (both towers) by an MoEFFN; returns `model`.
+
+    Args:
+        model: an open_clip model (or any module holding open_clip / timm MLPs).
+        num_experts, top_k: E and k of every MoE layer.
+        experts: {MLP module name (as in `dense_mlps(model)`, e.g. "visual.transformer.resblocks.0.mlp"):
+            [state dict of expert 0, ..., of expert E-1]}, each a dense MLP state dict (c_fc/c_proj or fc1/fc2 keys).
+            Blocks not named are initialised with E copies of their own MLP (the default for all blocks).
+        activation: override the activation; by default it is read from each MLP (QuickGELU for OpenAI models).
+        dropout: expert dropout; by default that of the MLP (0 for open_clip's native MLP).
+        renormalize, backend: as in MoEFFN.
+    Routers are randomly initialised (nn.Linear init). With all experts equal to the dense MLP and renormalize=True,
+    the upcycled model computes the same function as the dense one (up to rounding).
+    """
+    mlps = dense_mlps(model)
+    if not mlps:
+        raise ValueError("model has no open_clip or timm dense MLP to upcycle (already upcycled?)")
+    experts = dict(experts or {})
+    unknown = sorted(set(experts) - set(mlps))
+    if unknown:
+        raise ValueError(f"experts names modules that are not dense MLPs of the model: {unknown[:3]}; "
+                         f"expected names such as {list(mlps)[:2]}")
+    for name, mlp in mlps.items():
+        up, act, down, mlp_dropout = _dense_mlp_parts(mlp)
+        moe = MoEFFN(up.in_features, up.out_features, num_experts=num_experts, top_k=top_k,
+                     activation=activation or _activation_name(act, name),
+                     dropout=mlp_dropout if dropout is None else dropout, renormalize=renormalize,
+                     backend=backend, device=up.weight.device, dtype=up.weight.dtype)
+        if up.bias is None or down.bias is None:
+            raise ValueError(f"{name}: MoEFFN experts have biases; this MLP has a Linear without bias")
+        states = experts.get(name, [mlp.state_dict()] * num_experts)
+        if len(states) != num_experts:
+            raise ValueError(f"experts[{name!r}] holds {len(states)} state dicts, expected num_experts={num_experts}")
+        for j, state in enumerate(states):
+            moe.load_expert(j, state)
+        moe.train(mlp.training)
+        parent, child = _parent(model, name)
+        setattr(parent, child, moe)
+    return model
+
+
+def upcycle_from_config(model: nn.Module, config: MoEConfig, experts=None) -> nn.Module:
+    """`upcycle` with the hyperparameters of a MoEConfig."""
+    return upcycle(model, config.num_experts, config.top_k, experts, activation=config.activation,
+                   dropout=config.dropout, renormalize=config.renormalize, backend=config.backend)
