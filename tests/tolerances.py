@@ -1,8 +1,8 @@
 """The one tolerance table of the test suite, and the comparison helpers that use it.
 
 fp64/fp32: torch.testing.assert_close with the (atol, rtol) below (fp32 GEMMs with TF32 off).
-fp16/bf16: the flash-attn rule |ours − ref_hi| ≤ 2·|ref_lowp − ref_hi| + floor, elementwise, where ref_hi is the
-reference in fp64 and ref_lowp the same reference run in the low precision with plain torch.
+fp16/bf16: the flash-attn rule max|ours − ref_hi| ≤ 2·max|ref_lowp − ref_hi| + floor (max over the tensor), where
+ref_hi is the reference in fp64 and ref_lowp the same reference run in the low precision with plain torch.
 """
 import torch
 
@@ -29,14 +29,14 @@ def assert_close_lowp(actual, ref_hi, ref_lowp, msg=""):
     """The 2x rule: `actual` (low precision) may err vs `ref_hi` at most twice as much as plain torch in the same
     low precision (`ref_lowp`), plus the dtype's floor."""
     floor = TOLERANCES[actual.dtype]["floor"]
-    err = (actual.double() - ref_hi.double()).abs()
-    bound = 2 * (ref_lowp.double() - ref_hi.double()).abs() + floor
-    bad = err > bound
-    if bad.any():
-        i = int(bad.flatten().nonzero()[0])
-        raise AssertionError(f"{msg}: {int(bad.sum())} of {err.numel()} elements break |err| <= 2*|err_torch| + "
-                             f"{floor}; first at flat index {i}: err {err.flatten()[i]:.3e} > bound "
-                             f"{bound.flatten()[i]:.3e}")
+    assert actual.shape == ref_hi.shape == ref_lowp.shape, f"{msg}: shapes differ"
+    if actual.numel() == 0:
+        return
+    err = (actual.double() - ref_hi.double()).abs().max().item()
+    err_torch = (ref_lowp.double() - ref_hi.double()).abs().max().item()
+    if not err <= 2 * err_torch + floor:  # also fails on NaN
+        raise AssertionError(f"{msg}: max error {err:.3e} > 2 * {err_torch:.3e} (plain torch in {actual.dtype}) "
+                             f"+ {floor}")
 
 
 def relative_error(a, b):
