@@ -25,3 +25,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_report_header(config):
+    import clipmoe
+    return f"clipmoe ops: {clipmoe.available_ops()}"

@@ -1,0 +1,42 @@
+# Set-up and entry points. `make demo` and `make test` create .venv, install torch (the CUDA 13.0 build, so that
+# csrc/*.cu compiles even without a GPU), build and install clipmoe with its extension, then run. Idempotent: stamps
+# skip the installs that are done; editing setup.py, pyproject.toml or csrc/ rebuilds the extension.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_STAMP := $(VENV)/.stamp-torch-2.14.1
+INSTALL_STAMP := $(VENV)/.stamp-clipmoe
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(TORCH_STAMP): | $(BIN)/python
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 ninja "setuptools>=64"
+	touch $@
+
+$(INSTALL_STAMP): $(TORCH_STAMP) setup.py pyproject.toml $(wildcard csrc/*)
+	@echo "building clipmoe_kernels._C (log: $(VENV)/install.log)"
+	@$(BIN)/pip install -v -e ".[test]" --no-build-isolation > $(VENV)/install.log 2>&1 \
+		|| (tail -n 60 $(VENV)/install.log; exit 1)
+	@grep -o "clipmoe: building[^)]*)" $(VENV)/install.log | head -n 1
+	@grep -oE "(nvcc|c\+\+|g\+\+) .* -c [^ ]+/csrc/[^ ]+\.(cu|cpp)" $(VENV)/install.log \
+		| awk '{print "compiled: " $$NF " (" ($$1 ~ /nvcc/ ? "nvcc" : "c++") ")"}'
+	@$(BIN)/python -c "import clipmoe; print('clipmoe ops:', clipmoe.available_ops())"
+	touch $@
+
+install: $(INSTALL_STAMP)
+
+demo: install
+	$(BIN)/clipmoe check-upcycle --model ViT-B-32 --num-experts 4 --top-k 2
+
+test: install
+	$(BIN)/python -m pytest tests -q
+
+bench: install
+	$(BIN)/python -m pytest bench --benchmark -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info clipmoe_kernels/_C*.so

@@ -1,0 +1,92 @@
+"""The `clipmoe` command line."""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import clipmoe
+from clipmoe_kernels import BACKENDS
+
+
+def _median_seconds(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def check_upcycle(args) -> dict:
+    """Upcycle an open_clip model with copied experts; report embedding agreement with the dense model and the
+    median forward time of each backend (images and texts of one batch, measured side by side in this run)."""
+    import open_clip
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model = open_clip.create_model(args.model, pretrained=args.pretrained, device=device).eval()
+    images = torch.randn(args.batch_size, 3, *open_clip.get_model_preprocess_cfg(model)["size"], device=device)
+    texts = torch.randint(1, model.vocab_size, (args.batch_size, model.context_length), device=device)
+
+    def embed():
+        with torch.no_grad():
+            return model.encode_image(images), model.encode_text(texts)
+
+    dense_image, dense_text = embed()
+    report = {"model": args.model, "num_experts": args.num_experts, "top_k": args.top_k, "device": str(device),
+              "batch_size": args.batch_size, "available_ops": clipmoe.available_ops(),
+              "dense_seconds": _median_seconds(embed, args.repeats), "backends": {}}
+    clipmoe.upcycle(model, num_experts=args.num_experts, top_k=args.top_k)
+    moes = [m for m in model.modules() if isinstance(m, clipmoe.MoEFFN)]
+    backends = [b for b in BACKENDS if b != "auto" and (b != "triton" or device.type == "cuda")]
+    for backend in backends:
+        for m in moes:
+            m.backend = backend
+        image, text = embed()
+        rel = {name: ((got - want).norm() / want.norm()).item()
+               for name, got, want in (("image", image, dense_image), ("text", text, dense_text))}
+        report["backends"][backend] = {"image_rel_err": rel["image"], "text_rel_err": rel["text"],
+                                       "seconds": _median_seconds(embed, args.repeats)}
+
+    print(f"{args.model} upcycled to {args.num_experts} experts (top-{args.top_k}), {len(moes)} MoE layers, "
+          f"batch {args.batch_size} images + {args.batch_size} texts on {device}; compiled ops: "
+          f"{ {k: v for k, v in report['available_ops'].items() if k != 'extension_error'} }")
+    print(f"{'backend':<8} {'image rel err':>14} {'text rel err':>13} {'median s':>9} {'vs dense':>9}")
+    print(f"{'dense':<8} {'-':>14} {'-':>13} {report['dense_seconds']:>9.3f} {1.0:>8.2f}x")
+    for backend, r in report["backends"].items():
+        print(f"{backend:<8} {r['image_rel_err']:>14.2e} {r['text_rel_err']:>13.2e} {r['seconds']:>9.3f} "
+              f"{r['seconds'] / report['dense_seconds']:>8.2f}x")
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="clipmoe", description=clipmoe.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check-upcycle", help="upcycle an open_clip model with copied experts, compare embeddings "
+                                             "with the dense model and time the backends")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (default: none, "
+                                                      "random init)")
+    p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per backend; the median is reported")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    args = parser.parse_args(argv)
+    if args.command == "check-upcycle":
+        report = check_upcycle(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
