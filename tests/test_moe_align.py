@@ -147,3 +147,20 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(meta.sorted_to_flat.cpu(), moe_align_ref(topk_ids.cpu(), 4, 64).sorted_to_flat)
+
+
+def test_package_works_without_extension():
+    """With clipmoe_kernels._C unavailable, everything imports and runs on the plain-torch twins."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.modules['clipmoe_kernels._C'] = None\n"  # makes `from clipmoe_kernels import _C` fail
+        "import torch, clipmoe\n"
+        "ops = clipmoe.available_ops(); assert ops['extension'] is False and ops['extension_error'], ops\n"
+        "from clipmoe_kernels import moe_align, moe_align_ref\n"
+        "ids = torch.randint(0, 4, (9, 2))\n"
+        "assert all(torch.equal(a, b) for a, b in zip(moe_align(ids, 4, 4), moe_align_ref(ids, 4, 4)))\n"
+        "y = clipmoe.MoEFFN(8, 16, 4, 2)(torch.randn(5, 8)); assert y.shape == (5, 8)\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
