@@ -45,12 +45,18 @@ def check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2):
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
+# _per_expert: the loops index per-expert views made by unbind, whose backward stacks the E gradients once.
+# Indexing w1[e] instead makes each expert's backward allocate and add a zero-filled [E, F, D] gradient
+# (measured on CPU, ViT-B/32 shapes, 400 tokens, E=4: forward+backward 1.88x the equal-FLOP dense MLP with w1[e]).
+
+
 def expert_ffn_naive(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quick_gelu", dropout_p=0.0,
                      training=False):
     """The official CLIP-MoE loop (see module docstring). Shapes as in `expert_ffn_torch`."""
     check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2)
     act = get_activation(activation)
     num_experts = w1.shape[0]
+    w1, b1, w2, b2 = (w.unbind(0) for w in (w1, b1, w2, b2))  # one view per expert (see _per_expert)
     y = None
     mask = F.one_hot(topk_ids.long(), num_experts).permute(2, 1, 0)  # [E, k, T]
     for e in range(num_experts):
@@ -86,6 +92,7 @@ def expert_ffn_torch(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quic
     sorted_to_flat = meta.sorted_to_flat.long()
     x_sorted = x.index_select(0, sorted_to_flat // k)
     bounds = meta.expert_offsets.tolist()
+    w1, b1, w2, b2 = (w.unbind(0) for w in (w1, b1, w2, b2))  # one view per expert (see _per_expert)
     outs = []
     for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         if hi > lo:
