@@ -1,0 +1,110 @@
+"""The expert FFN as fused Triton grouped GEMMs: y[t] = Σ_j w[t,j] · FFN_{e[t,j]}(x[t]), forward and backward.
+
+FFN_e(x) = act(x W1[e]ᵀ + b1[e]) W2[e]ᵀ + b2[e]; w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D] (nn.Linear
+orientation). Glossary: T tokens, D model width, F expert hidden width, E experts, k top-k, TK = T·k. Same signature
+and semantics as expert_ffn.expert_ffn_torch (its plain-torch reference and test oracle).
+
+Pipeline (every launch grid is sized from shapes only: no host synchronisation, CUDA-graph capturable):
+  forward   moe_align(topk_ids, E, BLOCK_M)                 expert-sorted order + tile table (C++/CUDA op)
+            clipmoe::grouped_up        x rows gathered on load -> h = x W1ᵀ + b1 -> a = act(h)     [TK, F] sorted
+            clipmoe::grouped_down      a W2ᵀ + b2, × routing weight on the fp32 accumulator -> [T, k, D] fp32 slots
+                                       -> slot-order fp32 sum per token -> y [T, D] (k = 1: y directly)
+  backward  clipmoe::grouped_down_bwd  G = dy W2[e] per sorted row; dh = s·G⊙act'(h); ds = Σ G⊙a + dy·b2
+            clipmoe::grouped_up_bwd_dx dx = Σ_j dh W1[e] (slots + deterministic sum)
+            clipmoe::grouped_wgrad     dW1 = Σ dhᵀ x, db1 = Σ dh;  dW2 = Σ (s·dy)ᵀ act(h), db2 = Σ s·dy
+Saved for backward: x, w1, w2, b2, the fp32 routing weights, the pre-activation h [TK, F] (the only TK x F tensor
+kept) and the routing metadata. Recomputed: act(h) and act'(h) (elementwise, in the kernels' prologue/epilogue) and
+the expert outputs z (never cached: ds comes from G ⊙ a, see grouped_down). Weight gradients of experts without
+tokens are exact zeros. All sums are in a fixed order (no atomics): two runs give identical bits.
+
+Dtypes: fp32, fp16, bf16 (bf16 only on GPU: the Triton interpreter's bf16 math is wrong). fp32 GEMMs follow
+torch.backends.cuda.matmul.allow_tf32. Under autocast the inputs are cast to the autocast dtype first (as F.linear
+would). fp64 inputs take expert_ffn_torch.
+
+Dropout (dropout_p > 0 in training) takes expert_ffn_torch: it is not fused, because a fused mask needs a seeded
+RNG in the down-projection prologue and the same mask replayed in both backward GEMMs; CLIP-MoE's dropout sits
+between the activation and W2, i.e. inside the fused pipeline.
+"""
+import torch
+
+from clipmoe_kernels import grouped_down as _grouped_down  # noqa: F401  (registers clipmoe::grouped_down*)
+from clipmoe_kernels import grouped_gemm as _grouped_gemm  # noqa: F401  (registers clipmoe::grouped_wgrad)
+from clipmoe_kernels import grouped_up as _grouped_up  # noqa: F401  (registers clipmoe::grouped_up*)
+from clipmoe_kernels._triton_utils import block_m_for, check_triton_device
+from clipmoe_kernels.activation import get_activation
+from clipmoe_kernels.expert_ffn import check_expert_args, expert_ffn_torch
+from clipmoe_kernels.routing import moe_align
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ExpertFFNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h):
+        T, k = topk_ids.shape
+        meta = moe_align(topk_ids, w1.shape[0], block_m_for(x.device))
+        table = (meta.sorted_to_flat, meta.expert_offsets, meta.tile_expert, meta.tile_row_start)
+        weights32 = topk_weights.to(torch.float32).contiguous()
+        a, h = torch.ops.clipmoe.grouped_up(x, w1, b1, *table, k, activation, store_h)
+        y = torch.ops.clipmoe.grouped_down(a, w2, b2, weights32, *table)
+        if store_h:
+            ctx.save_for_backward(x, w1, w2, b2, weights32, h, *table)
+        ctx.activation = activation
+        ctx.weights_dtype = topk_weights.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, b2, weights32, h, sorted_to_flat, expert_offsets, tile_expert, tile_row_start = ctx.saved_tensors
+        table = (sorted_to_flat, expert_offsets, tile_expert, tile_row_start)
+        need_x, _, need_s, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
+        T, k = weights32.shape
+        need_dh = need_x or need_w1 or need_b1
+        dh, ds = torch.ops.clipmoe.grouped_down_bwd(dy, h, w2, b2, weights32, *table, ctx.activation, need_dh, need_s)
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need_x:
+            dx = torch.ops.clipmoe.grouped_up_bwd_dx(dh, w1, *table, T, k)
+        if need_w1 or need_b1:
+            dw1, db1 = torch.ops.clipmoe.grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k,
+                                                       False, True, "none")
+        if need_w2 or need_b2:
+            dw2, db2 = torch.ops.clipmoe.grouped_wgrad(dy, h, weights32, sorted_to_flat, expert_offsets, k,
+                                                       True, False, ctx.activation)
+        d_weights = ds.to(ctx.weights_dtype) if need_s else None
+        return (dx, None, d_weights, dw1 if need_w1 else None, db1 if need_b1 else None,  # x, ids, weights, w1, b1
+                dw2 if need_w2 else None, db2 if need_b2 else None, None, None)  # w2, b2, activation, store_h
+
+
+def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quick_gelu", dropout_p=0.0,
+                      training=False):
+    """Fused Triton expert FFN (see the module docstring); drop-in for expert_ffn_torch.
+
+    Args:
+        x: [T, D] fp32/fp16/bf16, any strides, CUDA (CPU only under TRITON_INTERPRET=1, for tests).
+        topk_ids: [T, k] int32/int64 in [0, E) (out-of-range ids trap on the device). topk_weights: [T, k] (fp32 from
+            the router; any float dtype is read as fp32).
+        w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D]: expert weights, x's dtype.
+        activation: "quick_gelu", "gelu" (erf) or "gelu_tanh". dropout_p, training: dropout between act and w2;
+            dropout_p > 0 in training falls back to expert_ffn_torch (not fused).
+    Returns:
+        y [T, D] in x's dtype (the autocast dtype under autocast), differentiable with respect to x, topk_weights and
+        the four weight tensors.
+    """
+    check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2)
+    get_activation(activation)
+    if dropout_p > 0 and training:
+        return expert_ffn_torch(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, dropout_p, training)
+    check_triton_device("expert_ffn_triton", x)
+    params = (x, w1, b1, w2, b2)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        params = tuple(p.to(dtype) for p in params)
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1:
+        raise TypeError(f"x, w1, b1, w2, b2 must share one dtype (or run under torch.autocast), got "
+                        f"{[str(p.dtype) for p in params]}")
+    if params[0].dtype not in _KERNEL_DTYPES:  # fp64: the kernels compute in fp32 at most
+        return expert_ffn_torch(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, dropout_p, training)
+    store_h = torch.is_grad_enabled() and any(t.requires_grad for t in params + (topk_weights,))
+    x, w1, b1, w2, b2 = params
+    return ExpertFFNFunction.apply(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h)

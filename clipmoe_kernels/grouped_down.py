@@ -1,0 +1,235 @@
+"""Down-projection grouped GEMM of the expert FFN, fused with bias, routing weight and the top-k combine; and its
+backward kernel (dh and the routing-weight gradient).
+
+Math (glossary: T tokens, D model width, F expert hidden width, E experts, k top-k, TK = T·k; sorted row r holds flat
+slot f(r) = t·k + j of token t(r), routed to expert e(r) with routing weight s_r = topk_weights[t, j]):
+  forward    z_r = a_r · W2[e]ᵀ + b2[e]                    ([D] per row, fp32 accumulator)
+             Y[t, j] = s_r · z_r                            (weight applied on the fp32 accumulator)
+             y[t] = Σ_j Y[t, j]                              (fp32, slot order, cast once to the output dtype)
+  backward   G_r = dy[t(r)] · W2[e]                          ([F] per row)
+             ds_r = dy[t(r)] · z_r = Σ_f G_rf · a_rf + dy[t(r)] · b2[e]
+             dh_r = s_r · G_r ⊙ act'(h_r)                    (a_r = act(h_r) and act'(h_r) recomputed from the saved h)
+             dW2[e] = Σ_{r∈e} (s_r dy[t(r)])ᵀ a_r,  db2[e] = Σ_{r∈e} s_r dy[t(r)]   (grouped_gemm.grouped_wgrad)
+Tensors: a, h [TK, F] expert-sorted; w2 [E, D, F], b2 [E, D]; topk_weights [T, k] fp32; y, dy [T, D] token order.
+
+Design. Forward: one program per (tile of the moe_align tile table, BLOCK_N columns of D); unused tiles
+(tile_expert == -1) exit at once. Rows scatter on store to their flat slot of an fp32 [T, k, D] buffer, then
+grouped_gemm.slot_combine sums the k slots per token in slot order: deterministic, no atomics. For k = 1 the GEMM
+writes y directly. Because the weight multiplies the fp32 accumulator and the slot buffer is fp32, a 16-bit output
+cannot overflow before the routing weight shrinks it (kernel-design.md §4, bug class 3).
+Backward: the SonicMoE idea, so Y (TK x D) is never cached: ds_r is a row sum of G ⊙ a, which the dh kernel holds in
+registers anyway. Each program reduces its BLOCK_N columns of F to one partial per row, written to
+partials[pid_n, f(r)]; the launcher sums the partials over pid_n (fixed order, no atomics). The dy·b2 term is added
+by the pid_n == 0 programs.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, autotune_configs, block_m_for, cdiv, dot_precision,
+                                           rows_bucket)
+from clipmoe_kernels.activation import get_activation
+from clipmoe_kernels.grouped_gemm import (_activation_and_grad, _rows_matmul, _tile_rows, launch_gemm, min_block_n,
+                                          slot_combine)
+
+
+def grouped_down_ref(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets):
+    """Plain torch: y [T, D] = Σ_j s · (a W2[e]ᵀ + b2[e]), combine in fp32 (the test oracle)."""
+    T, k = topk_weights.shape
+    bounds = expert_offsets.tolist()
+    acc = torch.promote_types(a.dtype, torch.float32)
+    z = a.new_empty(a.shape[0], w2.shape[1], dtype=acc)
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        z[lo:hi] = torch.nn.functional.linear(a[lo:hi].to(acc), w2[e].to(acc), b2[e].to(acc))
+    flat = sorted_to_flat.long()
+    slots = z.new_zeros(T * k, w2.shape[1])
+    slots[flat] = z * topk_weights.reshape(-1)[flat].to(acc)[:, None]
+    return slots.view(T, k, -1).sum(1).to(a.dtype)
+
+
+def grouped_down_bwd_ref(dy, h, w2, b2, topk_weights, sorted_to_flat, expert_offsets, activation):
+    """Plain torch: (dh [TK, F], dtopk_weights [T, k]) by autograd through the forward reference."""
+    with torch.enable_grad():
+        h = h.detach().requires_grad_()
+        s = topk_weights.detach().requires_grad_()
+        y = grouped_down_ref(get_activation(activation)(h), w2, b2, s, sorted_to_flat, expert_offsets)
+        return torch.autograd.grad(y, (h, s), dy)
+
+
+@triton.jit
+def _grouped_down_fwd_kernel(
+    a_ptr,               # [TK, F] expert-sorted rows
+    w2_ptr,              # [E, D, F]
+    b2_ptr,              # [E, D]
+    topk_weights_ptr,    # [TK] fp32, flat order
+    out_ptr,             # [TK, D] out, flat order (the [T, k, D] slots), or [T, D] = y itself when TOP_K == 1
+    sorted_to_flat_ptr,  # [TK] int32
+    expert_offsets_ptr,  # [E+1] int32
+    tile_expert_ptr,     # [num_tiles] int32, -1 = unused
+    tile_row_start_ptr,  # [num_tiles] int32
+    D, F, ROWS_BUCKET,
+    stride_am, stride_ak, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_om, stride_od,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + tile)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
+    # B[f, n] = W2[e, n, f]: a · W2[e]ᵀ.
+    acc = _rows_matmul(a_ptr, rows, row_mask, stride_am, stride_ak,
+                       w2_ptr + e * stride_w2e, stride_w2f, stride_w2d, offs_n, n_mask, F,
+                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    bias = tl.load(b2_ptr + e * stride_b2e + offs_n * stride_b2d, mask=n_mask, other=0.0).to(tl.float32)
+    flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
+    y = (acc + bias[None, :]) * s[:, None]
+    tl.store(out_ptr + flat[:, None] * stride_om + offs_n[None, :] * stride_od, y.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+_grouped_down_fwd_tuned = triton.autotune(autotune_configs(GEMM_CONFIGS), key=["D", "F", "ROWS_BUCKET"])(
+    _grouped_down_fwd_kernel)
+
+
+@triton.jit
+def _grouped_down_bwd_kernel(
+    dy_ptr,              # [T, D] token order, any strides
+    h_ptr,               # [TK, F] expert-sorted pre-activation (saved by grouped_up)
+    w2_ptr,              # [E, D, F]
+    b2_ptr,              # [E, D]
+    topk_weights_ptr,    # [TK] fp32, flat order
+    dh_ptr,              # [TK, F] out, expert-sorted (written when COMPUTE_DH)
+    ds_ptr,              # [num_n_alloc, TK] fp32 out: per-N-tile partials of ds, flat order (when COMPUTE_DS)
+    sorted_to_flat_ptr,  # [TK] int32
+    expert_offsets_ptr,  # [E+1] int32
+    tile_expert_ptr,     # [num_tiles] int32, -1 = unused
+    tile_row_start_ptr,  # [num_tiles] int32
+    D, F, ROWS_BUCKET,
+    stride_dyt, stride_dyd, stride_hm, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_dhm,
+    stride_dsn,
+    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of F.
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + tile)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
+    flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tok = flat // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < F
+    mask = row_mask[:, None] & n_mask[None, :]
+    # B[d, n] = W2[e, d, n]: G = dy[t] · W2[e], gathered dy rows.
+    g = _rows_matmul(dy_ptr, tok, row_mask, stride_dyt, stride_dyd,
+                     w2_ptr + e * stride_w2e, stride_w2d, stride_w2f, offs_n, n_mask, D,
+                     BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    a, da = _activation_and_grad(h, ACTIVATION)
+    if COMPUTE_DS:
+        ds = tl.sum(g * a, axis=1)  # masked columns: g = 0 there
+        if pid_n == 0:  # + dy[t] · b2[e], once per row
+            for d0 in range(0, D, BLOCK_K):
+                offs_d = d0 + tl.arange(0, BLOCK_K)
+                d_mask = offs_d < D
+                dyv = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_d[None, :] * stride_dyd,
+                              mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                b2v = tl.load(b2_ptr + e * stride_b2e + offs_d * stride_b2d, mask=d_mask, other=0.0).to(tl.float32)
+                ds += tl.sum(dyv * b2v[None, :], axis=1)
+        tl.store(ds_ptr + pid_n * stride_dsn + flat, ds, mask=row_mask)
+    if COMPUTE_DH:
+        s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
+        dh = g * da * s[:, None]
+        tl.store(dh_ptr + rows[:, None] * stride_dhm + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+_grouped_down_bwd_tuned = triton.autotune(autotune_configs(GEMM_CONFIGS), key=["D", "F", "ROWS_BUCKET"])(
+    _grouped_down_bwd_kernel)
+
+
+@torch.library.custom_op("clipmoe::grouped_down", mutates_args=())
+def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weights: torch.Tensor,
+                 sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
+                 tile_row_start: torch.Tensor) -> torch.Tensor:
+    """y [T, D] in a.dtype = Σ_j s·(a W2[e]ᵀ + b2[e]), token order. a [TK, F] expert-sorted; topk_weights [T, k] fp32
+    contiguous. The moe_align tile table must have been built with block_m = block_m_for(a.device)."""
+    T, k = topk_weights.shape
+    tk = sorted_to_flat.shape[0]
+    E, D, F = w2.shape
+    y = a.new_empty((T, D))
+    # k = 1: one slot per token, so the GEMM writes y directly; else fp32 slots, summed in slot order.
+    out = y if k == 1 else a.new_empty((tk, D), dtype=torch.float32)
+    num_tiles = tile_expert.shape[0]
+
+    def grid(block_n, block_k):
+        return (num_tiles, cdiv(D, block_n))
+
+    args = (a, w2, b2, topk_weights, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F,
+            rows_bucket(tk, E), a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+            b2.stride(0), b2.stride(1), out.stride(0), out.stride(1))
+    meta = dict(INPUT_PRECISION=dot_precision(a.dtype), BLOCK_M=block_m_for(a.device))
+    if tk > 0:
+        launch_gemm(_grouped_down_fwd_kernel, _grouped_down_fwd_tuned, grid, a.device, args, meta)
+    if k > 1:
+        slot_combine(out.view(T, k, D), y)
+    return y
+
+
+@grouped_down.register_fake
+def _(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets, tile_expert, tile_row_start):
+    return a.new_empty((topk_weights.shape[0], w2.shape[1]))
+
+
+@torch.library.custom_op("clipmoe::grouped_down_bwd", mutates_args=())
+def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                     topk_weights: torch.Tensor, sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor,
+                     tile_expert: torch.Tensor, tile_row_start: torch.Tensor, activation: str, compute_dh: bool,
+                     compute_ds: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh [TK, F] in h.dtype, expert-sorted; dtopk_weights [T, k] fp32). Either is an empty [0, ·] tensor when its
+    compute_* flag is off. h is the saved pre-activation; topk_weights [T, k] fp32 contiguous."""
+    get_activation(activation)
+    T, k = topk_weights.shape
+    tk = sorted_to_flat.shape[0]
+    E, D, F = w2.shape
+    dh = h.new_empty((tk if compute_dh else 0, F))
+    dh_arg = dh if compute_dh else h  # never written when COMPUTE_DH is False
+    # One row of partials per BLOCK_N columns of F, sized for the narrowest BLOCK_N the launch may pick; rows a wider
+    # config does not reach stay zero (hence zeros, not empty).
+    num_n_alloc = cdiv(F, min_block_n(h.device)) if compute_ds else 1
+    partials = h.new_zeros((num_n_alloc, tk), dtype=torch.float32)
+    num_tiles = tile_expert.shape[0]
+
+    def grid(block_n, block_k):
+        return (num_tiles, cdiv(F, block_n))
+
+    args = (dy, h, w2, b2, topk_weights, dh_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
+            tile_row_start, D, F, rows_bucket(tk, E), dy.stride(0), dy.stride(1), h.stride(0), w2.stride(0),
+            w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), partials.stride(0))
+    meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds,
+                INPUT_PRECISION=dot_precision(h.dtype), BLOCK_M=block_m_for(h.device))
+    if tk > 0 and (compute_dh or compute_ds):
+        launch_gemm(_grouped_down_bwd_kernel, _grouped_down_bwd_tuned, grid, h.device, args, meta)
+    ds = partials.sum(0).view(T, k) if compute_ds else partials.new_empty((0, k))
+    return dh, ds
+
+
+@grouped_down_bwd.register_fake
+def _(dy, h, w2, b2, topk_weights, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, activation,
+      compute_dh, compute_ds):
+    T, k = topk_weights.shape
+    tk, F = sorted_to_flat.shape[0], w2.shape[2]
+    dh = h.new_empty((tk if compute_dh else 0, F))
+    ds = topk_weights.new_empty((T, k) if compute_ds else (0, k), dtype=torch.float32)
+    return dh, ds

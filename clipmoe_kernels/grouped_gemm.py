@@ -1,0 +1,277 @@
+"""Shared machinery of the grouped (per-expert) GEMMs: tile/row helpers, the gathered mainloop, the activations and
+their derivatives, the per-expert weight-gradient kernel and the deterministic top-k slot combine.
+
+Glossary: T tokens, D model width, F expert hidden width, E experts, k top-k, TK = T·k. Row r of an "expert-sorted"
+tensor is sorted row r of `moe_align` (sorted_to_flat[r] = t·k + j, token t = sorted_to_flat[r] // k); "flat order"
+is the [T, k, ·] slot order; "token order" is [T, ·].
+
+Math.
+  weight gradient (`grouped_wgrad`): for every expert e with rows R_e = [offsets[e], offsets[e+1]),
+      dW[e] = Σ_{r∈R_e} g_r ⊗ u_r  ([N, K]),     db[e] = Σ_{r∈R_e} g_r  ([N]),
+  where the grad-out row g_r is either an expert-sorted row (dh of the up-projection) or the token row dy[t(r)]
+  scaled by the routing weight s_r (down-projection), and the input row u_r is either the token row x[t(r)]
+  (up-projection) or act(h_r) recomputed from the saved pre-activation (down-projection).
+  combine (`slot_combine`): y[t] = Σ_{j<k} Y[t, j], summed in fp32 in slot order j = 0..k-1 (no atomics: two runs
+  give identical bits).
+
+Activations (fp32, on the accumulator) and their derivatives used by the backward:
+  quick_gelu  a = h·σ(1.702h)                    a' = σ(1.702h) + 1.702·h·σ(1.702h)·(1 − σ(1.702h))
+  gelu        a = h·Φ(h), Φ(h) = ½(1 + erf(h/√2))  a' = Φ(h) + h·φ(h), φ(h) = exp(−h²/2)/√(2π)
+  gelu_tanh   a = ½h(1 + tanh u), u = √(2/π)(h + 0.044715h³)
+              a' = ½(1 + tanh u) + ½h(1 − tanh²u)·√(2/π)(1 + 3·0.044715h²);   tanh u = 2σ(2u) − 1
+Every loaded row/token/expert index is widened to int64 before it multiplies a stride (TK·F passes 2^31 at
+ViT-L/14, batch 1024); strides themselves stay int32 (widening all of them costs registers).
+
+The weight-gradient kernel writes every [BLOCK_N, BLOCK_K] tile of dW (and db), so an expert with no rows gets
+exact zeros, never uninitialised memory.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from clipmoe_kernels._triton_utils import (WGRAD_CONFIGS, autotune_configs, block_m_for, candidate_configs, cdiv,
+                                           dot_precision, fixed_config, rows_bucket)
+
+# Combine tile: tokens x columns per program. A bandwidth-bound pass; 32 x 128 fp32 elements per slot and program
+# keeps loads 16-byte vectorised at 4 warps without spilling.
+COMBINE_BLOCK_T = 32
+COMBINE_BLOCK_D = 128
+
+
+def slot_combine_ref(slots: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """[T, k, D] -> [T, D]: fp32 (or wider) sum over slots, in slot order, cast once."""
+    acc = slots.to(torch.promote_types(slots.dtype, torch.float32))
+    y = acc[:, 0]
+    for j in range(1, slots.shape[1]):
+        y = y + acc[:, j]
+    return y.to(out_dtype)
+
+
+def grouped_wgrad_ref(grad_out, inp, topk_weights, sorted_to_flat, expert_offsets, top_k, gather_grad_out,
+                      gather_inp, inp_activation):
+    """Plain-torch twin of `grouped_wgrad` (see the module docstring), loops over experts, fp64 for the oracle."""
+    from clipmoe_kernels.activation import get_activation
+    flat = sorted_to_flat.long()
+    tok = flat // top_k
+    g = grad_out.index_select(0, tok) if gather_grad_out else grad_out
+    if gather_grad_out:
+        g = g * topk_weights.reshape(-1)[flat][:, None].to(g.dtype)
+    u = inp.index_select(0, tok) if gather_inp else inp
+    if inp_activation != "none":
+        u = get_activation(inp_activation)(u)
+    bounds = expert_offsets.tolist()
+    E = len(bounds) - 1
+    dw = g.new_zeros(E, g.shape[1], u.shape[1])
+    db = g.new_zeros(E, g.shape[1])
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        dw[e] = g[lo:hi].T @ u[lo:hi]
+        db[e] = g[lo:hi].sum(0)
+    return dw, db
+
+
+# --------------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _activation(h, ACTIVATION: tl.constexpr):
+    """act(h) in fp32 (h fp32)."""
+    if ACTIVATION == "quick_gelu":
+        a = h * tl.sigmoid(1.702 * h)
+    elif ACTIVATION == "gelu":
+        a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    else:  # gelu_tanh
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        a = 0.5 * h * (2.0 * tl.sigmoid(2.0 * u))  # 1 + tanh u = 2σ(2u)
+    return a
+
+
+@triton.jit
+def _activation_and_grad(h, ACTIVATION: tl.constexpr):
+    """(act(h), act'(h)) in fp32 (h fp32); the formulas of the module docstring."""
+    if ACTIVATION == "quick_gelu":
+        sg = tl.sigmoid(1.702 * h)
+        a = h * sg
+        da = sg + 1.702 * h * sg * (1.0 - sg)
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+        a = h * cdf
+        da = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+    else:  # gelu_tanh
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        th = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        a = 0.5 * h * (1.0 + th)
+        da = 0.5 * (1.0 + th) + 0.5 * h * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    return a, da
+
+
+@triton.jit
+def _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M: tl.constexpr):
+    """Sorted rows [BLOCK_M] (int64) of tile `tile` of expert `e`, and the mask of rows inside the expert."""
+    row_start = tl.load(tile_row_start_ptr + tile).to(tl.int64)
+    row_end = tl.load(expert_offsets_ptr + e + 1).to(tl.int64)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    return rows, rows < row_end
+
+
+@triton.jit
+def _rows_matmul(a_ptr, a_rows, row_mask, stride_am, stride_ak,
+                 b_ptr, stride_bk, stride_bn, offs_n, n_mask, K,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = A[a_rows, :K] @ B[:K, offs_n], A rows gathered by int64 index (no permuted copy),
+    B addressed by strides (so W[e] or W[e]ᵀ without a transposed copy); masked rows/columns read as zero."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_base = a_ptr + a_rows[:, None] * stride_am
+    b_base = b_ptr + offs_n[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_base + offs_k[:, None] * stride_bk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+# ------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _grouped_wgrad_kernel(
+    go_ptr,              # grad-out rows: [TK, N] expert-sorted, or [T, N] token order when GATHER_GO
+    in_ptr,              # input rows: [T, K] token order when GATHER_IN, or [TK, K] expert-sorted
+    topk_weights_ptr,    # [TK] fp32 routing weights, flat order (read when SCALE_GO)
+    dw_ptr,              # [E, N, K] out
+    db_ptr,              # [E, N] out
+    sorted_to_flat_ptr,  # [TK] int32
+    expert_offsets_ptr,  # [E+1] int32
+    N, K, ROWS_BUCKET,
+    stride_gom, stride_gon, stride_inm, stride_ink,
+    stride_dwe, stride_dwn, stride_dwk, stride_dbe, stride_dbn,
+    TOP_K: tl.constexpr, GATHER_GO: tl.constexpr, SCALE_GO: tl.constexpr, GATHER_IN: tl.constexpr,
+    IN_ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (e, pid_n, pid_k) owns dW[e, pid_n·BLOCK_N:, pid_k·BLOCK_K:] and walks expert e's contiguous sorted rows
+    # BLOCK_M at a time (BLOCK_M is the grouped-GEMM constant; this loop does not read the tile table); programs with
+    # pid_k == 0 also own db[e, pid_n·BLOCK_N:].
+    e = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    lo = tl.load(expert_offsets_ptr + e).to(tl.int64)
+    hi = tl.load(expert_offsets_ptr + e + 1).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < hi
+        flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        tok = flat // TOP_K
+        if GATHER_GO:
+            go_rows = tok
+        else:
+            go_rows = rows
+        g = tl.load(go_ptr + go_rows[:, None] * stride_gom + offs_n[None, :] * stride_gon,
+                    mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        if SCALE_GO:
+            s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
+            g = g.to(tl.float32) * s[:, None]
+        if GATHER_IN:
+            in_rows = tok
+        else:
+            in_rows = rows
+        u = tl.load(in_ptr + in_rows[:, None] * stride_inm + offs_k[None, :] * stride_ink,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if IN_ACTIVATION != "none":
+            u = _activation(u.to(tl.float32), IN_ACTIVATION)
+        u = u.to(in_ptr.dtype.element_ty)
+        g = g.to(in_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(g), u, acc, input_precision=INPUT_PRECISION)
+        db_acc += tl.sum(g.to(tl.float32), axis=0)
+    tl.store(dw_ptr + e * stride_dwe + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+             acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+    if pid_k == 0:
+        tl.store(db_ptr + e * stride_dbe + offs_n * stride_dbn, db_acc.to(db_ptr.dtype.element_ty), mask=n_mask)
+
+
+_grouped_wgrad_tuned = triton.autotune(autotune_configs(WGRAD_CONFIGS), key=["N", "K", "ROWS_BUCKET"])(
+    _grouped_wgrad_kernel)
+
+
+@triton.jit
+def _slot_combine_kernel(
+    slots_ptr,  # [T, TOP_K, D] contiguous (fp32 accumulator, or any float)
+    out_ptr,    # [T, D] out
+    T, D,
+    stride_ot, stride_od,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Program (pid_t, pid_d) sums the TOP_K slots of a [BLOCK_T, BLOCK_D] block of y, in slot order.
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    base = slots_ptr + offs_t[:, None] * (TOP_K * D) + offs_d[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(base + j * D, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_t[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------- launchers
+def launch_gemm(kernel, tuned, grid, device, args, meta):
+    """Launch a grouped-GEMM kernel: with the pinned/interpreter config when there is one, else autotuned.
+    `grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: the constexpr arguments other than the tile sizes."""
+    cfg = fixed_config(device)
+    if cfg is None:
+        tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
+    else:
+        kernel[grid(cfg.BLOCK_N, cfg.BLOCK_K)](*args, **meta, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def min_block_n(device, wgrad=False) -> int:
+    """Smallest BLOCK_N any launch on `device` may pick (sizes per-N-tile partial buffers before autotune picks)."""
+    return min(c.BLOCK_N for c in candidate_configs(device, wgrad))
+
+
+def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ_j slots[t, j] in fp32, slot order; slots [T, k, D] contiguous, out [T, D] (any strides)."""
+    T, k, D = slots.shape
+    if T == 0:
+        return out
+    grid = (cdiv(T, COMBINE_BLOCK_T), cdiv(D, COMBINE_BLOCK_D))
+    _slot_combine_kernel[grid](slots, out, T, D, out.stride(0), out.stride(1),
+                               TOP_K=k, BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("clipmoe::grouped_wgrad", mutates_args=())
+def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch.Tensor,
+                  sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, top_k: int,
+                  gather_grad_out: bool, gather_inp: bool, inp_activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW [E, N, K], db [E, N]) in inp.dtype, see the module docstring. grad_out [TK or T, N], inp [T or TK, K],
+    topk_weights [T, k] fp32 contiguous (read only when gather_grad_out: the token rows are then scaled by s_r)."""
+    E = expert_offsets.shape[0] - 1
+    N, K = grad_out.shape[1], inp.shape[1]
+    dw = inp.new_empty((E, N, K))
+    db = inp.new_empty((E, N))
+    tk = sorted_to_flat.shape[0]
+
+    def grid(block_n, block_k):
+        return (E, cdiv(N, block_n), cdiv(K, block_k))
+
+    args = (grad_out, inp, topk_weights, dw, db, sorted_to_flat, expert_offsets, N, K, rows_bucket(tk, E),
+            grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
+            dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1))
+    meta = dict(TOP_K=top_k, GATHER_GO=gather_grad_out, SCALE_GO=gather_grad_out, GATHER_IN=gather_inp,
+                IN_ACTIVATION=inp_activation, INPUT_PRECISION=dot_precision(inp.dtype), BLOCK_M=block_m_for(inp.device))
+    launch_gemm(_grouped_wgrad_kernel, _grouped_wgrad_tuned, grid, inp.device, args, meta)
+    return dw, db
+
+
+@grouped_wgrad.register_fake
+def _(grad_out, inp, topk_weights, sorted_to_flat, expert_offsets, top_k, gather_grad_out, gather_inp,
+      inp_activation):
+    E = expert_offsets.shape[0] - 1
+    return inp.new_empty((E, grad_out.shape[1], inp.shape[1])), inp.new_empty((E, grad_out.shape[1]))
+

@@ -1,0 +1,194 @@
+"""Up-projection grouped GEMM of the expert FFN, fused with the row gather, bias and activation; and its dx kernel.
+
+Math (glossary: T tokens, D model width, F expert hidden width, E experts, k top-k, TK = T·k; sorted row r of
+`moe_align` holds flat slot f = sorted_to_flat[r] = t·k + j of token t = f // k, routed to expert e(r)):
+  forward    h_r = x[t(r)] · W1[e(r)]ᵀ + b1[e(r)]       ([TK, F], expert-sorted rows, fp32 accumulate)
+             a_r = act(h_r)                              (quick_gelu, gelu (erf) or gelu_tanh, in the epilogue)
+  backward   dx[t] = Σ_j dh_{r(t,j)} · W1[e]             (dh from grouped_down's backward)
+             dW1[e] = Σ_{r∈e} dh_rᵀ x[t(r)],  db1[e] = Σ_{r∈e} dh_r   (grouped_gemm.grouped_wgrad)
+Tensors: x [T, D] (any strides), w1 [E, F, D], b1 [E, F] (nn.Linear orientation), a and h [TK, F] expert-sorted.
+
+Design: one program per (tile of the moe_align tile table, BLOCK_N columns of F). A tile is BLOCK_M sorted rows of
+one expert; its x rows are gathered on load through sorted_to_flat // k (no permuted copy of x). Unused tile slots
+(tile_expert == -1; the table is sized by the host bound ceil(TK/BLOCK_M) + E) exit at once, so the grid never
+depends on routing and nothing synchronises with the host. The pre-activation h is stored only when a gradient is
+needed (store_h): the backward recomputes act(h) and act'(h) from it instead of keeping a as well. dx is computed per
+slot (scatter on store to [T, k, D] fp32, or straight into dx when k = 1) and summed over the k slots by the
+deterministic grouped_gemm.slot_combine; no atomics.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, autotune_configs, block_m_for, cdiv, dot_precision,
+                                           rows_bucket)
+from clipmoe_kernels.activation import get_activation
+from clipmoe_kernels.grouped_gemm import _activation, _rows_matmul, _tile_rows, launch_gemm, slot_combine
+
+
+def grouped_up_ref(x, w1, b1, sorted_to_flat, expert_offsets, top_k, activation):
+    """Plain torch: (a, h), both [TK, F] in expert-sorted row order (loops over experts; the test oracle)."""
+    tok = sorted_to_flat.long() // top_k
+    xs = x.index_select(0, tok)
+    bounds = expert_offsets.tolist()
+    h = xs.new_empty(xs.shape[0], w1.shape[1])
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        h[lo:hi] = torch.nn.functional.linear(xs[lo:hi], w1[e], b1[e])
+    return get_activation(activation)(h), h
+
+
+def grouped_up_bwd_dx_ref(dh, w1, sorted_to_flat, expert_offsets, num_tokens, top_k):
+    """Plain torch: dx [T, D] = Σ_j dh_{r(t,j)} W1[e]."""
+    bounds = expert_offsets.tolist()
+    per_row = dh.new_empty(dh.shape[0], w1.shape[2])
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        per_row[lo:hi] = dh[lo:hi] @ w1[e]
+    dx = per_row.new_zeros(num_tokens, w1.shape[2])
+    return dx.index_add_(0, sorted_to_flat.long() // top_k, per_row)
+
+
+@triton.jit
+def _grouped_up_fwd_kernel(
+    x_ptr,               # [T, D] token order, any strides
+    w1_ptr,              # [E, F, D]
+    b1_ptr,              # [E, F]
+    a_ptr,               # [TK, F] out, expert-sorted rows: act(h)
+    h_ptr,               # [TK, F] out, expert-sorted rows: pre-activation h (written only when STORE_H)
+    sorted_to_flat_ptr,  # [TK] int32
+    expert_offsets_ptr,  # [E+1] int32
+    tile_expert_ptr,     # [num_tiles] int32, -1 = unused
+    tile_row_start_ptr,  # [num_tiles] int32
+    D, F, ROWS_BUCKET,
+    stride_xt, stride_xd, stride_w1e, stride_w1f, stride_w1d, stride_b1e, stride_b1f, stride_am, stride_hm,
+    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (tile, pid_n): BLOCK_M sorted rows of expert tile_expert[tile] x columns pid_n·BLOCK_N.. of F.
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + tile)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
+    tok = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64) // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < F
+    # B[kk, n] = W1[e, n, kk]: x · W1[e]ᵀ without a transposed copy.
+    acc = _rows_matmul(x_ptr, tok, row_mask, stride_xt, stride_xd,
+                       w1_ptr + e * stride_w1e, stride_w1d, stride_w1f, offs_n, n_mask, D,
+                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    bias = tl.load(b1_ptr + e * stride_b1e + offs_n * stride_b1f, mask=n_mask, other=0.0).to(tl.float32)
+    h = acc + bias[None, :]
+    mask = row_mask[:, None] & n_mask[None, :]
+    if STORE_H:
+        tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    a = _activation(h, ACTIVATION)
+    tl.store(a_ptr + rows[:, None] * stride_am + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+_grouped_up_fwd_tuned = triton.autotune(autotune_configs(GEMM_CONFIGS), key=["D", "F", "ROWS_BUCKET"])(
+    _grouped_up_fwd_kernel)
+
+
+@triton.jit
+def _grouped_up_bwd_dx_kernel(
+    dh_ptr,              # [TK, F] expert-sorted rows, contiguous
+    w1_ptr,              # [E, F, D]
+    out_ptr,             # [TK, D] out, flat order (the [T, k, D] slots), or [T, D] = dx itself when TOP_K == 1
+    sorted_to_flat_ptr,  # [TK] int32
+    expert_offsets_ptr,  # [E+1] int32
+    tile_expert_ptr,     # [num_tiles] int32, -1 = unused
+    tile_row_start_ptr,  # [num_tiles] int32
+    D, F, ROWS_BUCKET,
+    stride_dhm, stride_w1e, stride_w1f, stride_w1d, stride_om, stride_od,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + tile)
+    if e < 0:
+        return
+    e = e.to(tl.int64)
+    rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < D
+    # B[f, n] = W1[e, f, n]: dh · W1[e].
+    acc = _rows_matmul(dh_ptr, rows, row_mask, stride_dhm, 1,
+                       w1_ptr + e * stride_w1e, stride_w1f, stride_w1d, offs_n, n_mask, F,
+                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tl.store(out_ptr + flat[:, None] * stride_om + offs_n[None, :] * stride_od, acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+_grouped_up_bwd_dx_tuned = triton.autotune(autotune_configs(GEMM_CONFIGS), key=["D", "F", "ROWS_BUCKET"])(
+    _grouped_up_bwd_dx_kernel)
+
+
+@torch.library.custom_op("clipmoe::grouped_up", mutates_args=())
+def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_flat: torch.Tensor,
+               expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor, top_k: int,
+               activation: str, store_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, h): act(h) and h = x W1[e]ᵀ + b1[e], both [TK, F] in x.dtype, expert-sorted rows. h is [0, F] unless
+    store_h. The moe_align tile table must have been built with block_m = block_m_for(x.device)."""
+    get_activation(activation)
+    tk = sorted_to_flat.shape[0]
+    E, F, D = w1.shape
+    a = x.new_empty((tk, F))
+    h = x.new_empty((tk if store_h else 0, F))
+    h_arg = h if store_h else a  # never written when STORE_H is False
+    num_tiles = tile_expert.shape[0]
+
+    def grid(block_n, block_k):
+        return (num_tiles, cdiv(F, block_n))
+
+    args = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F,
+            rows_bucket(tk, E), x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+            b1.stride(0), b1.stride(1), a.stride(0), h_arg.stride(0))
+    meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, INPUT_PRECISION=dot_precision(x.dtype),
+                BLOCK_M=block_m_for(x.device))
+    if tk > 0:
+        launch_gemm(_grouped_up_fwd_kernel, _grouped_up_fwd_tuned, grid, x.device, args, meta)
+    return a, h
+
+
+@grouped_up.register_fake
+def _(x, w1, b1, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, top_k, activation, store_h):
+    tk, F = sorted_to_flat.shape[0], w1.shape[1]
+    return x.new_empty((tk, F)), x.new_empty((tk if store_h else 0, F))
+
+
+@torch.library.custom_op("clipmoe::grouped_up_bwd_dx", mutates_args=())
+def grouped_up_bwd_dx(dh: torch.Tensor, w1: torch.Tensor, sorted_to_flat: torch.Tensor,
+                      expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor,
+                      num_tokens: int, top_k: int) -> torch.Tensor:
+    """dx [T, D] in dh.dtype: Σ over the k slots of each token of dh_r W1[e(r)] (fp32 slot sum, deterministic)."""
+    tk = sorted_to_flat.shape[0]
+    E, F, D = w1.shape
+    dh = dh.contiguous()
+    dx = dh.new_empty((num_tokens, D))
+    # k = 1: one slot per token, so the GEMM writes dx directly; else fp32 slots, summed in slot order.
+    out = dx if top_k == 1 else dh.new_empty((tk, D), dtype=torch.float32)
+    num_tiles = tile_expert.shape[0]
+
+    def grid(block_n, block_k):
+        return (num_tiles, cdiv(D, block_n))
+
+    args = (dh, w1, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F, rows_bucket(tk, E),
+            dh.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1))
+    meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), BLOCK_M=block_m_for(dh.device))
+    if tk > 0:
+        launch_gemm(_grouped_up_bwd_dx_kernel, _grouped_up_bwd_dx_tuned, grid, dh.device, args, meta)
+    if top_k > 1:
+        slot_combine(out.view(num_tokens, top_k, D), dx)
+    return dx
+
+
+@grouped_up_bwd_dx.register_fake
+def _(dh, w1, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, num_tokens, top_k):
+    return dh.new_empty((num_tokens, w1.shape[2]))
