@@ -35,8 +35,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest tests -q
 
+BENCH_JSON ?= bench/results/$(shell date +%Y-%m-%d)-$(shell uname -n | cut -c1-12).json
 bench: install
-	$(BIN)/python -m pytest bench --benchmark -q
+	$(BIN)/python -m pytest bench --benchmark -q --benchmark-json $(BENCH_JSON)
+	$(BIN)/python -m bench.report $(BENCH_JSON)
 
 clean:
 	rm -rf $(VENV) build *.egg-info clipmoe_kernels/_C*.so

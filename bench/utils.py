@@ -1,0 +1,29 @@
+"""Timing helpers shared by the benchmarks: synchronised rounds and the peak memory of the timed region."""
+import torch
+
+# Rounds per provider: enough for a stable median on a noisy machine while the CPU selection stays within minutes.
+ROUNDS = {"cpu": 5, "cpu_heavy": 3, "cuda": 20}
+
+
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def relative_error(got, want) -> float:
+    return ((got.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm().clamp_min(1e-30)).item()
+
+
+def time_provider(benchmark, run, device: str, heavy: bool = False):
+    """benchmark.pedantic over synchronised calls of `run`; records peak CUDA memory (bytes) in extra_info.
+    CPU peak memory is not recorded: torch's CPU allocator has no per-region peak counter."""
+    def synced():
+        run()
+        synchronize(device)
+
+    if device == "cuda":
+        synced()  # first call outside the timed region: Triton autotune, cuBLAS heuristics
+        torch.cuda.reset_peak_memory_stats()
+    rounds = ROUNDS["cuda"] if device == "cuda" else ROUNDS["cpu_heavy" if heavy else "cpu"]
+    benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
