@@ -3,6 +3,13 @@
 Importing this module never imports a kernel, never touches a GPU and works without triton installed
 (`HAS_TRITON` is then False and `TRITON_IMPORT_ERROR` says why).
 
+Compiled and interpreted kernels in one process: `triton.jit` decides at decoration time whether a function is
+compiled or interpreted, from TRITON_INTERPRET as it was when the function (and triton's own @jit library functions
+such as tl.sum or tl.zeros) was decorated. The package must run CUDA tensors compiled and, in the same process, CPU
+tensors interpreted (tests set TRITON_INTERPRET=1 after triton was imported), so `launch` runs a kernel for CPU
+tensors through an InterpretedFunction of its source and, for the duration of that launch, makes @jit functions
+called from it (our helpers and triton's library) interpret as well, restoring everything afterwards.
+
 Environment variables read here (at call time, not import time):
   CLIPMOE_TRITON_CONFIG  pins one tile config for every grouped-GEMM kernel instead of autotuning it, e.g.
                          "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3" (keys: BLOCK_N, BLOCK_K, num_warps,
@@ -12,6 +19,7 @@ Environment variables read here (at call time, not import time):
   TRITON_INTERPRET       (Triton's own) =1 runs the kernels on CPU tensors through the Triton interpreter; it is the
                          only way CPU tensors reach these kernels (tests).
 """
+import contextlib
 import os
 from typing import Dict, List, NamedTuple
 
@@ -126,12 +134,12 @@ def pinned_config():
 
 
 def fixed_config(device: torch.device):
-    """The config to launch with when not autotuning: the pinned one, else INTERPRET_CONFIG for CPU tensors, else
-    None (autotune on CUDA)."""
+    """The config to launch with when not autotuning: the pinned one, else INTERPRET_CONFIG for CPU tensors (or
+    whenever TRITON_INTERPRET=1: @triton.autotune cannot run under the interpreter), else None (autotune on CUDA)."""
     pinned = pinned_config()
     if pinned is not None:
         return pinned
-    return INTERPRET_CONFIG if uses_interpreter(device) else None
+    return INTERPRET_CONFIG if uses_interpreter(device) or is_interpreter() else None
 
 
 def candidate_configs(device: torch.device, wgrad: bool = False) -> List[TileConfig]:
@@ -146,6 +154,72 @@ def autotune_configs(configs):
     import triton
     return [triton.Config({"BLOCK_N": c.BLOCK_N, "BLOCK_K": c.BLOCK_K}, num_warps=c.num_warps,
                           num_stages=c.num_stages) for c in configs]
+
+
+_INTERPRETED = {}
+
+
+def _interpreted(kernel):
+    """InterpretedFunction of a @triton.jit function (cached; itself when triton already made it one)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    if kernel.fn not in _INTERPRETED:
+        _INTERPRETED[kernel.fn] = InterpretedFunction(kernel.fn)
+    return _INTERPRETED[kernel.fn]
+
+
+@contextlib.contextmanager
+def _interpret_jit_calls():
+    """While an interpreted kernel runs, calls to compiled-mode JITFunctions (helpers, tl.sum, ...) interpret their
+    source, the way InterpretedFunction.__call__ does, but undo their language patches on return."""
+    from triton.runtime.interpreter import _patch_lang
+    from triton.runtime.jit import JITFunction
+
+    def call(self, *args, **kwargs):
+        scope = _patch_lang(self.fn)
+        try:
+            return _interpreted(self).rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
+
+    original = JITFunction.__call__
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+def launch(kernel, grid, device: torch.device, *args, **kwargs):
+    """Launch a @triton.jit kernel with fixed meta-parameters: interpreted for CPU tensors, compiled otherwise."""
+    if uses_interpreter(device):
+        with _interpret_jit_calls():
+            _interpreted(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+class TunedKernel:
+    """A @triton.jit grouped-GEMM kernel with tunable BLOCK_N/BLOCK_K/num_warps/num_stages. Launches with the fixed
+    config (CLIPMOE_TRITON_CONFIG, or INTERPRET_CONFIG for CPU tensors) when there is one, else through
+    @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import)."""
+
+    def __init__(self, kernel, configs, key):
+        self.kernel, self.configs, self.key = kernel, configs, key
+        self._tuned = None
+
+    def __call__(self, grid, device: torch.device, args, meta):
+        """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
+        cfg = fixed_config(device)
+        if cfg is not None:
+            launch(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, *args, **meta, BLOCK_N=cfg.BLOCK_N,
+                   BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return
+        if self._tuned is None:
+            import triton
+            self._tuned = triton.autotune(autotune_configs(self.configs), key=self.key)(self.kernel)
+        self._tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
 
 
 def rows_bucket(total_rows: int, num_experts: int) -> int:

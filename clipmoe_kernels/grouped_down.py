@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, autotune_configs, block_m_for, cdiv, dot_precision,
+from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, TunedKernel, block_m_for, cdiv, dot_precision,
                                            rows_bucket)
 from clipmoe_kernels.activation import get_activation
-from clipmoe_kernels.grouped_gemm import (_activation_and_grad, _rows_matmul, _tile_rows, launch_gemm, min_block_n,
+from clipmoe_kernels.grouped_gemm import (_activation_and_grad, _rows_matmul, _tile_rows, min_block_n,
                                           slot_combine)
 
 
@@ -95,8 +95,7 @@ def _grouped_down_fwd_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-_grouped_down_fwd_tuned = triton.autotune(autotune_configs(GEMM_CONFIGS), key=["D", "F", "ROWS_BUCKET"])(
-    _grouped_down_fwd_kernel)
+_grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
 @triton.jit
@@ -155,8 +154,7 @@ def _grouped_down_bwd_kernel(
         tl.store(dh_ptr + rows[:, None] * stride_dhm + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
-_grouped_down_bwd_tuned = triton.autotune(autotune_configs(GEMM_CONFIGS), key=["D", "F", "ROWS_BUCKET"])(
-    _grouped_down_bwd_kernel)
+_grouped_down_bwd = TunedKernel(_grouped_down_bwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
 @torch.library.custom_op("clipmoe::grouped_down", mutates_args=())
@@ -181,7 +179,7 @@ def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weigh
             b2.stride(0), b2.stride(1), out.stride(0), out.stride(1))
     meta = dict(INPUT_PRECISION=dot_precision(a.dtype), BLOCK_M=block_m_for(a.device))
     if tk > 0:
-        launch_gemm(_grouped_down_fwd_kernel, _grouped_down_fwd_tuned, grid, a.device, args, meta)
+        _grouped_down_fwd(grid, a.device, args, meta)
     if k > 1:
         slot_combine(out.view(T, k, D), y)
     return y
@@ -220,7 +218,7 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
     meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds,
                 INPUT_PRECISION=dot_precision(h.dtype), BLOCK_M=block_m_for(h.device))
     if tk > 0 and (compute_dh or compute_ds):
-        launch_gemm(_grouped_down_bwd_kernel, _grouped_down_bwd_tuned, grid, h.device, args, meta)
+        _grouped_down_bwd(grid, h.device, args, meta)
     ds = partials.sum(0).view(T, k) if compute_ds else partials.new_empty((0, k))
     return dh, ds
 

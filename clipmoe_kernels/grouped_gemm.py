@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (WGRAD_CONFIGS, autotune_configs, block_m_for, candidate_configs, cdiv,
-                                           dot_precision, fixed_config, rows_bucket)
+from clipmoe_kernels._triton_utils import (WGRAD_CONFIGS, TunedKernel, block_m_for, candidate_configs, cdiv,
+                                           dot_precision, launch, rows_bucket)
 
 # Combine tile: tokens x columns per program. A bandwidth-bound pass; 32 x 128 fp32 elements per slot and program
 # keeps loads 16-byte vectorised at 4 warps without spilling.
@@ -193,8 +193,7 @@ def _grouped_wgrad_kernel(
         tl.store(db_ptr + e * stride_dbe + offs_n * stride_dbn, db_acc.to(db_ptr.dtype.element_ty), mask=n_mask)
 
 
-_grouped_wgrad_tuned = triton.autotune(autotune_configs(WGRAD_CONFIGS), key=["N", "K", "ROWS_BUCKET"])(
-    _grouped_wgrad_kernel)
+_grouped_wgrad = TunedKernel(_grouped_wgrad_kernel, WGRAD_CONFIGS, key=["N", "K", "ROWS_BUCKET"])
 
 
 @triton.jit
@@ -218,17 +217,6 @@ def _slot_combine_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
-def launch_gemm(kernel, tuned, grid, device, args, meta):
-    """Launch a grouped-GEMM kernel: with the pinned/interpreter config when there is one, else autotuned.
-    `grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: the constexpr arguments other than the tile sizes."""
-    cfg = fixed_config(device)
-    if cfg is None:
-        tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
-    else:
-        kernel[grid(cfg.BLOCK_N, cfg.BLOCK_K)](*args, **meta, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def min_block_n(device, wgrad=False) -> int:
     """Smallest BLOCK_N any launch on `device` may pick (sizes per-N-tile partial buffers before autotune picks)."""
     return min(c.BLOCK_N for c in candidate_configs(device, wgrad))
@@ -240,8 +228,8 @@ def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if T == 0:
         return out
     grid = (cdiv(T, COMBINE_BLOCK_T), cdiv(D, COMBINE_BLOCK_D))
-    _slot_combine_kernel[grid](slots, out, T, D, out.stride(0), out.stride(1),
-                               TOP_K=k, BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D, num_warps=4)
+    launch(_slot_combine_kernel, grid, slots.device, slots, out, T, D, out.stride(0), out.stride(1),
+           TOP_K=k, BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D, num_warps=4)
     return out
 
 
@@ -265,7 +253,7 @@ def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch
             dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1))
     meta = dict(TOP_K=top_k, GATHER_GO=gather_grad_out, SCALE_GO=gather_grad_out, GATHER_IN=gather_inp,
                 IN_ACTIVATION=inp_activation, INPUT_PRECISION=dot_precision(inp.dtype), BLOCK_M=block_m_for(inp.device))
-    launch_gemm(_grouped_wgrad_kernel, _grouped_wgrad_tuned, grid, inp.device, args, meta)
+    _grouped_wgrad(grid, inp.device, args, meta)
     return dw, db
 
 

@@ -20,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, autotune_configs, block_m_for, cdiv, dot_precision,
+from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, TunedKernel, block_m_for, cdiv, dot_precision,
                                            rows_bucket)
 from clipmoe_kernels.activation import get_activation
-from clipmoe_kernels.grouped_gemm import _activation, _rows_matmul, _tile_rows, launch_gemm, slot_combine
+from clipmoe_kernels.grouped_gemm import _activation, _rows_matmul, _tile_rows, slot_combine
 
 
 def grouped_up_ref(x, w1, b1, sorted_to_flat, expert_offsets, top_k, activation):
@@ -89,8 +89,7 @@ def _grouped_up_fwd_kernel(
     tl.store(a_ptr + rows[:, None] * stride_am + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
-_grouped_up_fwd_tuned = triton.autotune(autotune_configs(GEMM_CONFIGS), key=["D", "F", "ROWS_BUCKET"])(
-    _grouped_up_fwd_kernel)
+_grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
 @triton.jit
@@ -126,8 +125,7 @@ def _grouped_up_bwd_dx_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-_grouped_up_bwd_dx_tuned = triton.autotune(autotune_configs(GEMM_CONFIGS), key=["D", "F", "ROWS_BUCKET"])(
-    _grouped_up_bwd_dx_kernel)
+_grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
 @torch.library.custom_op("clipmoe::grouped_up", mutates_args=())
@@ -153,7 +151,7 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
     meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, INPUT_PRECISION=dot_precision(x.dtype),
                 BLOCK_M=block_m_for(x.device))
     if tk > 0:
-        launch_gemm(_grouped_up_fwd_kernel, _grouped_up_fwd_tuned, grid, x.device, args, meta)
+        _grouped_up_fwd(grid, x.device, args, meta)
     return a, h
 
 
@@ -183,7 +181,7 @@ def grouped_up_bwd_dx(dh: torch.Tensor, w1: torch.Tensor, sorted_to_flat: torch.
             dh.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1))
     meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), BLOCK_M=block_m_for(dh.device))
     if tk > 0:
-        launch_gemm(_grouped_up_bwd_dx_kernel, _grouped_up_bwd_dx_tuned, grid, dh.device, args, meta)
+        _grouped_up_bwd_dx(grid, dh.device, args, meta)
     if top_k > 1:
         slot_combine(out.view(num_tokens, top_k, D), dx)
     return dx

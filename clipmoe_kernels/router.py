@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import cdiv, check_triton_device
+from clipmoe_kernels._triton_utils import cdiv, check_triton_device, launch
 from clipmoe_kernels.routing import topk_routing_ref
 
 # Tokens per program: the tile is BLOCK_T x next_pow2(E) fp32, tiny for E <= 64; 64 tokens keep per-program
@@ -131,8 +131,8 @@ def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[tor
     counts = torch.zeros((max(num_programs, 1), E), dtype=torch.int32, device=dev)
     psums = torch.zeros((max(num_programs, 1), E), dtype=torch.float32, device=dev)
     if num_programs > 0:
-        _router_fwd_kernel[(num_programs,)](
-            logits, probs, weights, ids, counts, psums, T, E, logits.stride(0), logits.stride(1),
+        launch(
+            _router_fwd_kernel, (num_programs,), dev, logits, probs, weights, ids, counts, psums, T, E, logits.stride(0), logits.stride(1),
             TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=triton.next_power_of_2(E),
             BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
     return probs, weights, ids, counts.sum(0, dtype=torch.int32), psums.sum(0)
