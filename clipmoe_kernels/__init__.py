@@ -8,6 +8,14 @@ from clipmoe_kernels.activation import ACTIVATIONS, get_activation, gelu, gelu_t
 from clipmoe_kernels.expert_ffn import check_expert_args, expert_ffn_naive, expert_ffn_torch
 from clipmoe_kernels.routing import (DEFAULT_BLOCK_M, RoutingMeta, moe_align, moe_align_ref, num_tiles_bound,
                                      topk_routing_ref)
+from clipmoe_kernels._triton_utils import HAS_TRITON, missing_triton
+
+if HAS_TRITON:  # importing the kernel modules defines (does not compile) the kernels and registers clipmoe:: ops
+    from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton
+    from clipmoe_kernels.router import topk_routing_triton
+else:  # triton is optional: these raise an ImportError naming the cause when called
+    expert_ffn_triton = missing_triton("expert_ffn_triton")
+    topk_routing_triton = missing_triton("topk_routing_triton")
 
 
 def available_ops() -> dict:
@@ -22,6 +30,7 @@ def available_ops() -> dict:
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "DEFAULT_BLOCK_M", "ENV_BACKEND", "RoutingMeta", "available_ops", "check_backend",
-    "check_expert_args", "expert_ffn_naive", "expert_ffn_torch", "gelu", "gelu_tanh", "get_activation", "moe_align",
-    "moe_align_ref", "num_tiles_bound", "quick_gelu", "select_backend", "topk_routing_ref",
+    "check_expert_args", "expert_ffn_naive", "expert_ffn_torch", "expert_ffn_triton", "gelu", "gelu_tanh",
+    "get_activation", "moe_align", "moe_align_ref", "num_tiles_bound", "quick_gelu", "select_backend",
+    "topk_routing_ref", "topk_routing_triton",
 ]

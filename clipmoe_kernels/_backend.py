@@ -11,9 +11,12 @@ import os
 
 import torch
 
+from clipmoe_kernels._triton_utils import HAS_TRITON
+
 # naive: the per-expert Python loop of the official CLIP-MoE code (the benchmark baseline).
 # torch: rows sorted by expert with moe_align, one GEMM per contiguous expert segment.
-BACKENDS = ("auto", "torch", "naive")
+# triton: fused Triton grouped GEMMs (expert_ffn_triton); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+BACKENDS = ("auto", "torch", "naive", "triton")
 ENV_BACKEND = "CLIPMOE_BACKEND"
 
 
@@ -32,5 +35,9 @@ def select_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"environment variable {ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        backend = "torch"  # the sorted-segment path is the fastest one on CPU and CUDA until the Triton kernels land
+        # CUDA: the fused Triton kernels when triton imports; CPU: the sorted-segment torch path.
+        backend = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("backend 'triton' got CPU tensors: on CPU the Triton kernels run only in the Triton "
+                         "interpreter (slow, for tests), which needs TRITON_INTERPRET=1; use backend 'torch' on CPU")
     return backend

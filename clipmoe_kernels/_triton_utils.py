@@ -78,6 +78,14 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def missing_triton(name: str):
+    """Stand-in for a public Triton entry point when triton failed to import: raises a clear ImportError."""
+    def unavailable(*args, **kwargs):
+        require_triton(name)
+    unavailable.__name__ = name
+    return unavailable
+
+
 def require_triton(where: str):
     if not HAS_TRITON:
         raise ImportError(f"{where} needs triton, which failed to import: {TRITON_IMPORT_ERROR}")

@@ -147,7 +147,7 @@ def _grouped_down_bwd_kernel(
                               mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
                 b2v = tl.load(b2_ptr + e * stride_b2e + offs_d * stride_b2d, mask=d_mask, other=0.0).to(tl.float32)
                 ds += tl.sum(dyv * b2v[None, :], axis=1)
-        tl.store(ds_ptr + pid_n * stride_dsn + flat, ds, mask=row_mask)
+        tl.store(ds_ptr + pid_n.to(tl.int64) * stride_dsn + flat, ds, mask=row_mask)
     if COMPUTE_DH:
         s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
         dh = g * da * s[:, None]

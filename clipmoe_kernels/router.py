@@ -133,8 +133,8 @@ def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[tor
     if num_programs > 0:
         launch(
             _router_fwd_kernel, (num_programs,), dev, logits, probs, weights, ids, counts, psums, T, E, logits.stride(0), logits.stride(1),
-            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=triton.next_power_of_2(E),
-            BLOCK_K=triton.next_power_of_2(top_k), num_warps=4)
+            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=max(2, triton.next_power_of_2(E)),
+            BLOCK_K=max(2, triton.next_power_of_2(top_k)), num_warps=4)
     return probs, weights, ids, counts.sum(0, dtype=torch.int32), psums.sum(0)
 
 

@@ -367,3 +367,40 @@ def test_custom_ops_pass_opcheck():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_moe_ffn_module_triton_backend_layouts():
+    """MoEFFN(backend="triton") on an (L, N, D) input and its non-contiguous (N, L, D) view: same outputs and
+    gradients as backend="torch"."""
+    from clipmoe import MoEFFN
+    moe = MoEFFN(16, 32, num_experts=4, top_k=2, activation="gelu")
+    with torch.no_grad():
+        moe.router.weight.mul_(4)  # well-separated probabilities: no routing near-ties
+    x_lnd = torch.randn(5, 3, 16)
+    for x in (x_lnd, x_lnd.transpose(0, 1)):
+        results = {}
+        for backend in ("triton", "torch"):
+            moe.backend = backend
+            leaf = x.clone().requires_grad_()
+            y = moe(leaf)
+            params = [moe.router.weight, moe.w1, moe.b1, moe.w2, moe.b2]
+            results[backend] = (y, torch.autograd.grad(y, [leaf] + params, torch.ones_like(y)))
+        (y_k, grads_k), (y_t, grads_t) = results["triton"], results["torch"]
+        assert y_k.shape == x.shape
+        assert_close(y_k, y_t, torch.float32, "y")
+        for name, a, b in zip(["x", "router", "w1", "b1", "w2", "b2"], grads_k, grads_t):
+            assert_close(a, b, torch.float32, f"d{name}")
+
+
+def test_backend_env_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    from clipmoe import MoEFFN
+    from clipmoe_kernels import select_backend
+    monkeypatch.setenv("CLIPMOE_BACKEND", "triton")
+    assert select_backend("auto", torch.device("cpu")) == "triton"
+    assert select_backend("auto", torch.device("cuda")) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        MoEFFN(8, 16)(torch.randn(3, 8))
+    monkeypatch.delenv("CLIPMOE_BACKEND")
+    assert select_backend("auto", torch.device("cpu")) == "torch"
+    assert select_backend("auto", torch.device("cuda")) == "triton"
