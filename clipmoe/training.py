@@ -85,19 +85,24 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
-def atomic_torch_save(obj, path: Path):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+def atomic_write(path, write: Callable[[str], None]):
+    """`write(tmp_path)` into a temporary file of the same folder, then rename it to `path`: a crash never leaves
+    a half-written file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _rng_state():
