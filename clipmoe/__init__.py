@@ -1,10 +1,15 @@
 """clipmoe: turn a CLIP model into a CLIP-MoE (Diversified Multiplet Upcycling), train it, and run it fast."""
 from clipmoe_kernels import available_ops
 
+from clipmoe.cluster import accumulate_labels, assign, cluster_stage, decode_labels, joint_labels, kmeans
 from clipmoe.config import MoEConfig
+from clipmoe.contrastive import FIXED_LOGIT_SCALE, ContrastiveLoss, clip_contrastive_loss
 from clipmoe.losses import AuxLosses, balance_loss, router_z_loss
 from clipmoe.moe_ffn import MoEAux, MoEFFN, collect_aux_losses
+from clipmoe.sampler import ClusterBatchSampler
 from clipmoe.upcycle import dense_mlps, upcycle, upcycle_from_config
 
-__all__ = ["AuxLosses", "MoEAux", "MoEConfig", "MoEFFN", "available_ops", "balance_loss", "collect_aux_losses",
-           "dense_mlps", "router_z_loss", "upcycle", "upcycle_from_config"]
+__all__ = ["AuxLosses", "ClusterBatchSampler", "ContrastiveLoss", "FIXED_LOGIT_SCALE", "MoEAux", "MoEConfig", "MoEFFN",
+           "accumulate_labels", "assign", "available_ops", "balance_loss", "clip_contrastive_loss", "cluster_stage",
+           "collect_aux_losses", "decode_labels", "dense_mlps", "joint_labels", "kmeans", "router_z_loss", "upcycle",
+           "upcycle_from_config"]
