@@ -1,0 +1,142 @@
+"""The DMU pipeline on a tiny real open_clip model: FFN-only MCL stages, assembly, router training, baselines,
+and a 2-process gloo MCL stage against one process with the same global batch."""
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from clipmoe import MoEFFN
+from clipmoe.distributed import DistInfo, init_distributed
+from clipmoe.models import create_model
+from clipmoe.pipeline import (build_clip_moe, contrastive_loss, ffn_state_dicts, finetune_baseline, load_ffns,
+                              run_mcl, train_router)
+from clipmoe.sampler import ClusterBatchSampler
+from clipmoe.training import TrainConfig, train
+from tests.tolerances import assert_close
+
+CPU = DistInfo()
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return create_model("clipmoe-tiny")[0]
+
+
+def random_dataset(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(1, 49407, (n, 32), generator=g))
+
+
+def small_cfg(**kw):
+    return TrainConfig(**{"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1, "batch_size": 8, "max_steps": 3,
+                          "checkpoint_every": 2, **kw})
+
+
+def test_mcl_stage_changes_only_ffn_parameters(tmp_path):
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    labels = torch.arange(48) % 3
+    sampler = ClusterBatchSampler(labels, 8, world_size=1, rank=0, small_cluster="drop")
+    train(model, random_dataset(), sampler, contrastive_loss(small_cfg()), small_cfg(), tmp_path, trainable="ffn",
+          info=CPU)
+    changed_ffn = 0
+    for name, p in model.named_parameters():
+        if ".mlp." in name:
+            changed_ffn += not torch.equal(p, before[name])
+        elif name == "logit_scale":
+            assert p.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())  # fixed temperature
+        else:
+            assert torch.equal(p, before[name]), f"{name} changed in an FFN-only stage"
+    assert changed_ffn == sum(".mlp." in n for n in before)
+
+
+def test_assembly_puts_stage_j_ffn_into_expert_j():
+    base = tiny_model()
+    stages = []
+    for j in range(3):
+        ffns = ffn_state_dicts(base)
+        stages.append({name: {k: v + j for k, v in sd.items()} for name, sd in ffns.items()})
+    moe = build_clip_moe(base, stages, top_k=2)
+    blocks = [m for m in moe.modules() if isinstance(m, MoEFFN)]
+    assert len(blocks) == len(stages[0]) == 4  # 2 vision + 2 text blocks
+    for name, block in ((n, m) for n, m in moe.named_modules() if isinstance(m, MoEFFN)):
+        assert block.num_experts == 3 and block.top_k == 2
+        for j in range(3):
+            assert torch.equal(block.w1[j], stages[j][name]["c_fc.weight"])
+            assert torch.equal(block.b2[j], stages[j][name]["c_proj.bias"])
+    assert not any(isinstance(m, MoEFFN) for m in base.modules())  # base untouched
+    with pytest.raises(ValueError, match="lacks the FFN"):
+        build_clip_moe(base, [stages[0], {}])
+
+
+def test_run_mcl_router_training_and_baselines(tmp_path):
+    base, data = tiny_model(), random_dataset(72)
+    cfg = small_cfg(max_steps=2)
+    ffns = run_mcl(base, data, cfg, tmp_path / "mcl", CPU, stages=2, clusters=2, small_cluster="remainder")
+    assert len(ffns) == 3
+    for s in range(3):
+        assert (tmp_path / "mcl" / f"stage_{s}" / "ffn.safetensors").exists()
+    labels = torch.load(tmp_path / "mcl" / "labels_1.pt")
+    assert labels.shape == (72,) and labels.max() < 16  # two stages of 2x2 joint clusters
+    reloaded = load_ffns(tmp_path / "mcl" / "stage_2" / "ffn.safetensors", base)
+    name = next(iter(reloaded))
+    assert torch.equal(reloaded[name]["c_fc.weight"], ffns[2][name]["c_fc.weight"])
+    assert not torch.equal(ffns[1][name]["c_fc.weight"], ffns[0][name]["c_fc.weight"])
+
+    moe = build_clip_moe(base, ffns, top_k=2)
+    experts_before = {n: p.detach().clone() for n, p in moe.named_parameters()
+                      if not n.endswith("router.weight") and n != "logit_scale"}
+    routers_before = {n: p.detach().clone() for n, p in moe.named_parameters() if n.endswith("router.weight")}
+    summary = train_router(moe, data, small_cfg(max_steps=2), tmp_path / "router", CPU)
+    assert summary["steps"] == 2 and summary["final"]["balance_loss"] > 0
+    for n, p in moe.named_parameters():
+        if n in experts_before:
+            assert torch.equal(p, experts_before[n]), n
+        elif n in routers_before:
+            assert not torch.equal(p, routers_before[n]), n
+
+    for method in ("direct", "sparse_upcycling", "wo_mcl"):
+        model = finetune_baseline(method, base, data, small_cfg(max_steps=1), tmp_path / method, CPU, num_experts=3)
+        moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+        assert len(moes) == {"direct": 0, "sparse_upcycling": 4, "wo_mcl": 4}[method]
+        if method == "wo_mcl":
+            assert moes[0].num_experts == 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mcl_stage_worker(rank, world_size, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    model = tiny_model()
+    cfg = small_cfg()
+    labels = torch.arange(48) % 2
+    sampler = ClusterBatchSampler(labels, cfg.batch_size // world_size, world_size=world_size, rank=rank)
+    train(model, random_dataset(), sampler, contrastive_loss(cfg), cfg, out_dir, trainable="ffn", info=info)
+    if rank == 0:
+        torch.save(ffn_state_dicts(model), os.path.join(out_dir, "ffns.pt"))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
+    single = tmp_path / "single"
+    _mcl_stage_worker(0, 1, _free_port(), str(single))
+    double = tmp_path / "double"
+    mp.spawn(_mcl_stage_worker, args=(2, _free_port(), str(double)), nprocs=2, join=True)
+    want, got = torch.load(single / "ffns.pt"), torch.load(double / "ffns.pt")
+    for name in want:
+        for key in want[name]:
+            assert_close(got[name][key], want[name][key], msg=f"{name}.{key}")
+    assert any(not torch.equal(want[n]["c_fc.weight"], ffn["c_fc.weight"])
+               for n, ffn in ffn_state_dicts(tiny_model()).items())  # the stage did train
