@@ -1,7 +1,9 @@
 """Upcycling: replace the dense MLP of every transformer block of a CLIP model by an MoEFFN.
 
-Recognised MLPs: open_clip's native `Sequential(c_fc, gelu, c_proj)` (both towers of the native CLIP models) and
-timm's `Mlp(fc1, act, fc2)` (timm vision trunks). Gated (SwiGLU) and convolutional MLPs are left alone.
+Recognised MLPs: open_clip's native `Sequential(c_fc, gelu, c_proj)` (both towers of the native CLIP models),
+timm's `Mlp(fc1, act, fc2)` (timm vision trunks) and Hugging Face transformers' `CLIPMLP(fc1, activation_fn, fc2)`
+(`CLIPModel`, `CLIPVisionModel`, `CLIPTextModel`; see clipmoe.hf_compat). Gated (SwiGLU) and convolutional MLPs are
+left alone.
 """
 from typing import Mapping, Optional, Sequence
 
@@ -9,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from clipmoe.config import MoEConfig
+from clipmoe.hf_compat import hf_activation_name, hf_mlp_parts
 from clipmoe.moe_ffn import MoEFFN
 
 
@@ -20,6 +23,8 @@ def _activation_name(act: nn.Module, where: str) -> str:
         return "gelu_tanh"
     if kind == "GELU":
         return "gelu"
+    if hf_activation_name(act) is not None:
+        return hf_activation_name(act)
     raise ValueError(f"{where}: unsupported MLP activation {kind}; MoEFFN supports QuickGELU, GELU and GELU(tanh)")
 
 
@@ -35,7 +40,7 @@ def _dense_mlp_parts(module: nn.Module):
             return None  # an Mlp with an inner norm is not a plain two-linear FFN
         drop = getattr(module, "drop1", None)
         return module.fc1, module.act, module.fc2, drop.p if isinstance(drop, nn.Dropout) else 0.0
-    return None
+    return hf_mlp_parts(module)
 
 
 def dense_mlps(model: nn.Module) -> dict:
@@ -55,7 +60,8 @@ def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2,
     """Replace, in place, every dense MLP of `model` (both towers) by an MoEFFN; returns `model`.
 
     Args:
-        model: an open_clip model (or any module holding open_clip / timm MLPs).
+        model: an open_clip model, a transformers CLIPModel / CLIPVisionModel / CLIPTextModel, or any module
+            holding open_clip / timm / transformers CLIP MLPs.
         num_experts, top_k: E and k of every MoE layer.
         experts: {MLP module name (as in `dense_mlps(model)`, e.g. "visual.transformer.resblocks.0.mlp"):
             [state dict of expert 0, ..., of expert E-1]}, each a dense MLP state dict (c_fc/c_proj or fc1/fc2 keys).
@@ -68,7 +74,7 @@ def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2,
     """
     mlps = dense_mlps(model)
     if not mlps:
-        raise ValueError("model has no open_clip or timm dense MLP to upcycle (already upcycled?)")
+        raise ValueError("model has no open_clip, timm or transformers CLIP dense MLP to upcycle (already upcycled?)")
     experts = dict(experts or {})
     unknown = sorted(set(experts) - set(mlps))
     if unknown:
