@@ -232,7 +232,9 @@ class TunedKernel:
 
 def rows_bucket(total_rows: int, num_experts: int) -> int:
     """Autotune key part: rows per expert if balanced, rounded up to a power of two and capped, so that a new batch
-    size re-tunes only when it changes the regime (tens vs thousands of rows per expert), not on every value."""
+    size re-tunes only when it changes the regime (tens vs thousands of rows per expert), not on every value. The
+    kernels take it as an unused argument marked do_not_specialize (and the token count T likewise where passed), so
+    that batch-size changes do not trigger recompiles through Triton's integer specialisation."""
     per_expert = max(1, -(-total_rows // num_experts))
     return min(1 << (per_expert - 1).bit_length(), 1 << 16)
 

@@ -21,6 +21,11 @@ Dtypes: fp32, fp16, bf16 (bf16 only on GPU: the Triton interpreter's bf16 math i
 torch.backends.cuda.matmul.allow_tf32. Under autocast the inputs are cast to the autocast dtype first (as F.linear
 would). fp64 inputs take expert_ffn_torch.
 
+Tiles: BLOCK_M is fixed (64 on GPU, 16 in the interpreter; it is also the moe_align tile size); BLOCK_N, BLOCK_K,
+warps and stages are autotuned on CUDA per kernel, keyed on (D, F, bucket of rows per expert). The environment
+variable CLIPMOE_TRITON_CONFIG (e.g. "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3") pins one config instead
+(see _triton_utils); under the Triton interpreter a fixed config is always used (autotune cannot run there).
+
 Dropout (dropout_p > 0 in training) takes expert_ffn_torch: it is not fused, because a fused mask needs a seeded
 RNG in the down-projection prologue and the same mask replayed in both backward GEMMs; CLIP-MoE's dropout sits
 between the activation and W2, i.e. inside the fused pipeline.

@@ -57,7 +57,7 @@ def grouped_down_bwd_ref(dy, h, w2, b2, topk_weights, sorted_to_flat, expert_off
         return torch.autograd.grad(y, (h, s), dy)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS_BUCKET"])
 def _grouped_down_fwd_kernel(
     a_ptr,               # [TK, F] expert-sorted rows
     w2_ptr,              # [E, D, F]
@@ -98,7 +98,7 @@ def _grouped_down_fwd_kernel(
 _grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS_BUCKET"])
 def _grouped_down_bwd_kernel(
     dy_ptr,              # [T, D] token order, any strides
     h_ptr,               # [TK, F] expert-sorted pre-activation (saved by grouped_up)

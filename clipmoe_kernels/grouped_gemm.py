@@ -131,7 +131,7 @@ def _rows_matmul(a_ptr, a_rows, row_mask, stride_am, stride_ak,
 
 
 # ------------------------------------------------------------------------------------------------------- kernels
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS_BUCKET"])
 def _grouped_wgrad_kernel(
     go_ptr,              # grad-out rows: [TK, N] expert-sorted, or [T, N] token order when GATHER_GO
     in_ptr,              # input rows: [T, K] token order when GATHER_IN, or [TK, K] expert-sorted
@@ -196,7 +196,7 @@ def _grouped_wgrad_kernel(
 _grouped_wgrad = TunedKernel(_grouped_wgrad_kernel, WGRAD_CONFIGS, key=["N", "K", "ROWS_BUCKET"])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _slot_combine_kernel(
     slots_ptr,  # [T, TOP_K, D] contiguous (fp32 accumulator, or any float)
     out_ptr,    # [T, D] out

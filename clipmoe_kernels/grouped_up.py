@@ -49,7 +49,7 @@ def grouped_up_bwd_dx_ref(dh, w1, sorted_to_flat, expert_offsets, num_tokens, to
     return dx.index_add_(0, sorted_to_flat.long() // top_k, per_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS_BUCKET"])
 def _grouped_up_fwd_kernel(
     x_ptr,               # [T, D] token order, any strides
     w1_ptr,              # [E, F, D]
@@ -92,7 +92,7 @@ def _grouped_up_fwd_kernel(
 _grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS_BUCKET"])
 def _grouped_up_bwd_dx_kernel(
     dh_ptr,              # [TK, F] expert-sorted rows, contiguous
     w1_ptr,              # [E, F, D]

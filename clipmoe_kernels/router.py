@@ -55,7 +55,7 @@ def router_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool = True
     return RouterOutput(probs, weights, ids.to(torch.int32), counts, probs.sum(0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _router_fwd_kernel(
     logits_ptr,   # [T, E] any float dtype, any strides
     probs_ptr,    # [T, E] fp32 out, contiguous

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from clipmoe.losses import balance_loss  # noqa: E402
 from clipmoe_kernels.router import router_ref, topk_routing_triton  # noqa: E402
 from clipmoe_kernels.routing import topk_routing_ref  # noqa: E402
-from tests.tolerances import assert_close  # noqa: E402
+from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -91,11 +91,24 @@ def test_single_output_gradients(which):
     assert_close(grad, grad_ref, torch.float32, f"d logits via {which}")
 
 
-def test_fp16_logits_gradient_dtype():
-    logits = _logits(10, 4, torch.float16).requires_grad_()
-    out = topk_routing_triton(logits, 2)
-    (grad,) = torch.autograd.grad(out.topk_weights.sum() + out.probs[:, 0].sum(), logits)
-    assert grad.dtype == torch.float16
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_logits_gradients(dtype):
+    """16-bit logits: the gradient comes back in the logits' dtype, within 2x the error of plain torch (which also
+    computes the softmax in fp32 and casts the gradient once)."""
+    T, E, k = 40, 6, 2
+    logits = _logits(T, E, dtype)
+    g_probs, g_weights = torch.randn(T, E), torch.randn(T, k)
+
+    def grad_of(fn, leaf):
+        probs, weights = fn(leaf)[:2]
+        (grad,) = torch.autograd.grad((probs * g_probs.to(probs)).sum() + (weights * g_weights.to(weights)).sum(),
+                                      leaf)
+        return grad
+    grad = grad_of(lambda t: topk_routing_triton(t, k), logits.clone().requires_grad_())
+    assert grad.dtype == dtype
+    grad_hi = grad_of(lambda t: topk_routing_ref(t, k), logits.double().requires_grad_())
+    grad_lo = grad_of(lambda t: topk_routing_ref(t, k), logits.clone().requires_grad_())
+    assert_close_lowp(grad, grad_hi, grad_lo, "d logits")
 
 
 def test_ties_pick_lower_id_with_equal_weights():
