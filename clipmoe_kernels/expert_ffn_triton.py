@@ -110,6 +110,9 @@ def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="qui
                         f"{[str(p.dtype) for p in params]}")
     if params[0].dtype not in _KERNEL_DTYPES:  # fp64: the kernels compute in fp32 at most
         return expert_ffn_torch(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, dropout_p, training)
+    if params[0].dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError("expert_ffn_triton: bf16 runs on CUDA only; the Triton interpreter (CPU) computes bf16 GEMMs "
+                        "wrongly (triton-lang/triton#11584). Use fp32/fp16, or the 'torch' backend on CPU")
     store_h = torch.is_grad_enabled() and any(t.requires_grad for t in params + (topk_weights,))
     x, w1, b1, w2, b2 = params
     return ExpertFFNFunction.apply(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h)

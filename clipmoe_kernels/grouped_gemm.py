@@ -31,9 +31,11 @@ import triton.language as tl
 
 from clipmoe_kernels._triton_utils import (WGRAD_CONFIGS, TunedKernel, block_m_for, candidate_configs, cdiv,
                                            dot_precision, launch, rows_bucket)
+from clipmoe_kernels.activation import get_activation
 
-# Combine tile: tokens x columns per program. A bandwidth-bound pass; 32 x 128 fp32 elements per slot and program
-# keeps loads 16-byte vectorised at 4 warps without spilling.
+# Combine tile: tokens x columns per program of a bandwidth-bound pass: 32 x 128 elements per slot at 4 warps is 32
+# contiguous elements per thread and slot, enough for vector loads and small enough not to spill. Not yet timed on a
+# GPU (none was available when this was written); bench/ owns the measurement.
 COMBINE_BLOCK_T = 32
 COMBINE_BLOCK_D = 128
 
@@ -49,8 +51,7 @@ def slot_combine_ref(slots: torch.Tensor, out_dtype: torch.dtype) -> torch.Tenso
 
 def grouped_wgrad_ref(grad_out, inp, topk_weights, sorted_to_flat, expert_offsets, top_k, gather_grad_out,
                       gather_inp, inp_activation):
-    """Plain-torch twin of `grouped_wgrad` (see the module docstring), loops over experts, fp64 for the oracle."""
-    from clipmoe_kernels.activation import get_activation
+    """Plain-torch twin of `grouped_wgrad` (see the module docstring) in its inputs' dtype; loops over experts."""
     flat = sorted_to_flat.long()
     tok = flat // top_k
     g = grad_out.index_select(0, tok) if gather_grad_out else grad_out

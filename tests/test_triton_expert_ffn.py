@@ -292,6 +292,12 @@ def test_autocast_fp16():
     assert_close_lowp(y, y_hi, y_lo, "y under autocast")
 
 
+def test_bf16_on_the_interpreter_raises():
+    ids, w = routing(4, 2, 1)
+    with pytest.raises(TypeError, match="bf16"):
+        expert_ffn_triton(torch.randn(4, 16).bfloat16(), ids, w, *weights(16, 16, 2, torch.bfloat16))
+
+
 def test_mixed_dtypes_without_autocast_raise():
     ids, w = routing(4, 2, 1)
     params = weights(16, 16, 2)
