@@ -1,0 +1,618 @@
+"""Image-caption datasets: CSV/TSV files and webdataset tar shards, in open_clip's formats.
+
+Every dataset yields `(image, tokens)` per sample, or `(image, tokens, index)` with `with_index=True` (map-style):
+image = preprocess(PIL RGB image), by default a float [3, H, W] tensor in [0, 1] (pass open_clip's transform to
+resize and normalise); tokens = tokenizer([caption])[0], a long [context_length] tensor (with tokenizer=None the
+raw caption string is returned instead, for inspection). `make_transforms_and_tokenizer` builds the pair from an
+open_clip model name or model.
+
+Formats:
+- CSV/TSV (`CsvCaptionDataset`, map-style): a header row plus one row per sample, open_clip's `--csv-img-key
+  filepath --csv-caption-key title --csv-separator "\\t"` by default. Relative image paths are resolved against
+  `root`, by default the CSV's folder.
+- webdataset (`WebDatasetCaptions`, an IterableDataset): tar shards whose members share a key per sample, one image
+  (`.jpg`, `.jpeg`, `.png` or `.webp`) and one caption (`.txt`); other members (`.json`, ...) are ignored. Shards are
+  given as a brace pattern ("data/{000000..000009}.tar"), a "::"-separated list of patterns, or a list. Shards are
+  split over torch.distributed ranks and DataLoader workers (shard k goes to consumer k mod (world·workers)).
+
+Fixed order with indices (the MCL pipeline embeds the whole training set, clusters it, then a sampler picks
+indices): the map-style datasets have `__len__`/`__getitem__` and `with_index`. A webdataset stream has no stable
+indices, so `WebDatasetCaptions.to_indexed()` reads every shard once, in the given order, and materialises the
+samples into a map-style dataset: in memory (`InMemoryCaptionDataset`, the encoded image bytes, fine for data that
+fits in RAM) or, with `cache_dir`, as image files plus a TSV on disk (a `CsvCaptionDataset`). Large shard sets
+should be converted to a TSV once, offline, and used through `CsvCaptionDataset`.
+
+Bad input:
+- Structural problems raise at construction with the file and the problem named: a missing CSV or shard
+  (FileNotFoundError), a CSV without the named columns (ValueError listing the columns it has), a CSV without rows.
+- Bad samples (missing or unreadable image, empty caption, a shard sample without image or caption) are skipped and
+  counted, not fatal, as long as they are at most `max_bad_fraction` of the data:
+  - CSV: empty captions are counted at construction; more than max_bad_fraction·N raises ValueError naming the file
+    and lines. `check_files=True` also stats every image path at construction (FileNotFoundError beyond the limit).
+    An image that fails to load is found when read; `on_error` says what `__getitem__` does then:
+    "skip" (default) returns None, so the DataLoader needs `collate_fn=collate_skip_none`, which drops it (the batch
+    is one smaller); "substitute" returns the next readable sample (index+1, ...; with `with_index` its own index),
+    which keeps batches full (needed when every rank must have the same batch size, e.g. all-gathered losses);
+    "raise" raises at once. Each distinct bad sample is logged once per process (logger "clipmoe.data") and counted;
+    once a process has seen more than max_bad_fraction·N distinct bad samples the read raises (FileNotFoundError if
+    the file is missing, else ValueError) naming the file. With DataLoader workers each worker checks the samples it
+    read, so the limit trips later (up to num_workers times more bad samples).
+  - webdataset: bad samples are skipped; at the end of every shard, if more than max_bad_fraction of the samples
+    read so far by this process were bad, iteration raises ValueError naming the shard and an example. A shard that
+    cannot be opened or is not a valid tar is logged and skipped; an iteration that yields no sample at all raises.
+  - `dataset.num_skipped`: skip events summed over all processes that share the dataset (DataLoader workers
+    included), read from the main process; a sample skipped in two epochs counts twice.
+"""
+import csv
+import io
+import logging
+import multiprocessing
+import os
+import random
+from multiprocessing.context import get_spawning_popen
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR = ("skip", "substitute", "raise")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Default tolerated share of bad samples: 1% lets a scraped data set with a few broken files train, while a small
+# hand-made file with one broken row (>= 1 in 100) still fails loudly.
+DEFAULT_MAX_BAD_FRACTION = 0.01
+
+Preprocess = Optional[Callable]
+Tokenizer = Optional[Callable]
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+class _SharedCounter:
+    """An integer shared by the process that made it and its DataLoader workers (fork or spawn).
+
+    Pickling outside process start-up (deepcopy, torch.save) keeps a snapshot of the value, not the sharing.
+    """
+
+    def __init__(self, value: int = 0):
+        self._value = multiprocessing.Value("q", value)
+
+    @property
+    def value(self) -> int:
+        return self._value.value
+
+    def add(self, n: int = 1) -> None:
+        with self._value.get_lock():
+            self._value.value += n
+
+    def __getstate__(self):
+        return {"shared": self._value} if get_spawning_popen() is not None else {"value": self.value}
+
+    def __setstate__(self, state):
+        self._value = state["shared"] if "shared" in state else multiprocessing.Value("q", state["value"])
+
+
+class BadSample(Exception):
+    """A sample whose image or caption cannot be used; `path` names the file it came from."""
+
+    def __init__(self, path: str, reason: str, missing: bool = False):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason, self.missing = path, reason, missing
+
+
+def _decode_image(data_or_path, name: str):
+    """Open a file path or bytes as an RGB PIL image; raise BadSample naming `name` when it cannot be used."""
+    from PIL import Image
+
+    if isinstance(data_or_path, str) and not os.path.isfile(data_or_path):
+        raise BadSample(name, "image file not found", missing=True)
+    try:
+        src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+        with Image.open(src) as im:
+            return im.convert("RGB")  # forces the full decode, so a truncated file fails here, not in preprocess
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadSample(name, f"unreadable image ({type(e).__name__}: {e})") from e
+
+
+def _to_tensor(image) -> torch.Tensor:
+    """PIL RGB image -> float [3, H, W] in [0, 1] (the default when no preprocess is given)."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float().div_(255)
+
+
+def _tokenize(tokenizer: Tokenizer, caption: str):
+    return caption if tokenizer is None else tokenizer([caption])[0]
+
+
+def _rank_world() -> Tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _check_fraction(max_bad_fraction: float) -> float:
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+    return max_bad_fraction
+
+
+def collate_skip_none(batch: List):
+    """DataLoader collate_fn that drops the None items of skipped samples; returns None if all were skipped."""
+    batch = [item for item in batch if item is not None]
+    return default_collate(batch) if batch else None
+
+
+# ---------------------------------------------------------------------------------------------- transforms, tokenizer
+def make_transforms_and_tokenizer(model_name_or_model, *, is_train: bool = False, image_size=None,
+                                  context_length: Optional[int] = None) -> Tuple[Callable, Callable]:
+    """open_clip's image transform and tokenizer for a model.
+
+    Args:
+        model_name_or_model: an open_clip model name ("ViT-B-32", "hf-hub:...") or a model object (open_clip.CLIP or
+            CustomTextCLIP). For a model object the preprocessing config (size, mean, std, resize mode) is read from
+            the model and the tokenizer is CLIP's BPE (open_clip.SimpleTokenizer) at the model's context length;
+            for models with another tokenizer (SigLIP, HF text towers) pass the name instead.
+        is_train: open_clip's training transform (random resized crop) instead of resize + centre crop.
+        image_size: overrides the model's image size (int or (H, W)).
+        context_length: overrides the model's text context length.
+
+    Returns:
+        (preprocess, tokenizer): preprocess(PIL image) -> float [3, H, W]; tokenizer(list of str) -> long [N, L].
+
+    Raises:
+        ValueError: unknown model name; a model whose vocabulary is smaller than CLIP's BPE (tiny test models: use
+            clipmoe.synthetic.WordTokenizer).
+    """
+    import open_clip
+
+    if isinstance(model_name_or_model, str):
+        name = model_name_or_model
+        if not name.startswith(("hf-hub:", "local-dir:")):
+            cfg = open_clip.get_model_config(name)
+            if cfg is None:
+                raise ValueError(f"unknown open_clip model name {name!r}; see open_clip.list_models()")
+            if image_size is None:
+                image_size = cfg["vision_cfg"].get("image_size", 224)
+        elif image_size is None:
+            raise ValueError(f"pass image_size for {name!r} (its config is not read here: no hub access)")
+        preprocess = open_clip.image_transform(image_size, is_train=is_train)
+        tokenizer = open_clip.get_tokenizer(name, context_length=context_length)
+        return preprocess, tokenizer
+
+    model = model_name_or_model
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    size = image_size if image_size is not None else cfg.get("size")
+    if size is None:
+        raise ValueError(f"{type(model).__name__} has no image size; pass image_size")
+    preprocess = open_clip.image_transform(size, is_train=is_train, mean=cfg.get("mean"), std=cfg.get("std"),
+                                           interpolation=cfg.get("interpolation"),
+                                           resize_mode=cfg.get("resize_mode"))
+    tok_cfg = open_clip.get_model_tokenize_cfg(model)
+    length = context_length or tok_cfg.get("context_length") or 77
+    tokenizer = open_clip.SimpleTokenizer(context_length=length)
+    vocab = tok_cfg.get("vocab_size")
+    if vocab is not None and vocab < len(tokenizer.encoder):
+        raise ValueError(f"{type(model).__name__} has vocab_size {vocab}, smaller than CLIP's BPE vocabulary "
+                         f"({len(tokenizer.encoder)}); its token ids would be out of range. For tiny test models use "
+                         f"clipmoe.synthetic.WordTokenizer (or a model built with vocab_size >= "
+                         f"{len(tokenizer.encoder)})")
+    return preprocess, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ map-style datasets
+class _MapCaptionDataset(Dataset):
+    """Shared item logic: bad-sample policy, counters, with_index. Subclasses define `_load(i) -> (PIL, caption)`,
+    `__len__` and `source` (the file named in errors)."""
+
+    source: str = "<dataset>"
+
+    def _init_common(self, preprocess: Preprocess, tokenizer: Tokenizer, with_index: bool, on_error: str,
+                     max_bad_fraction: float) -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.with_index, self.on_error = with_index, on_error
+        self.max_bad_fraction = _check_fraction(max_bad_fraction)
+        self._skipped = _SharedCounter()
+        self.bad_samples: Dict[int, str] = {}  # index -> reason, for the samples this process found bad
+
+    @property
+    def num_skipped(self) -> int:
+        """Bad-sample reads skipped or substituted so far, summed over the DataLoader workers."""
+        return self._skipped.value
+
+    def _load(self, index: int):
+        raise NotImplementedError
+
+    def _bad(self, index: int, error: BadSample) -> None:
+        new = index not in self.bad_samples
+        self.bad_samples[index] = error.reason
+        if self.on_error == "raise" or len(self.bad_samples) > self.max_bad_fraction * len(self):
+            why = ("" if self.on_error == "raise" else
+                   f"{len(self.bad_samples)} of {len(self)} samples are bad, more than max_bad_fraction="
+                   f"{self.max_bad_fraction}; ")
+            exc = FileNotFoundError if error.missing else ValueError
+            raise exc(f"{self.source}: {why}sample {index}: {error}") from error
+        if new:
+            logger.warning("%s: skipping sample %d: %s", self.source, index, error)
+        self._skipped.add()
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        tries = 1 if self.on_error == "skip" else n
+        for step in range(tries):
+            i = (index + step) % n
+            try:
+                image, caption = self._load(i)
+            except BadSample as e:
+                self._bad(i, e)
+                continue
+            image = _to_tensor(image) if self.preprocess is None else self.preprocess(image)
+            item = (image, _tokenize(self.tokenizer, caption))
+            return item + (i,) if self.with_index else item
+        return None
+
+
+class CsvCaptionDataset(_MapCaptionDataset):
+    """Map-style dataset over a CSV/TSV of image paths and captions (open_clip's --csv-* convention).
+
+    Args:
+        path: the CSV/TSV file; its first row names the columns.
+        preprocess: PIL image -> tensor (e.g. from make_transforms_and_tokenizer); None: float [3, H, W] in [0, 1].
+        tokenizer: list of str -> long [N, L]; None: the caption string is returned.
+        img_key, caption_key, sep: column names and separator (open_clip: --csv-img-key, --csv-caption-key,
+            --csv-separator; defaults "filepath", "title", tab).
+        root: folder that relative image paths are relative to (default: the CSV's folder).
+        with_index: items are (image, tokens, index) instead of (image, tokens).
+        on_error: "skip" | "substitute" | "raise" for a sample that cannot be read (module docstring).
+        max_bad_fraction: tolerated share of bad samples before reads raise.
+        check_files: stat every image path now; missing ones beyond the limit raise FileNotFoundError (costs one
+            stat per row, seconds per million rows on a local disk).
+
+    Attributes: `paths` (resolved image paths), `captions`, `lines` (the CSV line each sample starts on),
+    `num_skipped`, `bad_samples`.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], preprocess: Preprocess = None, tokenizer: Tokenizer = None, *,
+                 img_key: str = "filepath", caption_key: str = "title", sep: str = "\t",
+                 root: Optional[Union[str, os.PathLike]] = None, with_index: bool = False, on_error: str = "skip",
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, check_files: bool = False):
+        self._init_common(preprocess, tokenizer, with_index, on_error, max_bad_fraction)
+        path = os.fspath(path)
+        self.source = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: CSV file not found")
+        root = os.path.dirname(os.path.abspath(path)) if root is None else os.fspath(root)
+        self.paths: List[str] = []
+        self.captions: List[str] = []
+        self.lines: List[int] = []
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{path}: empty file (no header row)")
+            header = [h.strip() for h in header]
+            for key, flag in ((img_key, "--csv-img-key / img_key"), (caption_key, "--csv-caption-key / caption_key")):
+                if key not in header:
+                    hint = ""
+                    if len(header) == 1:
+                        hint = f"; only one column was found, so the separator {sep!r} may be wrong"
+                    raise ValueError(f"{path}: no column {key!r} ({flag}); the header has columns {header}{hint}")
+            img_col, cap_col = header.index(img_key), header.index(caption_key)
+            line = reader.line_num + 1
+            for row in reader:
+                if not row:  # blank line
+                    line = reader.line_num + 1
+                    continue
+                img = row[img_col].strip() if img_col < len(row) else ""
+                cap = row[cap_col].strip() if cap_col < len(row) else ""
+                self.paths.append(os.path.join(root, os.path.expanduser(img)) if img else "")
+                self.captions.append(cap)
+                self.lines.append(line)
+                line = reader.line_num + 1
+        n = len(self.paths)
+        if n == 0:
+            raise ValueError(f"{path}: no data rows after the header")
+        limit = self.max_bad_fraction * n
+        empty = [self.lines[i] for i in range(n) if not self.captions[i]]
+        if len(empty) > limit:
+            raise ValueError(f"{path}: {len(empty)} of {n} rows have an empty caption (column {caption_key!r}), "
+                             f"e.g. line(s) {empty[:5]}; more than max_bad_fraction={self.max_bad_fraction}")
+        no_path = [self.lines[i] for i in range(n) if not self.paths[i]]
+        if len(no_path) > limit:
+            raise ValueError(f"{path}: {len(no_path)} of {n} rows have an empty image path (column {img_key!r}), "
+                             f"e.g. line(s) {no_path[:5]}; more than max_bad_fraction={self.max_bad_fraction}")
+        if empty or no_path:
+            logger.warning("%s: %d empty caption(s), %d empty image path(s) (e.g. lines %s); those samples will be "
+                           "skipped", path, len(empty), len(no_path), (empty + no_path)[:5])
+        if check_files:
+            missing = [i for i in range(n) if self.paths[i] and not os.path.isfile(self.paths[i])]
+            if len(missing) > limit:
+                shown = ", ".join(f"{self.paths[i]} (line {self.lines[i]})" for i in missing[:3])
+                raise FileNotFoundError(f"{path}: {len(missing)} of {n} image files not found, e.g. {shown}; more "
+                                        f"than max_bad_fraction={self.max_bad_fraction}")
+            if missing:
+                logger.warning("%s: %d image file(s) not found, e.g. %s; those samples will be skipped", path,
+                               len(missing), self.paths[missing[0]])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, index: int):
+        where = f"{self.paths[index] or '<empty path>'} (line {self.lines[index]} of {self.source})"
+        if not self.captions[index]:
+            raise BadSample(where, "empty caption")
+        if not self.paths[index]:
+            raise BadSample(where, "empty image path", missing=True)
+        return _decode_image(self.paths[index], where), self.captions[index]
+
+
+class InMemoryCaptionDataset(_MapCaptionDataset):
+    """Map-style dataset over encoded images (bytes of a .jpg/.png/...) and captions held in memory.
+
+    Made by `WebDatasetCaptions.to_indexed()`; the arguments after `captions` are those of CsvCaptionDataset.
+    `names[i]` says where sample i came from (for errors), e.g. "shard.tar:key".
+    """
+
+    def __init__(self, images: Sequence[bytes], captions: Sequence[str], preprocess: Preprocess = None,
+                 tokenizer: Tokenizer = None, *, names: Optional[Sequence[str]] = None, source: str = "<memory>",
+                 with_index: bool = False, on_error: str = "skip",
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
+        if len(images) != len(captions):
+            raise ValueError(f"{source}: {len(images)} images but {len(captions)} captions")
+        self._init_common(preprocess, tokenizer, with_index, on_error, max_bad_fraction)
+        self.images, self.captions = list(images), list(captions)
+        self.names = list(names) if names is not None else [f"{source}[{i}]" for i in range(len(images))]
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, index: int):
+        if not self.captions[index].strip():
+            raise BadSample(self.names[index], "empty caption")
+        return _decode_image(self.images[index], self.names[index]), self.captions[index]
+
+
+# ------------------------------------------------------------------------------------------------------- webdataset
+def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
+    """Shard spec -> list of shards: brace patterns ("d/{000..009}.tar") and "::"-separated lists are expanded."""
+    import braceexpand
+
+    if isinstance(urls, (str, os.PathLike)):
+        urls = os.fspath(urls).split("::")
+    out: List[str] = []
+    for url in urls:
+        out.extend(braceexpand.braceexpand(os.fspath(url)))
+    return out
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
+
+
+class WebDatasetCaptions(IterableDataset):
+    """Iterable dataset over webdataset tar shards of (image, caption) samples, open_clip's format.
+
+    Args:
+        urls: shard spec: brace pattern, "::"-separated patterns, or a list; local paths, file://, or anything
+            webdataset's gopen opens (http(s)://, pipe:...). Local shards must exist at construction.
+        preprocess, tokenizer: as CsvCaptionDataset.
+        num_samples: the number of samples, if known: then `len(dataset)` returns it (a nominal length, as
+            open_clip's --train-num-samples; the stream itself is not cut or padded to it).
+        shuffle_shards: shuffle the shard order each epoch (seed + epoch, identical on all ranks; call set_epoch).
+        shuffle_buffer: > 0 shuffles samples within a buffer of this many (seed + epoch + consumer id).
+        seed: base seed for the shuffles.
+        max_bad_fraction: tolerated share of bad samples (checked at each shard end; module docstring).
+        image_exts, caption_ext: member extensions that hold the image (first present wins) and the caption.
+
+    Iteration order without shuffles: shards in the given order, samples in tar order; with several ranks or
+    DataLoader workers each consumer reads every (world·workers)-th shard, so use at least that many shards (a
+    consumer without a shard yields nothing; a warning says so). Items carry no index: see `to_indexed()`.
+    """
+
+    def __init__(self, urls: Union[str, Sequence[str]], preprocess: Preprocess = None, tokenizer: Tokenizer = None,
+                 *, num_samples: Optional[int] = None, shuffle_shards: bool = False, shuffle_buffer: int = 0,
+                 seed: int = 0, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                 image_exts: Sequence[str] = IMAGE_EXTS, caption_ext: str = "txt"):
+        self.urls = expand_urls(urls)
+        if not self.urls:
+            raise ValueError(f"no shards in {urls!r}")
+        missing = [u for u in self.urls if _is_local(u) and not os.path.isfile(u.removeprefix("file://"))]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shard file(s) not found: "
+                                    f"{', '.join(missing[:5])}")
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.num_samples = num_samples
+        self.shuffle_shards, self.shuffle_buffer, self.seed = shuffle_shards, shuffle_buffer, seed
+        self.max_bad_fraction = _check_fraction(max_bad_fraction)
+        self.image_exts, self.caption_ext = tuple(e.lower() for e in image_exts), caption_ext.lower()
+        self.epoch = 0
+        self._skipped = _SharedCounter()
+        self.num_bad_shards = 0
+
+    @property
+    def num_skipped(self) -> int:
+        """Bad samples skipped so far, summed over the DataLoader workers."""
+        return self._skipped.value
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError("WebDatasetCaptions has no length: pass num_samples, or use to_indexed()")
+        return self.num_samples
+
+    def _raw_samples(self, urls: Sequence[str]):
+        """Yield (url, key, image bytes, caption) per sample; bad samples are yielded with image None and the reason
+        in place of the caption; None is yielded after each shard."""
+        import webdataset as wds
+
+        for url in urls:
+            errors: List[Exception] = []
+
+            def handler(exc, errors=errors):
+                errors.append(exc)
+                return False  # stop this shard: an unreadable tar is not worth scanning further
+
+            for raw in wds.tarfile_samples([{"url": url}], handler=handler):
+                key = raw.get("__key__", "?")
+                image = next((raw[e] for e in self.image_exts if e in raw), None)
+                caption = raw.get(self.caption_ext)
+                if image is None or caption is None:
+                    have = sorted(k for k in raw if not k.startswith("__"))
+                    need = f"an image ({'/'.join(self.image_exts)})" if image is None else f"a .{self.caption_ext}"
+                    yield url, key, None, f"no {need} member (has {have})"
+                    continue
+                caption = caption.decode("utf-8", errors="replace").strip()
+                if not caption:
+                    yield url, key, None, "empty caption"
+                    continue
+                yield url, key, image, caption
+            if errors:
+                self.num_bad_shards += 1
+                logger.warning("%s: cannot read shard, skipping the rest of it: %s", url, errors[0])
+            yield None
+
+    def _samples(self, urls: Sequence[str]):
+        """Decoded (name, PIL image, caption) with the bad-sample accounting."""
+        seen = bad = 0
+        example = last_url = ""
+        for raw in self._raw_samples(urls):
+            if raw is None:  # end of a shard
+                if bad > self.max_bad_fraction * seen:
+                    raise ValueError(f"{last_url}: {bad} of {seen} samples read so far are bad, more than "
+                                     f"max_bad_fraction={self.max_bad_fraction}; e.g. {example}")
+                continue
+            url, key, image, caption = raw
+            last_url, seen, name = url, seen + 1, f"{url}:{key}"
+            try:
+                if image is None:
+                    raise BadSample(name, caption)
+                yield name, _decode_image(image, name), caption
+            except BadSample as e:
+                bad += 1
+                example = str(e)
+                logger.warning("skipping sample %s", e)
+                self._skipped.add()
+        if urls and seen == bad:
+            raise ValueError(f"{', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}: no readable image-caption "
+                             f"samples ({bad} bad of {seen}; {self.num_bad_shards} unreadable shard(s))")
+
+    def _my_urls(self) -> List[str]:
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(self.seed + self.epoch).shuffle(urls)
+        rank, world = _rank_world()
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        consumers, me = world * workers, rank * workers + worker
+        if len(urls) < consumers:
+            logger.warning("%d shards for %d consumers (ranks x workers): consumer %d may get none", len(urls),
+                           consumers, me)
+        return urls[me::consumers]
+
+    def __iter__(self):
+        rank, _ = _rank_world()
+        info = get_worker_info()
+        consumer = rank * (info.num_workers if info else 1) + (info.id if info else 0)
+        rng = random.Random((self.seed + self.epoch) * 1_000_003 + consumer)
+        buffer: List = []
+        for name, image, caption in self._samples(self._my_urls()):
+            image = _to_tensor(image) if self.preprocess is None else self.preprocess(image)
+            item = (image, _tokenize(self.tokenizer, caption))
+            if self.shuffle_buffer <= 0:
+                yield item
+                continue
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def to_indexed(self, cache_dir: Optional[Union[str, os.PathLike]] = None, *, max_samples: Optional[int] = None,
+                   with_index: bool = False, on_error: str = "skip"):
+        """Read all shards once, in the given order, into a map-style dataset with fixed indices.
+
+        Bad samples are skipped (and counted in num_skipped) here, so index i is the i-th good sample in shard
+        order. Holds every encoded image in memory unless cache_dir is given.
+
+        Args:
+            cache_dir: None: return an InMemoryCaptionDataset (encoded bytes, decoded on access). A folder: write
+                `images/{i:09d}.{ext}` and `index.tsv` (filepath, title, source) there and return a
+                CsvCaptionDataset over it (reusable: CsvCaptionDataset(cache_dir/"index.tsv") later).
+            max_samples: stop after this many good samples.
+            with_index, on_error: passed to the returned dataset.
+        """
+        images: List[bytes] = []
+        captions: List[str] = []
+        names: List[str] = []
+        exts: List[str] = []
+        seen = bad = 0
+        for raw in self._raw_samples(self.urls):
+            if raw is None:
+                continue
+            url, key, image, caption = raw
+            seen += 1
+            name = f"{url}:{key}"
+            if image is None:
+                bad += 1
+                logger.warning("skipping sample %s: %s", name, caption)
+                self._skipped.add()
+                continue
+            try:
+                _decode_image(image, name)
+            except BadSample as e:
+                bad += 1
+                logger.warning("skipping sample %s", e)
+                self._skipped.add()
+                continue
+            images.append(image)
+            captions.append(caption)
+            names.append(name)
+            exts.append(_image_ext(image))
+            if max_samples is not None and len(images) >= max_samples:
+                break
+        source = self.urls[0] if len(self.urls) == 1 else f"{self.urls[0]} (+{len(self.urls) - 1} shards)"
+        if not images:
+            raise ValueError(f"{source}: no readable image-caption samples ({bad} bad of {seen})")
+        if bad > self.max_bad_fraction * seen:
+            raise ValueError(f"{source}: {bad} of {seen} samples are bad, more than "
+                             f"max_bad_fraction={self.max_bad_fraction}")
+        if cache_dir is None:
+            return InMemoryCaptionDataset(images, captions, self.preprocess, self.tokenizer, names=names,
+                                          source=source, with_index=with_index, on_error=on_error,
+                                          max_bad_fraction=self.max_bad_fraction)
+        cache_dir = os.fspath(cache_dir)
+        os.makedirs(os.path.join(cache_dir, "images"), exist_ok=True)
+        tsv = os.path.join(cache_dir, "index.tsv")
+        with open(tsv + ".tmp", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter="\t")
+            writer.writerow(["filepath", "title", "source"])
+            for i, (data, caption, name, ext) in enumerate(zip(images, captions, names, exts)):
+                rel = os.path.join("images", f"{i:09d}.{ext}")
+                with open(os.path.join(cache_dir, rel), "wb") as img_f:
+                    img_f.write(data)
+                writer.writerow([rel, caption, name])
+        os.replace(tsv + ".tmp", tsv)
+        return CsvCaptionDataset(tsv, self.preprocess, self.tokenizer, with_index=with_index, on_error=on_error,
+                                 max_bad_fraction=self.max_bad_fraction)
+
+
+def _image_ext(data: bytes) -> str:
+    """File extension from an encoded image's magic bytes (for the on-disk cache)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "img"
