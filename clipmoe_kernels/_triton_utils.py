@@ -21,7 +21,7 @@ Environment variables read here (at call time, not import time):
 """
 import contextlib
 import os
-from typing import Dict, List, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -122,7 +122,7 @@ def pinned_config():
     raw = os.environ.get(ENV_TRITON_CONFIG, "").strip()
     if not raw:
         return None
-    values: Dict[str, int] = {}
+    values: dict[str, int] = {}
     for part in raw.split(","):
         key, sep, value = part.partition("=")
         key = key.strip()
@@ -150,7 +150,7 @@ def fixed_config(device: torch.device):
     return INTERPRET_CONFIG if uses_interpreter(device) or is_interpreter() else None
 
 
-def candidate_configs(device: torch.device, wgrad: bool = False) -> List[TileConfig]:
+def candidate_configs(device: torch.device, wgrad: bool = False) -> list[TileConfig]:
     """Every config a launch on `device` may use (sizes buffers whose shape depends on BLOCK_N)."""
     fixed = fixed_config(device)
     if fixed is not None:

@@ -88,7 +88,7 @@ def _router_fwd_kernel(
 
     # Selection keys: NaN ranks below every probability but above chosen (-2) and padding (-3) columns, so k rounds
     # of argmax always pick k distinct real experts. argmax breaks ties toward the lower id.
-    key = tl.where(p == p, p, -1.0)
+    key = tl.where(p == p, p, -1.0)  # p == p is False exactly for NaN
     key = tl.where(e_mask[None, :], key, -3.0)
     kcols = tl.arange(0, BLOCK_K)
     w_all = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -132,7 +132,8 @@ def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[tor
     psums = torch.zeros((max(num_programs, 1), E), dtype=torch.float32, device=dev)
     if num_programs > 0:
         launch(
-            _router_fwd_kernel, (num_programs,), dev, logits, probs, weights, ids, counts, psums, T, E, logits.stride(0), logits.stride(1),
+            _router_fwd_kernel, (num_programs,), dev, logits, probs, weights, ids, counts, psums, T, E,
+            logits.stride(0), logits.stride(1),
             TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=max(2, triton.next_power_of_2(E)),
             BLOCK_K=max(2, triton.next_power_of_2(top_k)), num_warps=4)
     return probs, weights, ids, counts.sum(0, dtype=torch.int32), psums.sum(0)

@@ -139,8 +139,8 @@ def test_grouped_wgrad_both_projections(T, D, F, E, k, activation, dtype):
     # up-projection: dW1 = Σ dhᵀ x[t(r)], db1 = Σ dh
     dw1, db1 = ops.grouped_wgrad(dh, x, w, stf, off, k, False, True, "none")
     for i, (name, got) in enumerate((("dw1", dw1), ("db1", db1))):
-        check(dtype, name, got, lambda g_, x_, w_: grouped_wgrad_ref(g_, x_, w_, stf, off, k, False, True, "none")[i],
-              dh, x, w)
+        check(dtype, name, got,
+              lambda g_, x_, w_, i=i: grouped_wgrad_ref(g_, x_, w_, stf, off, k, False, True, "none")[i], dh, x, w)
     # down-projection: dW2 = Σ (s·dy[t(r)])ᵀ act(h), db2 = Σ s·dy[t(r)]
     dy = (torch.randn(T, D) * 0.25).to(dtype)
     h = torch.randn(T * k, F).to(dtype)
@@ -148,7 +148,7 @@ def test_grouped_wgrad_both_projections(T, D, F, E, k, activation, dtype):
     assert dw2.shape == (E, D, F) and db2.shape == (E, D) and dw2.dtype == dtype
     for i, (name, got) in enumerate((("dw2", dw2), ("db2", db2))):
         check(dtype, name, got,
-              lambda g_, h_, w_: grouped_wgrad_ref(g_, h_, w_, stf, off, k, True, False, activation)[i], dy, h, w)
+              lambda g_, h_, w_, i=i: grouped_wgrad_ref(g_, h_, w_, stf, off, k, True, False, activation)[i], dy, h, w)
 
 
 def test_grouped_wgrad_empty_experts_are_exact_zeros():
