@@ -4,12 +4,17 @@ from clipmoe_kernels import available_ops
 from clipmoe.cluster import accumulate_labels, assign, cluster_stage, decode_labels, joint_labels, kmeans
 from clipmoe.config import MoEConfig
 from clipmoe.contrastive import FIXED_LOGIT_SCALE, ContrastiveLoss, clip_contrastive_loss
+from clipmoe.data import (CsvCaptionDataset, InMemoryCaptionDataset, WebDatasetCaptions, collate_skip_none,
+                          make_transforms_and_tokenizer)
 from clipmoe.losses import AuxLosses, balance_loss, router_z_loss
 from clipmoe.moe_ffn import MoEAux, MoEFFN, collect_aux_losses
 from clipmoe.sampler import ClusterBatchSampler
+from clipmoe.synthetic import SyntheticShapes, WordTokenizer
 from clipmoe.upcycle import dense_mlps, upcycle, upcycle_from_config
 
 __all__ = ["AuxLosses", "ClusterBatchSampler", "ContrastiveLoss", "FIXED_LOGIT_SCALE", "MoEAux", "MoEConfig", "MoEFFN",
            "accumulate_labels", "assign", "available_ops", "balance_loss", "clip_contrastive_loss", "cluster_stage",
            "collect_aux_losses", "decode_labels", "dense_mlps", "joint_labels", "kmeans", "router_z_loss", "upcycle",
            "upcycle_from_config"]
+__all__ += ["CsvCaptionDataset", "InMemoryCaptionDataset", "SyntheticShapes", "WebDatasetCaptions", "WordTokenizer",
+            "collate_skip_none", "make_transforms_and_tokenizer"]
