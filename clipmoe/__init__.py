@@ -1,6 +1,8 @@
 """clipmoe: turn a CLIP model into a CLIP-MoE (Diversified Multiplet Upcycling), train it, and run it fast."""
 from clipmoe_kernels import available_ops
 
+from clipmoe.checkpoint import (CheckpointError, export_clip_moe_checkpoint, load_checkpoint, load_clip_moe_checkpoint,
+                                save_checkpoint)
 from clipmoe.cluster import accumulate_labels, assign, cluster_stage, decode_labels, joint_labels, kmeans
 from clipmoe.config import MoEConfig
 from clipmoe.contrastive import FIXED_LOGIT_SCALE, ContrastiveLoss, clip_contrastive_loss
@@ -16,5 +18,7 @@ __all__ = ["AuxLosses", "ClusterBatchSampler", "ContrastiveLoss", "FIXED_LOGIT_S
            "accumulate_labels", "assign", "available_ops", "balance_loss", "clip_contrastive_loss", "cluster_stage",
            "collect_aux_losses", "decode_labels", "dense_mlps", "joint_labels", "kmeans", "router_z_loss", "upcycle",
            "upcycle_from_config"]
+__all__ += ["CheckpointError", "export_clip_moe_checkpoint", "load_checkpoint", "load_clip_moe_checkpoint",
+            "save_checkpoint"]
 __all__ += ["CsvCaptionDataset", "InMemoryCaptionDataset", "SyntheticShapes", "WebDatasetCaptions", "WordTokenizer",
             "collate_skip_none", "make_transforms_and_tokenizer"]

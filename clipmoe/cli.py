@@ -64,6 +64,26 @@ def check_upcycle(args) -> dict:
     return report
 
 
+def convert(args) -> int:
+    """Released CLIP-MoE .pt -> clipmoe's safetensors + JSON checkpoint, or back with --to-released."""
+    from clipmoe.checkpoint import (CheckpointError, export_clip_moe_checkpoint, load_checkpoint,
+                                    load_clip_moe_checkpoint, save_checkpoint)
+    try:
+        if args.to_released:
+            model = load_checkpoint(args.src)
+            out = export_clip_moe_checkpoint(model, args.dst)
+        else:
+            model = load_clip_moe_checkpoint(args.src, top_k=args.top_k)
+            out = save_checkpoint(model, args.dst)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"clipmoe convert: {exc}", file=sys.stderr)
+        return 1
+    moes = [m for m in model.modules() if isinstance(m, clipmoe.MoEFFN)]
+    print(f"wrote {out} ({len(moes)} MoE layers, {moes[0].num_experts} experts, top-{moes[0].top_k}, text context "
+          f"{getattr(model, 'context_length', '?')})")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="clipmoe", description=clipmoe.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,12 +99,21 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p = sub.add_parser("convert", help="convert a released CLIP-MoE .pt checkpoint to clipmoe's safetensors + JSON "
+                                       "format, or back with --to-released")
+    p.add_argument("src", help="released .pt file (or, with --to-released, a clipmoe checkpoint folder or .safetensors)")
+    p.add_argument("dst", help="output folder or X.safetensors (or, with --to-released, the .pt file to write)")
+    p.add_argument("--to-released", action="store_true", help="write the released OpenAI-CLIP key format")
+    p.add_argument("--top-k", type=int, default=2, help="top-k to record for a released file (not stored in it; "
+                                                        "default 2)")
     args = parser.parse_args(argv)
     if args.command == "check-upcycle":
         report = check_upcycle(args)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
+    elif args.command == "convert":
+        return convert(args)
     return 0
 
 

@@ -1,0 +1,385 @@
+"""Checkpoints: the released CLIP-MoE format against an independent re-implementation of its forward, export round
+trips, clipmoe's own safetensors + JSON format, error messages, and `clipmoe convert`."""
+import json
+import math
+import pickle
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipmoe import MoEConfig, MoEFFN, upcycle
+from clipmoe.checkpoint import (CheckpointError, export_clip_moe_checkpoint, load_checkpoint, load_clip_moe_checkpoint,
+                                save_checkpoint)
+from clipmoe.cli import main as cli_main
+from tests.tolerances import assert_close, relative_error
+
+EMBED_DIM, VOCAB, CONTEXT, SHORT = 32, 100, 248, 20
+VISION_WIDTH, TEXT_WIDTH, LAYERS, PATCH, IMAGE = 128, 64, 2, 8, 32   # 2 vision heads, 1 text head (width // 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A random checkpoint in the released key format, and the released model's forward written from its description
+# (OpenAI CLIP ViT + text transformer; MoE blocks: router on the ln_2 output, fp32 softmax over experts, top-2,
+# renormalise, QuickGELU experts with biases; Long-CLIP positions). Plain torch only, no open_clip or clipmoe.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def released_state(num_experts=4, dense_blocks=(), seed=0):
+    """{key: tensor} with every key family of the released files; blocks in `dense_blocks` (e.g. "transformer.0")
+    keep a dense `mlp` instead of gate + experts."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.02):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {}
+
+    def layer_norm(name, width):
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = 1 + rnd(width, scale=0.1), rnd(width, scale=0.1)
+
+    def tower_blocks(prefix, width):
+        for i in range(LAYERS):
+            p = f"{prefix}.resblocks.{i}"
+            layer_norm(f"{p}.ln_1", width)
+            sd[f"{p}.attn.in_proj_weight"] = rnd(3 * width, width, scale=width ** -0.5)
+            sd[f"{p}.attn.in_proj_bias"] = rnd(3 * width)
+            sd[f"{p}.attn.out_proj.weight"] = rnd(width, width, scale=width ** -0.5)
+            sd[f"{p}.attn.out_proj.bias"] = rnd(width)
+            layer_norm(f"{p}.ln_2", width)
+            ffns = ["mlp"] if f"{prefix.split('.')[0]}.{i}" in dense_blocks else \
+                [f"experts.{j}" for j in range(num_experts)]
+            if ffns != ["mlp"]:
+                sd[f"{p}.gate.weight"] = rnd(num_experts, width, scale=0.3)
+            for ffn in ffns:
+                sd[f"{p}.{ffn}.c_fc.weight"] = rnd(4 * width, width, scale=width ** -0.5)
+                sd[f"{p}.{ffn}.c_fc.bias"] = rnd(4 * width, scale=0.1)
+                sd[f"{p}.{ffn}.c_proj.weight"] = rnd(width, 4 * width, scale=(4 * width) ** -0.5)
+                sd[f"{p}.{ffn}.c_proj.bias"] = rnd(width, scale=0.1)
+
+    grid = IMAGE // PATCH
+    sd["visual.class_embedding"] = rnd(VISION_WIDTH, scale=0.5)
+    sd["visual.positional_embedding"] = rnd(grid * grid + 1, VISION_WIDTH, scale=0.5)
+    sd["visual.proj"] = rnd(VISION_WIDTH, EMBED_DIM, scale=VISION_WIDTH ** -0.5)
+    sd["visual.conv1.weight"] = rnd(VISION_WIDTH, 3, PATCH, PATCH, scale=0.1)
+    layer_norm("visual.ln_pre", VISION_WIDTH)
+    tower_blocks("visual.transformer", VISION_WIDTH)
+    layer_norm("visual.ln_post", VISION_WIDTH)
+    sd["positional_embedding"] = rnd(CONTEXT, TEXT_WIDTH, scale=0.5)
+    sd["positional_embedding_res"] = rnd(CONTEXT, TEXT_WIDTH, scale=0.5)  # different tables: the split is visible
+    sd["text_projection"] = rnd(TEXT_WIDTH, EMBED_DIM, scale=TEXT_WIDTH ** -0.5)
+    sd["logit_scale"] = torch.tensor(math.log(100.0))
+    sd["token_embedding.weight"] = rnd(VOCAB, TEXT_WIDTH, scale=0.5)
+    tower_blocks("transformer", TEXT_WIDTH)
+    layer_norm("ln_final", TEXT_WIDTH)
+    return sd
+
+
+def _ln(x, sd, name):
+    return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-5)
+
+
+def _attention(x, sd, p, mask=None):
+    n, length, width = x.shape
+    heads = width // 64
+    q, k, v = (x @ sd[f"{p}.in_proj_weight"].T + sd[f"{p}.in_proj_bias"]).chunk(3, dim=-1)
+    q, k, v = (t.reshape(n, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(width // heads)
+    if mask is not None:
+        scores = scores + mask
+    out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, length, width)
+    return out @ sd[f"{p}.out_proj.weight"].T + sd[f"{p}.out_proj.bias"]
+
+
+def _expert(h, sd, p):
+    a = h @ sd[f"{p}.c_fc.weight"].T + sd[f"{p}.c_fc.bias"]
+    a = a * torch.sigmoid(1.702 * a)  # QuickGELU
+    return a @ sd[f"{p}.c_proj.weight"].T + sd[f"{p}.c_proj.bias"]
+
+
+def _ffn(h, sd, p, top_k=2):
+    if f"{p}.mlp.c_fc.weight" in sd:
+        return _expert(h, sd, f"{p}.mlp")
+    gate = sd[f"{p}.gate.weight"]
+    probs = (h @ gate.T).float().softmax(dim=-1)  # over all experts, fp32
+    weights, chosen = probs.topk(top_k, dim=-1)
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).to(h.dtype)
+    out = torch.zeros_like(h)
+    for e in range(gate.shape[0]):  # every expert on every token, weighted 0 where not chosen
+        out = out + (weights * (chosen == e)).sum(dim=-1, keepdim=True) * _expert(h, sd, f"{p}.experts.{e}")
+    return out
+
+
+def _blocks(x, sd, prefix, mask=None):
+    for i in range(LAYERS):
+        p = f"{prefix}.resblocks.{i}"
+        x = x + _attention(_ln(x, sd, f"{p}.ln_1"), sd, f"{p}.attn", mask)
+        x = x + _ffn(_ln(x, sd, f"{p}.ln_2"), sd, p)
+    return x
+
+
+def reference_encode_image(sd, images):
+    conv = sd["visual.conv1.weight"]
+    x = F.conv2d(images, conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)  # no conv bias
+    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1)
+    x = _ln(x + sd["visual.positional_embedding"], sd, "visual.ln_pre")
+    x = _blocks(x, sd, "visual.transformer")
+    return _ln(x[:, 0], sd, "visual.ln_post") @ sd["visual.proj"]
+
+
+def reference_encode_text(sd, text, long_positions=True):
+    length = text.shape[1]
+    mask1 = (torch.arange(length) < SHORT).float()[:, None] if long_positions else torch.ones(length, 1)
+    x = sd["token_embedding.weight"][text]
+    x = x + sd["positional_embedding"][:length] * mask1 + sd["positional_embedding_res"][:length] * (1 - mask1)
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    x = _ln(_blocks(x, sd, "transformer", causal), sd, "ln_final")
+    return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ sd["text_projection"]  # EOT = highest token id
+
+
+def _inputs(length=CONTEXT):
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    text = torch.randint(1, VOCAB - 1, (3, length))
+    for row, eot in enumerate((5, 40, length - 1)):  # short caption, long caption (positions >= 20), full context
+        text[row, eot], text[row, eot + 1:] = VOCAB - 1, 0
+    return images, text
+
+
+def _embed(model, images, text):
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(text)
+
+
+@pytest.fixture
+def released_file(tmp_path):
+    sd = released_state()
+    path = tmp_path / "clip_moe.pt"
+    torch.save(sd, path)
+    return sd, path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Released format
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_released_checkpoint_matches_reference_forward(released_file):
+    sd, path = released_file
+    model = load_clip_moe_checkpoint(path)
+    moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    assert len(moes) == 2 * LAYERS and all((m.num_experts, m.top_k, m.activation) == (4, 2, "quick_gelu")
+                                           for m in moes)
+    assert model.context_length == CONTEXT and not model.training
+    images, text = _inputs()
+    image_features, text_features = _embed(model, images, text)
+    with torch.no_grad():
+        assert_close(image_features, reference_encode_image(sd, images), msg="image embeddings")
+        assert_close(text_features, reference_encode_text(sd, text), msg="text embeddings")
+        # The comparison sees the Long-CLIP split: with one table the long captions' embeddings differ.
+        one_table = reference_encode_text(sd, text, long_positions=False)
+    assert relative_error(text_features[0], one_table[0]) < 1e-5
+    assert relative_error(text_features[1], one_table[1]) > 1e-3
+    # Routing is not trivial: both towers send tokens to more than two experts.
+    for moe in (model.visual.transformer.resblocks[1].mlp, model.transformer.resblocks[1].mlp):
+        assert moe.aux.topk_ids.unique().numel() > 2
+
+
+def test_shorter_text_and_in_memory_state_dict(released_file):
+    sd, _ = released_file
+    model = load_clip_moe_checkpoint(dict(sd), top_k=1)
+    assert model.transformer.resblocks[0].mlp.top_k == 1
+    _, text = _inputs(length=77)
+    with torch.no_grad():
+        got = model.encode_text(text)
+        model_k2 = load_clip_moe_checkpoint(sd)
+        assert_close(model_k2.encode_text(text), reference_encode_text(sd, text), msg="77-token texts")
+    assert got.shape == (3, EMBED_DIM)
+    with pytest.raises(ValueError, match="context_length=248"):
+        model.encode_text(torch.zeros(1, CONTEXT + 1, dtype=torch.long))
+
+
+def test_dense_blocks_stay_dense(tmp_path):
+    sd = released_state(num_experts=3, dense_blocks=("visual.0", "transformer.0"))
+    model = load_clip_moe_checkpoint(sd)
+    assert isinstance(model.visual.transformer.resblocks[0].mlp, torch.nn.Sequential)
+    assert isinstance(model.transformer.resblocks[1].mlp, MoEFFN) and model.transformer.resblocks[1].mlp.num_experts == 3
+    images, text = _inputs()
+    with torch.no_grad():
+        assert_close(model.encode_image(images), reference_encode_image(sd, images), msg="image embeddings")
+        assert_close(model.encode_text(text), reference_encode_text(sd, text), msg="text embeddings")
+    export_clip_moe_checkpoint(model, tmp_path / "out.pt")
+    _assert_same_state(torch.load(tmp_path / "out.pt", weights_only=True), sd)
+
+
+def _assert_same_state(got, want):
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
+def test_export_round_trip_is_bit_exact(released_file, tmp_path):
+    sd, path = released_file
+    model = load_clip_moe_checkpoint(path)
+    out = export_clip_moe_checkpoint(model, tmp_path / "exported.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_moe.pt", "exported.pt"]  # no temporary file left
+    exported = torch.load(out, weights_only=True)
+    _assert_same_state(exported, sd)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in exported.values())
+    images, text = _inputs()
+    for got, want in zip(_embed(load_clip_moe_checkpoint(out), images, text), _embed(model, images, text)):
+        assert torch.equal(got, want)
+
+
+def test_long_clip_model_pickles(released_file):
+    model = load_clip_moe_checkpoint(released_file[1])
+    clone = pickle.loads(pickle.dumps(model))
+    _, text = _inputs()
+    with torch.no_grad():
+        assert torch.equal(clone.encode_text(text), model.encode_text(text))
+
+
+def _save(tmp_path, sd, name="bad.pt"):
+    path = tmp_path / name
+    torch.save(sd, path)
+    return path
+
+
+def test_released_format_errors(released_file, tmp_path):
+    sd, path = released_file
+    dense = {k.replace("experts.0.", "mlp."): v for k, v in sd.items() if ".gate." not in k and
+             not any(f"experts.{j}." in k for j in (1, 2, 3))}
+    bad = _save(tmp_path, dense, "dense.pt")
+    with pytest.raises(CheckpointError, match=r"dense\.pt.*no '…resblocks\.\{i\}\.gate\.weight' keys"):
+        load_clip_moe_checkpoint(bad)
+
+    wrong = dict(sd)
+    wrong["transformer.resblocks.1.experts.2.c_fc.weight"] = torch.zeros(4 * TEXT_WIDTH, TEXT_WIDTH - 1)
+    with pytest.raises(CheckpointError, match=r"wrong_expert\.pt.*experts\.2\.c_fc\.weight has shape"):
+        load_clip_moe_checkpoint(_save(tmp_path, wrong, "wrong_expert.pt"))
+
+    wrong = dict(sd)
+    wrong["transformer.resblocks.1.attn.out_proj.weight"] = torch.zeros(TEXT_WIDTH, TEXT_WIDTH + 1)
+    with pytest.raises(CheckpointError, match=r"wrong shapes: transformer\.resblocks\.1\.attn\.out_proj\.weight: "
+                                              r"\(64, 65\) in the file, \(64, 64\) expected"):
+        load_clip_moe_checkpoint(_save(tmp_path, wrong))
+
+    wrong = dict(sd)
+    wrong["visual.transformer.resblocks.0.gate.weight"] = torch.zeros(3, VISION_WIDTH)
+    with pytest.raises(CheckpointError, match=r"resblocks\.0\.gate\.weight has shape \(3, 128\)"):
+        load_clip_moe_checkpoint(_save(tmp_path, wrong))
+
+    missing = {k: v for k, v in sd.items() if k not in ("visual.ln_post.bias", "visual.transformer.resblocks.1.experts"
+                                                        ".3.c_proj.bias")}
+    with pytest.raises(CheckpointError, match=r"missing key visual\.transformer\.resblocks\.1\.experts\.3\.c_proj"):
+        load_clip_moe_checkpoint(_save(tmp_path, missing))
+    missing["visual.transformer.resblocks.1.experts.3.c_proj.bias"] = sd["visual.transformer.resblocks.1.experts.3"
+                                                                         ".c_proj.bias"]
+    with pytest.raises(CheckpointError, match=r"missing keys: visual\.ln_post\.bias"):
+        load_clip_moe_checkpoint(_save(tmp_path, missing))
+
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: cannot read it as a torch state dict"):
+        load_clip_moe_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match=r"list\.pt: expected a state dict"):
+        load_clip_moe_checkpoint(_save(tmp_path, [1, 2], "list.pt"))
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_clip_moe_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 4\]"):
+        load_clip_moe_checkpoint(sd, top_k=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Own format
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_own_format_round_trip(released_file, tmp_path):
+    model = load_clip_moe_checkpoint(released_file[1])
+    out = tmp_path / "ckpt"
+    save_checkpoint(model, out, MoEConfig(num_experts=4, top_k=2))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # nothing temporary left
+    document = json.loads((out / "config.json").read_text())
+    assert document["moe_cfg"]["num_experts"] == 4 and document["moe_cfg"]["top_k"] == 2
+    assert document["moe_cfg"]["activation"] == "quick_gelu" and document["text_context_length"] == CONTEXT
+    assert document["architecture"]["model_class"] == "LongCLIP"
+    assert len(document["moe_modules"]) == 2 * LAYERS
+    loaded = load_checkpoint(out)
+    images, text = _inputs()
+    for got, want in zip(_embed(loaded, images, text), _embed(model, images, text)):
+        assert torch.equal(got, want)
+    # The loaded model exports the same released file.
+    _assert_same_state(torch.load(export_clip_moe_checkpoint(loaded, tmp_path / "back.pt"), weights_only=True),
+                       released_file[0])
+    # A single-file path: X.safetensors + X.json.
+    save_checkpoint(loaded, tmp_path / "single.safetensors")
+    assert (tmp_path / "single.json").is_file()
+    assert torch.equal(_embed(load_checkpoint(tmp_path / "single.json"), images, text)[0],
+                       _embed(model, images, text)[0])
+
+
+def test_own_format_upcycled_open_clip(tmp_path):
+    arch = {"embed_dim": 32, "quick_gelu": False,
+            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 2, "layers": 2}}
+    model = upcycle(open_clip.CLIP(**arch), 3, 1).eval()
+    with pytest.raises(ValueError, match="pass architecture="):
+        save_checkpoint(model, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"MoEFFN .* has .* \(3, 1, 'gelu', True\), but config says \(4, 2"):
+        save_checkpoint(model, tmp_path / "a", MoEConfig(), architecture=arch)
+    save_checkpoint(model, tmp_path / "a", architecture=arch)
+    loaded = load_checkpoint(tmp_path / "a")
+    images = torch.randn(2, 3, 32, 32)
+    text = torch.randint(1, 100, (2, 16))
+    for got, want in zip(_embed(loaded, images, text), _embed(model, images, text)):
+        assert torch.equal(got, want)
+
+
+def test_own_format_errors(released_file, tmp_path):
+    out = tmp_path / "ckpt"
+    save_checkpoint(load_clip_moe_checkpoint(released_file[1]), out)
+    config_path = out / "config.json"
+    document = json.loads(config_path.read_text())
+
+    def edited(change):
+        d = json.loads(json.dumps(document))
+        change(d)
+        config_path.write_text(json.dumps(d))
+
+    edited(lambda d: d["moe_cfg"].update(num_experts=3))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors .*does not match its config: wrong shapes: "
+                                              r".*mlp\.router\.weight: \(4, 64\) in the file, \(3, 64\) expected"):
+        load_checkpoint(out)
+    edited(lambda d: d["architecture"]["text_cfg"].update(width=128, heads=2))
+    with pytest.raises(CheckpointError, match=r"does not match its config: wrong shapes: .*64\) in the file, "
+                                              r"\(.*128\) expected"):
+        load_checkpoint(out)
+    edited(lambda d: d["architecture"]["text_cfg"].update(layers=3))
+    with pytest.raises(CheckpointError, match=r"missing keys: transformer\.resblocks\.2\."):
+        load_checkpoint(out)
+    edited(lambda d: d["moe_modules"].append("transformer.resblocks.0.attn"))
+    with pytest.raises(CheckpointError, match=r"'transformer\.resblocks\.0\.attn' is not a dense MLP"):
+        load_checkpoint(out)
+    edited(lambda d: d.update(text_context_length=77))
+    with pytest.raises(CheckpointError, match="text_context_length 77 disagrees"):
+        load_checkpoint(out)
+    config_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: not readable JSON"):
+        load_checkpoint(out)
+    edited(lambda d: None)
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read them \(truncated or corrupt"):
+        load_checkpoint(out)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_checkpoint(out)
+
+
+def test_cli_convert_round_trip(released_file, tmp_path, capsys):
+    sd, path = released_file
+    assert cli_main(["convert", str(path), str(tmp_path / "ours")]) == 0
+    assert (tmp_path / "ours" / "config.json").is_file()
+    assert cli_main(["convert", "--to-released", str(tmp_path / "ours"), str(tmp_path / "back.pt")]) == 0
+    _assert_same_state(torch.load(tmp_path / "back.pt", weights_only=True), sd)
+    assert "back.pt" in capsys.readouterr().out
