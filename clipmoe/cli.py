@@ -101,12 +101,20 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p = sub.add_parser("convert", help="convert a released CLIP-MoE .pt checkpoint to clipmoe's safetensors + JSON "
                                        "format, or back with --to-released")
-    p.add_argument("src", help="released .pt file (or, with --to-released, a clipmoe checkpoint folder or .safetensors)")
+    p.add_argument("src", help="released .pt file (with --to-released: a clipmoe checkpoint folder or .safetensors)")
     p.add_argument("dst", help="output folder or X.safetensors (or, with --to-released, the .pt file to write)")
     p.add_argument("--to-released", action="store_true", help="write the released OpenAI-CLIP key format")
     p.add_argument("--top-k", type=int, default=2, help="top-k to record for a released file (not stored in it; "
                                                         "default 2)")
+    from clipmoe.commands import add_pipeline_commands
+    add_pipeline_commands(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "func"):
+        try:
+            return args.func(args)
+        except (ValueError, FileNotFoundError) as exc:  # bad input: the message names the argument or file
+            print(f"clipmoe {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "check-upcycle":
         report = check_upcycle(args)
         if args.json:

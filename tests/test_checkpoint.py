@@ -201,7 +201,8 @@ def test_dense_blocks_stay_dense(tmp_path):
     sd = released_state(num_experts=3, dense_blocks=("visual.0", "transformer.0"))
     model = load_clip_moe_checkpoint(sd)
     assert isinstance(model.visual.transformer.resblocks[0].mlp, torch.nn.Sequential)
-    assert isinstance(model.transformer.resblocks[1].mlp, MoEFFN) and model.transformer.resblocks[1].mlp.num_experts == 3
+    moe = model.transformer.resblocks[1].mlp
+    assert isinstance(moe, MoEFFN) and moe.num_experts == 3
     images, text = _inputs()
     with torch.no_grad():
         assert_close(model.encode_image(images), reference_encode_image(sd, images), msg="image embeddings")
@@ -267,12 +268,11 @@ def test_released_format_errors(released_file, tmp_path):
     with pytest.raises(CheckpointError, match=r"resblocks\.0\.gate\.weight has shape \(3, 128\)"):
         load_clip_moe_checkpoint(_save(tmp_path, wrong))
 
-    missing = {k: v for k, v in sd.items() if k not in ("visual.ln_post.bias", "visual.transformer.resblocks.1.experts"
-                                                        ".3.c_proj.bias")}
+    expert_bias = "visual.transformer.resblocks.1.experts.3.c_proj.bias"
+    missing = {k: v for k, v in sd.items() if k not in ("visual.ln_post.bias", expert_bias)}
     with pytest.raises(CheckpointError, match=r"missing key visual\.transformer\.resblocks\.1\.experts\.3\.c_proj"):
         load_clip_moe_checkpoint(_save(tmp_path, missing))
-    missing["visual.transformer.resblocks.1.experts.3.c_proj.bias"] = sd["visual.transformer.resblocks.1.experts.3"
-                                                                         ".c_proj.bias"]
+    missing[expert_bias] = sd[expert_bias]
     with pytest.raises(CheckpointError, match=r"missing keys: visual\.ln_post\.bias"):
         load_clip_moe_checkpoint(_save(tmp_path, missing))
 
