@@ -12,7 +12,6 @@ and "w/o MCL" (a 2-expert MoE of the base FFN and a directly fine-tuned FFN, the
 """
 import copy
 import json
-import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -121,9 +120,10 @@ def _log(out_dir: Path, record: dict, info: DistInfo):
 
 def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, stages: int = 3,
             clusters: int = 3, start_from: str = "base", small_cluster: str = "drop", resume: bool = False,
-            embed_batch_size: int = 256) -> List[Dict[str, Dict[str, torch.Tensor]]]:
+            embed_data=None, embed_batch_size: int = 256) -> List[Dict[str, Dict[str, torch.Tensor]]]:
     """Stage 0 (the base) plus `stages` MCL stages; returns the FFN sets of stages 0..stages and writes
-    out_dir/stage_{s}/ffn.safetensors, out_dir/labels_{s}.pt (accumulated labels after clustering s), metrics."""
+    out_dir/stage_{s}/ffn.safetensors, out_dir/labels_{s}.pt (accumulated labels after clustering s), metrics.
+    `embed_data` (default `dataset`): the same samples with evaluation transforms, embedded for clustering."""
     if start_from not in START_FROM:
         raise ValueError(f"start_from must be one of {START_FROM}, got {start_from!r}")
     if stages < 1:
@@ -140,7 +140,7 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
         if resume and labels_path.exists():
             labels = torch.load(labels_path, weights_only=True)
         else:
-            image_features, text_features = embed_dataset(previous, dataset, info, embed_batch_size, cfg.precision,
+            image_features, text_features = embed_dataset(previous, embed_data or dataset, info, embed_batch_size, cfg.precision,
                                                           cfg.workers, desc=f"embed stage {s - 1}")
             stage_labels = cluster_stage(image_features, text_features, k=clusters, seed=cfg.seed + s,
                                          distributed=False).cpu()
@@ -154,7 +154,12 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
         else:
             sampler = ClusterBatchSampler(labels, per_rank_batch(cfg, info), world_size=info.world_size,
                                           rank=info.rank, seed=cfg.seed + s, small_cluster=small_cluster)
-            _log(out_dir, {"stage": s, "clusters": int(labels.unique().numel()), **sampler.summary()}, info)
+            summary = {"stage": s, "clusters": int(labels.unique().numel()), **sampler.summary()}
+            _log(out_dir, summary, info)
+            if info.is_main:
+                print(f"MCL stage {s}: {summary['clusters']} accumulated clusters, {summary['num_kept_clusters']} "
+                      f"of them hold a global batch; {summary['num_dropped']} of {summary['num_samples']} samples "
+                      f"dropped this epoch ({small_cluster} policy)")
             summary = train(model, dataset, sampler, contrastive_loss(cfg), cfg, stage_dir, trainable="ffn",
                             info=info, resume=resume, desc=f"MCL stage {s}/{stages}")
             _log(out_dir, {"stage": s, "train": summary}, info)
@@ -181,7 +186,7 @@ def train_router(moe_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, 
 
 def finetune_baseline(method: str, base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *,
                       num_experts: int = 4, top_k: int = 2, router_cfg: Optional[TrainConfig] = None,
-                      resume: bool = False):
+                      expert_dropout: float = 0.0, resume: bool = False):
     """The paper's baselines on the same data: returns the trained model.
 
     direct: the dense model with its FFNs fine-tuned on random batches (no MCL sampler).
@@ -194,7 +199,7 @@ def finetune_baseline(method: str, base_model, dataset, cfg: TrainConfig, out_di
     sampler = ClusterBatchSampler(None, per_rank_batch(cfg, info), num_samples=len(dataset),
                                   world_size=info.world_size, rank=info.rank, seed=cfg.seed)
     if method == "sparse_upcycling":
-        model = upcycle(copy.deepcopy(base_model), num_experts=num_experts, top_k=top_k)
+        model = upcycle(copy.deepcopy(base_model), num_experts=num_experts, top_k=top_k, dropout=expert_dropout)
         train(model, dataset, sampler, contrastive_loss(cfg), cfg, out_dir, trainable="router_experts", info=info,
               resume=resume, desc="sparse upcycling")
         return model
@@ -203,6 +208,7 @@ def finetune_baseline(method: str, base_model, dataset, cfg: TrainConfig, out_di
           resume=resume, desc="direct fine-tune")
     if method == "direct":
         return direct
-    model = build_clip_moe(base_model, [ffn_state_dicts(base_model), ffn_state_dicts(direct)], top_k=top_k)
+    model = build_clip_moe(base_model, [ffn_state_dicts(base_model), ffn_state_dicts(direct)], top_k=top_k,
+                           dropout=expert_dropout)
     train_router(model, dataset, router_cfg or cfg, out_dir / "router", info, resume=resume)
     return model
