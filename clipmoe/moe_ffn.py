@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from clipmoe_kernels import (check_backend, expert_ffn_naive, expert_ffn_torch, expert_ffn_triton, get_activation,
-                             select_backend, topk_routing_ref)
+                             select_backend, topk_routing_ref, topk_routing_triton)
 
 from clipmoe.losses import AuxLosses, balance_loss, router_z_loss
 
@@ -19,7 +19,7 @@ class MoEAux:
     """What one forward of an MoEFFN leaves behind for auxiliary losses and routing analysis."""
     router_logits: torch.Tensor      # [T, E] as produced by the router (input dtype)
     router_probs: torch.Tensor       # [T, E] fp32 softmax
-    topk_ids: torch.Tensor           # [T, k] int64, decreasing probability
+    topk_ids: torch.Tensor           # [T, k] decreasing probability; int64 (int32 from the triton router)
     topk_weights: torch.Tensor       # [T, k] fp32, renormalised when the module renormalises
     balance_loss: torch.Tensor       # scalar, paper form (top-1 share); 1 at perfect balance
     balance_loss_topk: torch.Tensor  # scalar, official-code form (all k choices); k at perfect balance
@@ -46,8 +46,9 @@ class MoEFFN(nn.Module):
         activation: "quick_gelu" (OpenAI CLIP), "gelu" (erf) or "gelu_tanh".
         dropout: probability between activation and the second linear, in training mode (CLIP-MoE: 0.1).
         renormalize: divide the top-k weights by their sum.
-        backend: "auto" (CLIPMOE_BACKEND, else the fastest available), "torch" (sorted segments) or "naive"
-            (the official per-expert loop).
+        backend: "auto" (CLIPMOE_BACKEND, else triton for CUDA tensors and torch on CPU), "triton" (fused
+            kernels; CPU tensors only under TRITON_INTERPRET=1), "torch" (sorted segments) or "naive" (the official
+            per-expert loop).
     Input x of any leading shape [..., D] ((L, N, D) and (N, L, D) alike); output of the same shape. After each
     forward, `self.aux` holds a MoEAux (router logits and probabilities, balance and z losses); what forward returns
     is unchanged. Tokens whose router logits are NaN or +inf get NaN outputs (see topk_routing_ref).
@@ -139,8 +140,10 @@ class MoEFFN(nn.Module):
         self._check_input(x)
         tokens = x.reshape(-1, self.d_model)
         logits = self.router(tokens)
-        probs, topk_weights, topk_ids = topk_routing_ref(logits, self.top_k, self.renormalize)
-        expert_ffn = _EXPERT_FFNS[select_backend(self.backend, x.device)]
+        backend = select_backend(self.backend, x.device)
+        route = topk_routing_triton if backend == "triton" else topk_routing_ref  # the fused router kernel
+        probs, topk_weights, topk_ids = route(logits, self.top_k, self.renormalize)[:3]
+        expert_ffn = _EXPERT_FFNS[backend]
         y = expert_ffn(tokens, topk_ids, topk_weights, self.w1, self.b1, self.w2, self.b2,
                        activation=self.activation, dropout_p=self.dropout, training=self.training)
         self.aux = MoEAux(logits, probs, topk_ids, topk_weights,
