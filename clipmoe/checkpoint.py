@@ -20,7 +20,9 @@ architecture, the MoEConfig, the names of the MoE modules and the text context; 
 """
 import json
 import math
+import os
 import re
+import uuid
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -31,7 +33,6 @@ import torch.nn.functional as F
 from clipmoe.config import MoEConfig
 from clipmoe.hf_compat import is_hf_model
 from clipmoe.moe_ffn import MoEFFN
-from clipmoe.training import atomic_write
 from clipmoe.upcycle import _activation_name, _dense_mlp_parts
 
 FORMAT_NAME = "clipmoe"
@@ -51,6 +52,21 @@ _EXPERT_SLOTS = {("c_fc", "weight"): "w1", ("c_fc", "bias"): "b1", ("c_proj", "w
 
 class CheckpointError(ValueError):
     """A file that is not a readable checkpoint of the expected format, or that does not match its config."""
+
+
+def _atomic_write(path, write):
+    """`write(tmp)` to a temporary file in `path`'s folder, then rename it to `path`: a crash never leaves a partial
+    file under the final name. The temporary file is created by `write` itself, so it gets the usual umask
+    permissions (tempfile.mkstemp would make it private, 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,9 +328,11 @@ def _released_architecture(state, where: str) -> dict:
 
 
 def _released_to_clipmoe(state, where: str):
-    """(our state dict, {MoE block: E}, {our key: released key}) of a released-format state dict."""
+    """(our state dict, {MoE block: E}, {our key: released key}) of a released-format state dict. Empties `state`
+    as it goes, so that each block's expert tensors are freed once stacked (peak memory ~ one file, not two)."""
     ours, rename, experts, gates = {}, {}, {}, {}
-    for key, value in state.items():
+    for key in list(state):
+        value = state.pop(key)
         gate, expert = _GATE.match(key), _EXPERT.match(key)
         if gate:
             gates[gate["block"]] = value
@@ -333,7 +351,8 @@ def _released_to_clipmoe(state, where: str):
         odd = sorted(set(experts) ^ set(gates))
         raise CheckpointError(f"{where}: blocks {odd[:4]} have a gate without experts or experts without a gate")
     num_experts = {}
-    for block, by_index in experts.items():
+    for block in list(experts):
+        by_index = experts.pop(block)
         if sorted(by_index) != list(range(len(by_index))):
             raise CheckpointError(f"{where}: {block} has experts {sorted(by_index)}, expected 0..E-1")
         gate = gates[block]
@@ -375,8 +394,8 @@ def load_clip_moe_checkpoint(path, *, top_k: int = 2, dropout: float = 0.0, back
     """
     where = f"CLIP-MoE checkpoint {path}" if isinstance(path, (str, Path)) else "CLIP-MoE state dict"
     state = _released_state(path, where)
-    ours, num_experts, rename = _released_to_clipmoe(state, where)
     arch = _released_architecture(state, where)
+    ours, num_experts, rename = _released_to_clipmoe(state, where)
     sizes = set(num_experts.values())
     if len(sizes) != 1:
         raise CheckpointError(f"{where}: MoE blocks differ in their number of experts: {sorted(sizes)}")
@@ -434,7 +453,7 @@ def export_clip_moe_checkpoint(model: nn.Module, path) -> Path:
     state = released_state_dict(model)
     _released_architecture(state, f"export of {type(model).__name__}")  # only loadable files are written
     path = Path(path)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
@@ -526,8 +545,8 @@ def save_checkpoint(model: nn.Module, path, config: Optional[Union[MoEConfig, di
     document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "architecture": arch,
                 "moe_cfg": config.to_dict(), "moe_modules": list(moes), "text_context_length": _text_context(model)}
     from safetensors.torch import save_file
-    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(config_path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
+    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(config_path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
     return Path(path)
 
 

@@ -2,6 +2,7 @@
 trips, clipmoe's own safetensors + JSON format, error messages, and `clipmoe convert`."""
 import json
 import math
+import os
 import pickle
 
 import open_clip
@@ -315,6 +316,29 @@ def test_own_format_round_trip(released_file, tmp_path):
     assert (tmp_path / "single.json").is_file()
     assert torch.equal(_embed(load_checkpoint(tmp_path / "single.json"), images, text)[0],
                        _embed(model, images, text)[0])
+
+
+def test_failed_write_keeps_the_old_checkpoint(released_file, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = load_clip_moe_checkpoint(released_file[1])
+    out = tmp_path / "ckpt"
+    save_checkpoint(model, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == before
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not a private temp-file mode
 
 
 def test_own_format_upcycled_open_clip(tmp_path):
