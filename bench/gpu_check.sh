@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: build clipmoe with its C++/CUDA ops and run the `gpu` tests (Triton kernels compiled, bf16, autotune,
-# torch.compile, CUDA graphs, int32-bound shape) on a machine with one CUDA GPU.
+# GPU check: build clipmoe with its C++/CUDA ops, run the `gpu` tests (Triton kernels compiled, bf16, autotune,
+# torch.compile, CUDA graphs, int32-bound shape) and then the benchmark suite, on a machine with one CUDA GPU.
 #
 # Run from the repository root of a fresh copy of the tree, with a python3 that already has torch, triton and pytest
 # (no network is needed or used):   bash bench/gpu_check.sh
@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TOTAL_LIMIT=${TOTAL_LIMIT:-450}   # seconds for the whole script, under the 8-minute budget
 BUILD_LIMIT=${BUILD_LIMIT:-210}   # seconds for pip (nvcc for one arch on 16 cores takes about a minute)
+TESTS_SHARE=${TESTS_SHARE:-150}   # at most this many seconds for the gpu tests; the benchmarks get the rest
 START=$(date +%s)
 mkdir -p bench/results
 LOG="bench/results/gpu_check_$(date -u +%Y%m%d_%H%M%S).txt"
@@ -49,9 +50,23 @@ echo "== pytest tests -m gpu (limit $LEFT s)"
 # --continue-on-collection-errors: test files that import open_clip fail to collect where it is missing; the gpu
 # tests in the other files still run, but pytest then exits with 1 even when they all pass (see "ERROR collecting").
 "$PY" -c "import open_clip" 2>/dev/null || echo "NOTE: open_clip is missing: expect collection errors (exit 1)"
-timeout "$LEFT" "$PY" -m pytest tests -m gpu -v -rs -p no:cacheprovider --continue-on-collection-errors \
+TEST_LIMIT=$(( LEFT > TESTS_SHARE ? TESTS_SHARE : LEFT ))
+timeout "$TEST_LIMIT" "$PY" -m pytest tests -m gpu -v -rs -p no:cacheprovider --continue-on-collection-errors \
     --durations=15
 STATUS=$?
-[ "$STATUS" -eq 124 ] && echo "FAILED: pytest stopped at the time limit ($LEFT s)"
+[ "$STATUS" -eq 124 ] && echo "FAILED: pytest stopped at the time limit ($TEST_LIMIT s)"
+
+# The benchmark suite (bench/configs.py GPU_CASES, bf16) with what time is left; needs pytest-benchmark.
+LEFT=$(( TOTAL_LIMIT - ($(date +%s) - START) ))
+BENCH_JSON="bench/results/gpu_$(date -u +%Y%m%d_%H%M%S).json"
+if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+    echo "NOTE: pytest-benchmark is not installed: benchmark suite skipped"
+elif [ "$LEFT" -lt 30 ]; then
+    echo "NOTE: only $LEFT s left: benchmark suite skipped"
+else
+    echo "== pytest bench --benchmark (limit $LEFT s) -> $BENCH_JSON"
+    timeout "$LEFT" "$PY" -m pytest bench --benchmark -q -p no:cacheprovider --benchmark-json "$BENCH_JSON" \
+        && "$PY" -m bench.report "$BENCH_JSON"
+fi
 echo "== exit status $STATUS, total $(( $(date +%s) - START )) s, log $LOG"
 exit "$STATUS"
