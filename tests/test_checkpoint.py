@@ -239,6 +239,18 @@ def test_long_clip_model_pickles(released_file):
         assert torch.equal(clone.encode_text(text), model.encode_text(text))
 
 
+def test_loaded_model_trains_with_long_clip_gradients(released_file):
+    model = load_clip_moe_checkpoint(released_file[1]).train()
+    images, text = _inputs()
+    image_features, text_features = model(images, text[:2])[:2]
+    (-(image_features * text_features).sum()).backward()
+    assert all(m.router.weight.grad.abs().sum() > 0 for m in model.modules() if isinstance(m, MoEFFN))
+    # Like the official masked sum: rows < 20 train positional_embedding, the others positional_embedding_res.
+    short_grad, long_grad = model.positional_embedding.grad, model.positional_embedding_res.grad
+    assert short_grad[SHORT:].abs().sum() == 0 < short_grad[:SHORT].abs().sum()
+    assert long_grad[:SHORT].abs().sum() == 0 < long_grad[SHORT:].abs().sum()
+
+
 def _save(tmp_path, sd, name="bad.pt"):
     path = tmp_path / name
     torch.save(sd, path)
@@ -355,6 +367,14 @@ def test_own_format_upcycled_open_clip(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     text = torch.randint(1, 100, (2, 16))
     for got, want in zip(_embed(loaded, images, text), _embed(model, images, text)):
+        assert torch.equal(got, want)
+    # An architecture by open_clip model name (clipmoe's registered tiny config).
+    from clipmoe.models import create_model
+    tiny = upcycle(create_model("clipmoe-tiny")[0], 2, 1).eval()
+    save_checkpoint(tiny, tmp_path / "tiny.safetensors", architecture="clipmoe-tiny")
+    text = torch.randint(1, tiny.vocab_size, (2, tiny.context_length))
+    for got, want in zip(_embed(load_checkpoint(tmp_path / "tiny.safetensors"), images, text),
+                         _embed(tiny, images, text)):
         assert torch.equal(got, want)
 
 
