@@ -20,9 +20,7 @@ architecture, the MoEConfig, the names of the MoE modules and the text context; 
 """
 import json
 import math
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -31,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipmoe.config import MoEConfig
+from clipmoe.fileio import atomic_write
 from clipmoe.hf_compat import is_hf_model
 from clipmoe.moe_ffn import MoEFFN
 from clipmoe.upcycle import _activation_name, _dense_mlp_parts
@@ -52,21 +51,6 @@ _EXPERT_SLOTS = {("c_fc", "weight"): "w1", ("c_fc", "bias"): "b1", ("c_proj", "w
 
 class CheckpointError(ValueError):
     """A file that is not a readable checkpoint of the expected format, or that does not match its config."""
-
-
-def _atomic_write(path, write):
-    """`write(tmp)` to a temporary file in `path`'s folder, then rename it to `path`: a crash never leaves a partial
-    file under the final name. The temporary file is created by `write` itself, so it gets the usual umask
-    permissions (tempfile.mkstemp would make it private, 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -453,7 +437,7 @@ def export_clip_moe_checkpoint(model: nn.Module, path) -> Path:
     state = released_state_dict(model)
     _released_architecture(state, f"export of {type(model).__name__}")  # only loadable files are written
     path = Path(path)
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
@@ -545,8 +529,8 @@ def save_checkpoint(model: nn.Module, path, config: Optional[Union[MoEConfig, di
     document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "architecture": arch,
                 "moe_cfg": config.to_dict(), "moe_modules": list(moes), "text_context_length": _text_context(model)}
     from safetensors.torch import save_file
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(config_path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
+    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(config_path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
     return Path(path)
 
 

@@ -107,7 +107,9 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=2, help="top-k to record for a released file (not stored in it; "
                                                         "default 2)")
     from clipmoe.commands import add_pipeline_commands
+    from clipmoe.demo import add_demo_command
     add_pipeline_commands(sub)
+    add_demo_command(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "func"):
         try:

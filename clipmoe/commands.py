@@ -19,7 +19,8 @@ from clipmoe.distributed import barrier, init_distributed
 from clipmoe.models import create_model
 from clipmoe.pipeline import (BASELINES, START_FROM, build_clip_moe, finetune_baseline, load_ffns, run_mcl,
                               train_router)
-from clipmoe.training import PRECISIONS, TrainConfig, atomic_torch_save
+from clipmoe.fileio import atomic_torch_save
+from clipmoe.training import PRECISIONS, TrainConfig
 
 SYNTHETIC_DEFAULT_SIZE = 4096
 

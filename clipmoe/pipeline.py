@@ -24,7 +24,8 @@ from clipmoe.cluster import accumulate_labels, cluster_stage
 from clipmoe.contrastive import ContrastiveLoss
 from clipmoe.distributed import DistInfo, all_gather_rows, barrier
 from clipmoe.sampler import ClusterBatchSampler
-from clipmoe.training import TrainConfig, atomic_torch_save, atomic_write, train
+from clipmoe.fileio import atomic_torch_save, atomic_write
+from clipmoe.training import TrainConfig, train
 from clipmoe.upcycle import dense_mlps, upcycle
 
 FFN_FILE = "ffn.safetensors"

@@ -9,8 +9,6 @@ takes the same steps as an uninterrupted one (bit-exact in deterministic mode on
 """
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clipmoe.distributed import DistInfo
+from clipmoe.fileio import atomic_torch_save
 from clipmoe.moe_ffn import collect_aux_losses
 
 TRAINABLE = ("ffn", "router", "router_experts", "all")
@@ -83,26 +82,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-def atomic_write(path, write: Callable[[str], None]):
-    """`write(tmp_path)` into a temporary file of the same folder, then rename it to `path`: a crash never leaves
-    a half-written file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _rng_state():

@@ -1,7 +1,6 @@
 """MoEFFN and the expert FFN backends vs a per-token loop reference, forward and every gradient."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from clipmoe import MoEFFN, balance_loss, collect_aux_losses, router_z_loss
 from clipmoe_kernels import (ACTIVATIONS, expert_ffn_naive, expert_ffn_torch, select_backend, topk_routing_ref)

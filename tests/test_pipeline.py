@@ -1,6 +1,5 @@
 """The DMU pipeline on a tiny real open_clip model: FFN-only MCL stages, assembly, router training, baselines,
 and a 2-process gloo MCL stage against one process with the same global batch."""
-import copy
 import os
 import socket
 
