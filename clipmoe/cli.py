@@ -108,8 +108,10 @@ def main(argv=None):
                                                         "default 2)")
     from clipmoe.commands import add_pipeline_commands
     from clipmoe.demo import add_demo_command
+    from clipmoe.eval_cli import add_eval_command
     add_pipeline_commands(sub)
     add_demo_command(sub)
+    add_eval_command(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "func"):
         try:
