@@ -8,6 +8,9 @@ from clipmoe.config import MoEConfig
 from clipmoe.contrastive import FIXED_LOGIT_SCALE, ContrastiveLoss, clip_contrastive_loss
 from clipmoe.data import (CsvCaptionDataset, InMemoryCaptionDataset, WebDatasetCaptions, collate_skip_none,
                           make_transforms_and_tokenizer)
+from clipmoe.evaluate import (KarpathyRetrieval, RoutingCollector, class_embeddings, collect_routing, embed_images,
+                              embed_texts, evaluate_retrieval, evaluate_synthetic, plot_routing_heatmap,
+                              retrieval_metrics, routing_statistics, zero_shot_metrics)
 from clipmoe.losses import AuxLosses, balance_loss, router_z_loss
 from clipmoe.moe_ffn import MoEAux, MoEFFN, collect_aux_losses
 from clipmoe.sampler import ClusterBatchSampler
@@ -22,3 +25,6 @@ __all__ += ["CheckpointError", "export_clip_moe_checkpoint", "load_checkpoint", 
             "save_checkpoint"]
 __all__ += ["CsvCaptionDataset", "InMemoryCaptionDataset", "SyntheticShapes", "WebDatasetCaptions", "WordTokenizer",
             "collate_skip_none", "make_transforms_and_tokenizer"]
+__all__ += ["KarpathyRetrieval", "RoutingCollector", "class_embeddings", "collect_routing", "embed_images",
+            "embed_texts", "evaluate_retrieval", "evaluate_synthetic", "plot_routing_heatmap", "retrieval_metrics",
+            "routing_statistics", "zero_shot_metrics"]
