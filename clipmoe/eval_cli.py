@@ -210,6 +210,10 @@ def _print_summary(results: dict):
             cells = "  ".join(f"{key.split('_')[1]} {value:6.2f}" for key, value in r.items()
                               if key.startswith(direction))
             print(f"  {'image->text' if direction == 'i2t' else 'text->image'}  {cells}")
+        if results.get("num_shared_captions"):
+            ceiling = 100 * (1 - results["num_shared_captions"] / results["num_images"])
+            print(f"  ({results['num_shared_captions']} images share their caption with another image: their "
+                  f"image->text R@1 is a tie, counted as a miss; R@1 ceiling {ceiling:.2f})")
     for name, z in results.get("zero_shot", {}).items():
         print(f"  zero-shot {name:<10} top-1 {z['top1']:6.2f}  top-5 {z['top5']:6.2f}")
     if "zero_shot_mean_top1" in results:

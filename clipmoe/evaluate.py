@@ -32,6 +32,7 @@ import hashlib
 import math
 import os
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -153,7 +154,8 @@ def zero_shot_metrics(image_features: torch.Tensor, class_embeddings: torch.Tens
         image_features: [N, D], L2-normalised.
         class_embeddings: [C, D], one L2-normalised embedding per class (see `class_embeddings`).
         labels: long [N], class ids in [0, C).
-        ks: the k of top-k; a k >= C counts every image as a hit (the top-k is capped at C classes).
+        ks: the k of top-k; the top-k is capped at C classes, so a k >= C counts every image as a hit (unless its
+            score is NaN).
     Returns:
         {"top1": ..., "top5": ...}: floats in [0, 100]. Ties count against the model (module docstring).
     """
@@ -311,7 +313,10 @@ def evaluate_synthetic(model: nn.Module, dataset, tokenizer, device="cpu", batch
     Retrieval uses one caption per image (the tokens of the dataset items); zero-shot classification, for each
     attribute, the prompts of `dataset.zero_shot_prompts(attribute)` against `dataset.labels`.
     Returns {"retrieval": retrieval_metrics(...), "zero_shot": {attribute: {"top1": .., "top5": ..}},
-    "zero_shot_mean_top1": mean top-1 over the attributes, "num_samples": N}.
+    "zero_shot_mean_top1": mean top-1 over the attributes, "num_samples": N, "num_shared_captions": the number of
+    images whose caption another image of the split has too}. Identical captions have identical features, so under
+    the tie rule (module docstring) those images are always image->text misses at k = 1: image->text R@1 is at most
+    100 * (N - num_shared_captions) / N, for any model.
     """
     device = _check_device(model, device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_pairs)
@@ -328,8 +333,10 @@ def evaluate_synthetic(model: nn.Module, dataset, tokenizer, device="cpu", batch
                                       progress=progress)
         zero_shot[attribute] = zero_shot_metrics(images, classifier, dataset.labels[:, j])
     mean_top1 = sum(r["top1"] for r in zero_shot.values()) / len(zero_shot)
+    caption_counts = Counter(dataset.captions)
+    shared = sum(caption_counts[c] > 1 for c in dataset.captions)
     return {"retrieval": retrieval, "zero_shot": zero_shot, "zero_shot_mean_top1": mean_top1,
-            "num_samples": images.shape[0]}
+            "num_samples": images.shape[0], "num_shared_captions": shared}
 
 
 def evaluate_retrieval(model: nn.Module, images_dataset, captions: Union[Sequence[str], torch.Tensor],
@@ -451,7 +458,7 @@ def dedup_images(images: Sequence[bytes], captions: Sequence[str]):
     images (a shard written one sample per caption) become one gallery image with several captions."""
     keys = [hashlib.sha1(data).hexdigest() for data in images]
     unique_keys, text_to_image = group_captions(keys, captions)
-    by_key = dict(zip(keys, images))
+    by_key = dict(zip(keys, images, strict=True))
     return [by_key[k] for k in unique_keys], text_to_image
 
 
