@@ -30,7 +30,7 @@ $(INSTALL_STAMP): $(TORCH_STAMP) setup.py pyproject.toml $(wildcard csrc/*)
 install: $(INSTALL_STAMP)
 
 demo: install
-	$(BIN)/clipmoe check-upcycle --model ViT-B-32 --num-experts 4 --top-k 2
+	$(BIN)/clipmoe demo
 
 test: install
 	$(BIN)/python -m pytest tests -q

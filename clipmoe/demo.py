@@ -72,7 +72,7 @@ def _cfg(scale: DemoScale, steps: int, lr: float, seed: int, **kw) -> TrainConfi
 
 
 def run_demo(scale: DemoScale, out_dir, *, seed: int = 0, pretrained=None, device="cpu") -> dict:
-    from clipmoe.evaluate import evaluate_synthetic, plot_routing_heatmap, routing_statistics
+    from clipmoe.evaluate import collect_routing, evaluate_synthetic, plot_routing_heatmap, routing_statistics
     from clipmoe.models import create_model
     from clipmoe.pipeline import build_clip_moe, finetune_baseline, run_mcl, train_router
     from clipmoe.sampler import ClusterBatchSampler
@@ -103,9 +103,12 @@ def run_demo(scale: DemoScale, out_dir, *, seed: int = 0, pretrained=None, devic
     timings["base"] = {"pre-train": time.time() - start}
     models["base"] = base
 
+    # Fine-tuning keeps the temperature fixed, as CLIP-MoE does, at the base model's own value (CLIP-MoE's 100 is
+    # OpenAI CLIP's learned one; forcing 100 on a base that learned another would change every method's objective).
+    temperature = float(base.logit_scale.exp())
     steps = scale.finetune_steps
-    ffn_cfg = _cfg(scale, steps, scale.ffn_lr, seed)
-    router_cfg = _cfg(scale, steps // 4, scale.router_lr, seed, weight_decay=0.01)
+    ffn_cfg = _cfg(scale, steps, scale.ffn_lr, seed, logit_scale=temperature)
+    router_cfg = _cfg(scale, steps // 4, scale.router_lr, seed, weight_decay=0.01, logit_scale=temperature)
     for method in ("direct", "sparse_upcycling", "wo_mcl"):
         start = time.time()
         cfg = replace(ffn_cfg, max_steps=3 * steps // 4) if method == "wo_mcl" else ffn_cfg
@@ -125,17 +128,18 @@ def run_demo(scale: DemoScale, out_dir, *, seed: int = 0, pretrained=None, devic
     timings["dmu"]["router training"] = time.time() - start
     models["dmu"] = dmu
 
-    results = {"scale": asdict(scale), "seed": seed, "pretrained": pretrained, "methods": {}}
+    results = {"scale": asdict(scale), "seed": seed, "pretrained": pretrained, "logit_scale": temperature,
+               "methods": {}}
     for method in METHODS:
         model = models[method].eval()
         start = time.time()
-        metrics = evaluate_synthetic(model, test_data, tokenizer, device=device)
+        with collect_routing(model) as routing:  # over the whole held-out evaluation (images, captions, prompts)
+            metrics = evaluate_synthetic(model, test_data, tokenizer, device=device)
         metrics["parameters"] = parameter_counts(model)
         metrics["seconds"] = {**timings[method], "eval": time.time() - start}
         if method == "dmu":
-            stats = routing_statistics(model)
-            metrics["routing"] = stats
-            plot_routing_heatmap(stats, out_dir / "routing_dmu.png")
+            metrics["routing"] = routing_statistics(model, routing)
+            plot_routing_heatmap(metrics["routing"], out_dir / "routing_dmu.png")
         results["methods"][method] = metrics
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     table = results_table(results)
