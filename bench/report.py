@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON of the clipmoe suite into Markdown tables and a PNG plot.
 
-    python -m bench.report bench/results/<file>.json [--plot out.png]
+    python -m bench.report bench/results/<file>.json [--plot out.png] [--summary]
 
 Per group (one shape, providers side by side): median and IQR in ms, speed-up over `naive` (naive median / median),
 share of the `dense_equal_flops` bound (dense median / median), TFLOP/s (expert FLOPs 4·T·k·D·F forward, three times
@@ -81,6 +81,29 @@ def markdown(data, groups) -> str:
     return "\n".join(lines)
 
 
+def summary(groups) -> str:
+    """One row per group: each provider's median (ms) and its speed-up over naive, side by side."""
+    providers = ("naive", "torch", "triton", "dense_equal_flops")
+    lines = ["| shape (tokens, experts, routing, mode) | " + " | ".join(providers) + " |",
+             "|---|" + "---:|" * len(providers)]
+    e2e = []
+    for group, benches in groups.items():
+        rows = {r["provider"]: r for r in group_rows(benches)}
+        if benches[0]["extra_info"].get("kind") == "e2e":
+            e2e.append((group, rows))
+            continue
+        cells = [f"{rows[p]['median_ms']:.1f} ({rows[p]['vs_naive']:.2f}x)" if p in rows and rows[p]["vs_naive"]
+                 else f"{rows[p]['median_ms']:.1f}" if p in rows else "–" for p in providers]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    if e2e:
+        variants = ("dense", "moe_naive", "moe_torch", "moe_triton")
+        lines += ["", "| end to end (items/s) | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+        for group, rows in e2e:
+            lines.append(f"| {group} | " + " | ".join(
+                f"{rows[v]['items_per_s']:.1f}" if v in rows else "–" for v in variants) + " |")
+    return "\n".join(lines)
+
+
 def plot(groups, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -113,9 +136,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json_file")
     parser.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
+    parser.add_argument("--summary", action="store_true",
+                        help="one compact table: provider medians in ms (speed-up over naive) per group")
     args = parser.parse_args(argv)
     data, groups = load(args.json_file)
-    print(markdown(data, groups))
+    print(summary(groups) if args.summary else markdown(data, groups))
     out = plot(groups, args.plot or args.json_file.rsplit(".", 1)[0] + ".png")
     if out:
         print(f"\nplot: {out}")
