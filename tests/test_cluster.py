@@ -2,7 +2,6 @@
 match one process on the concatenated shards."""
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 
 from clipmoe.cluster import (accumulate_labels, assign, cluster_stage, decode_labels, joint_labels, kmeans,
                              max_stages)
+from tests.dist_utils import free_port
 
 
 def _blobs(n, k, d, *, spread=0.05, seed=0, dtype=torch.float64):
@@ -176,11 +176,6 @@ WORLD = 2
 SHARD_SIZES = (301, 212)  # unequal shards
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _global_data():
     x, _ = _blobs(sum(SHARD_SIZES), 4, 10, spread=0.3, seed=9, dtype=torch.float32)  # overlapping: many updates
@@ -212,7 +207,7 @@ def _worker(rank, port, out_dir):
 
 def test_two_process_gloo_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     x, text = _global_data()
     for name, kw in _RUNS.items():

@@ -3,7 +3,6 @@ match one process on the global batch (loss, feature gradients, DDP parameter gr
 import datetime
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipmoe.contrastive import FIXED_LOGIT_SCALE, ContrastiveLoss, clip_contrastive_loss
-from tolerances import assert_close
+from tests.tolerances import assert_close
+from tests.dist_utils import free_port
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -87,11 +87,6 @@ def test_bad_input(call, match):
 
 
 # --------------------------------------------------------------------------------------------- 2 processes (gloo)
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class _Tower(nn.Module):  # stands in for the two CLIP towers: a linear map each, then L2 normalisation
     def __init__(self):
@@ -158,7 +153,7 @@ def _worker(rank, port, out_dir):
 
 def test_two_process_gloo_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     ref = _single_process_reference()
     for r, res in enumerate(results):

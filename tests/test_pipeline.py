@@ -1,7 +1,6 @@
 """The DMU pipeline on a tiny real open_clip model: FFN-only MCL stages, assembly, router training, baselines,
 and a 2-process gloo MCL stage against one process with the same global batch."""
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from clipmoe.pipeline import (build_clip_moe, contrastive_loss, ffn_state_dicts,
                               run_mcl, train_router)
 from clipmoe.sampler import ClusterBatchSampler
 from clipmoe.training import TrainConfig, train
+from tests.dist_utils import free_port
 from tests.tolerances import assert_close
 
 CPU = DistInfo()
@@ -106,11 +106,6 @@ def test_run_mcl_router_training_and_baselines(tmp_path):
             assert moes[0].num_experts == 2
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _mcl_stage_worker(rank, world_size, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -130,9 +125,9 @@ def _mcl_stage_worker(rank, world_size, port, out_dir):
 
 def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
     single = tmp_path / "single"
-    _mcl_stage_worker(0, 1, _free_port(), str(single))
+    _mcl_stage_worker(0, 1, free_port(), str(single))
     double = tmp_path / "double"
-    mp.spawn(_mcl_stage_worker, args=(2, _free_port(), str(double)), nprocs=2, join=True)
+    mp.spawn(_mcl_stage_worker, args=(2, free_port(), str(double)), nprocs=2, join=True)
     want, got = torch.load(single / "ffns.pt"), torch.load(double / "ffns.pt")
     for name in want:
         for key in want[name]:
