@@ -16,10 +16,10 @@ import torch
 
 from clipmoe.checkpoint import load_checkpoint, save_checkpoint
 from clipmoe.distributed import barrier, init_distributed
+from clipmoe.fileio import atomic_torch_save
 from clipmoe.models import create_model
 from clipmoe.pipeline import (BASELINES, START_FROM, build_clip_moe, finetune_baseline, load_ffns, run_mcl,
                               train_router)
-from clipmoe.fileio import atomic_torch_save
 from clipmoe.training import PRECISIONS, TrainConfig
 
 SYNTHETIC_DEFAULT_SIZE = 4096
@@ -156,6 +156,7 @@ def _stage_ffns(model, mcl_dir):
 def cmd_build(args):
     info, out = _setup(args)
     model = create_model(args.model, args.pretrained)[0]
+    torch.manual_seed(args.seed)  # the router initialisation
     moe = build_clip_moe(model, _stage_ffns(model, args.mcl_dir), top_k=args.top_k, dropout=args.expert_dropout)
     _save(moe, out / "clip_moe", info, args.model)
     return 0
@@ -180,6 +181,7 @@ def cmd_upcycle(args):
     ffns = run_mcl(model, train_data, train_config(args), out / "mcl", info, stages=args.stages,
                    clusters=args.clusters, start_from=args.start_from, small_cluster=args.small_cluster,
                    resume=args.resume, embed_data=embed_data)
+    torch.manual_seed(args.seed)  # the router initialisation, the same whether MCL stages ran or were resumed
     moe = build_clip_moe(model, ffns, top_k=args.top_k, dropout=args.expert_dropout)
     _save(moe, out / "clip_moe", info, args.model)
     train_router(moe, train_data, train_config(args, "router_", balance_alpha=args.balance_alpha), out / "router",

@@ -200,6 +200,7 @@ def finetune_baseline(method: str, base_model, dataset, cfg: TrainConfig, out_di
     sampler = ClusterBatchSampler(None, per_rank_batch(cfg, info), num_samples=len(dataset),
                                   world_size=info.world_size, rank=info.rank, seed=cfg.seed)
     if method == "sparse_upcycling":
+        torch.manual_seed(cfg.seed)  # router initialisation independent of what ran before (resume-safe)
         model = upcycle(copy.deepcopy(base_model), num_experts=num_experts, top_k=top_k, dropout=expert_dropout)
         train(model, dataset, sampler, contrastive_loss(cfg), cfg, out_dir, trainable="router_experts", info=info,
               resume=resume, desc="sparse upcycling")
@@ -209,6 +210,7 @@ def finetune_baseline(method: str, base_model, dataset, cfg: TrainConfig, out_di
           resume=resume, desc="direct fine-tune")
     if method == "direct":
         return direct
+    torch.manual_seed(cfg.seed)  # router initialisation independent of whether `direct` was resumed or trained
     model = build_clip_moe(base_model, [ffn_state_dicts(base_model), ffn_state_dicts(direct)], top_k=top_k,
                            dropout=expert_dropout)
     train_router(model, dataset, router_cfg or cfg, out_dir / "router", info, resume=resume)

@@ -27,31 +27,42 @@ def run(*args, timeout=600):
     return subprocess.run(clipmoe_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.slow
-def test_upcycle_killed_mid_stage_resumes_to_the_same_checkpoint(tmp_path):
-    whole = run(*UPCYCLE, "--output-dir", str(tmp_path / "whole"))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    whole = run(*UPCYCLE, "--output-dir", str(out))
     assert whole.returncode == 0, whole.stderr[-2000:]
-    model = load_checkpoint(tmp_path / "whole" / "final")
+    return out
+
+
+@pytest.mark.slow
+def test_upcycle_assembles_stage_experts(uninterrupted):
+    model = load_checkpoint(uninterrupted / "final")
     moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
     assert len(moes) == 4 and all(m.num_experts == 3 for m in moes)  # stage 0 + 2 MCL stages
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,steps", [("mcl/stage_2", 12), ("router", 4)])
+def test_upcycle_killed_mid_stage_resumes_to_the_same_checkpoint(uninterrupted, tmp_path, stage, steps):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(clipmoe_cmd(*UPCYCLE, "--output-dir", str(out)), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "mcl" / "stage_2" / "train_state.pt"
+    state = out / stage / "train_state.pt"
     deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert state.exists(), "the run ended before stage 2 wrote a checkpoint"
-    assert not (out / "mcl" / "stage_2" / "ffn.safetensors").exists(), "killed too late: stage 2 had finished"
-    assert torch.load(state, weights_only=False)["step"] < 12
+    assert state.exists(), f"the run ended before {stage} wrote a checkpoint"
+    done = out / ("final" if stage == "router" else stage + "/ffn.safetensors")
+    assert not done.exists(), f"killed too late: {stage} had finished"
+    assert torch.load(state, weights_only=False)["step"] < steps
 
     resumed = run(*UPCYCLE, "--output-dir", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    want = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    want = load_file(uninterrupted / "final" / "model.safetensors")
     got = load_file(out / "final" / "model.safetensors")
     assert want.keys() == got.keys()
     for key in want:
