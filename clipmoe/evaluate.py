@@ -103,6 +103,18 @@ def _percent_hits(ranks: torch.Tensor, k: int) -> float:
     return (ranks < k).double().mean().item() * 100.0
 
 
+def _index_vector(name: str, values, length_name: str, length: int, upper: int, device) -> torch.Tensor:
+    """`values` as a long [length] tensor on `device` whose entries lie in [0, upper); ValueError naming `name`."""
+    t = torch.as_tensor(values)
+    if t.dim() != 1 or t.shape[0] != length or t.is_floating_point():
+        raise ValueError(f"{name} must be an integer tensor of shape [{length_name}={length}], got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    t = t.long().to(device)
+    if length and (t.min() < 0 or t.max() >= upper):
+        raise ValueError(f"{name} holds values outside [0, {upper}): min {t.min().item()}, max {t.max().item()}")
+    return t
+
+
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
                       ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
     """Image→text and text→image Recall@k, in percent.
@@ -124,15 +136,8 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"image_features and text_features have different widths: {images.shape[1]} and "
                          f"{texts.shape[1]}")
-    t2i = torch.as_tensor(text_to_image)
-    if t2i.dim() != 1 or t2i.shape[0] != texts.shape[0] or t2i.is_floating_point():
-        raise ValueError(f"text_to_image must be an integer tensor of shape [N_txt={texts.shape[0]}], got "
-                         f"{t2i.dtype} {tuple(t2i.shape)}")
-    t2i = t2i.long().to(images.device)
     num_images = images.shape[0]
-    if t2i.min() < 0 or t2i.max() >= num_images:
-        raise ValueError(f"text_to_image holds image indices outside [0, {num_images}): min {t2i.min().item()}, "
-                         f"max {t2i.max().item()}")
+    t2i = _index_vector("text_to_image", text_to_image, "N_txt", texts.shape[0], num_images, images.device)
     captions_per_image = torch.bincount(t2i, minlength=num_images)
     if (captions_per_image == 0).any():
         missing = (captions_per_image == 0).nonzero().flatten()
@@ -165,15 +170,8 @@ def zero_shot_metrics(image_features: torch.Tensor, class_embeddings: torch.Tens
     if images.shape[1] != classes.shape[1]:
         raise ValueError(f"image_features and class_embeddings have different widths: {images.shape[1]} and "
                          f"{classes.shape[1]}")
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor of shape [N={images.shape[0]}], got {labels.dtype} "
-                         f"{tuple(labels.shape)}")
-    labels = labels.long().to(images.device)
     num_classes = classes.shape[0]
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must be in [0, {num_classes}) (one per class embedding), got min "
-                         f"{labels.min().item()}, max {labels.max().item()}")
+    labels = _index_vector("labels", labels, "N", images.shape[0], num_classes, images.device)
     class_ids = torch.arange(num_classes, device=images.device)
     ranks = _answer_ranks(images, classes, lambda a, b: class_ids[None, :] == labels[a:b, None])
     return {f"top{k}": _percent_hits(ranks, min(k, num_classes)) for k in ks}
