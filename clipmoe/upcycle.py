@@ -15,7 +15,7 @@ from clipmoe.hf_compat import hf_activation_name, hf_mlp_parts
 from clipmoe.moe_ffn import MoEFFN
 
 
-def _activation_name(act: nn.Module, where: str) -> str:
+def activation_name(act: nn.Module, where: str) -> str:
     kind = type(act).__name__
     if kind == "QuickGELU":
         return "quick_gelu"
@@ -28,7 +28,7 @@ def _activation_name(act: nn.Module, where: str) -> str:
     raise ValueError(f"{where}: unsupported MLP activation {kind}; MoEFFN supports QuickGELU, GELU and GELU(tanh)")
 
 
-def _dense_mlp_parts(module: nn.Module):
+def dense_mlp_parts(module: nn.Module):
     """(up Linear, activation, down Linear, dropout p) of a recognised dense MLP, else None."""
     if isinstance(module, nn.Sequential) and hasattr(module, "c_fc") and hasattr(module, "c_proj"):
         act = getattr(module, "gelu", None)
@@ -45,7 +45,7 @@ def _dense_mlp_parts(module: nn.Module):
 
 def dense_mlps(model: nn.Module) -> dict:
     """{module name: module} of the dense MLPs that `upcycle` would replace, in model order."""
-    return {name: m for name, m in model.named_modules() if _dense_mlp_parts(m) is not None}
+    return {name: m for name, m in model.named_modules() if dense_mlp_parts(m) is not None}
 
 
 def _parent(model: nn.Module, name: str):
@@ -81,9 +81,9 @@ def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2,
         raise ValueError(f"experts names modules that are not dense MLPs of the model: {unknown[:3]}; "
                          f"expected names such as {list(mlps)[:2]}")
     for name, mlp in mlps.items():
-        up, act, down, mlp_dropout = _dense_mlp_parts(mlp)
+        up, act, down, mlp_dropout = dense_mlp_parts(mlp)
         moe = MoEFFN(up.in_features, up.out_features, num_experts=num_experts, top_k=top_k,
-                     activation=activation or _activation_name(act, name),
+                     activation=activation or activation_name(act, name),
                      dropout=mlp_dropout if dropout is None else dropout, renormalize=renormalize,
                      backend=backend, device=up.weight.device, dtype=up.weight.dtype)
         if up.bias is None or down.bias is None:

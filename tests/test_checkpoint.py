@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from clipmoe import MoEConfig, MoEFFN, upcycle
-from clipmoe.checkpoint import (CheckpointError, export_clip_moe_checkpoint, load_checkpoint, load_clip_moe_checkpoint,
-                                save_checkpoint)
+from clipmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clipmoe.cli import main as cli_main
+from clipmoe.released import export_clip_moe_checkpoint, load_clip_moe_checkpoint
 from tests.tolerances import assert_close, relative_error
 
 EMBED_DIM, VOCAB, CONTEXT, SHORT = 32, 100, 248, 20

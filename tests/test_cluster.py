@@ -7,8 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipmoe.cluster import (accumulate_labels, assign, cluster_stage, decode_labels, joint_labels, kmeans,
-                             max_stages)
+from clipmoe.train.cluster import (
+    accumulate_labels,
+    assign,
+    cluster_stage,
+    decode_labels,
+    joint_labels,
+    kmeans,
+    max_stages,
+)
 from tests.dist_utils import free_port
 
 

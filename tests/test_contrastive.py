@@ -9,9 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipmoe.contrastive import FIXED_LOGIT_SCALE, ContrastiveLoss, clip_contrastive_loss
-from tests.tolerances import assert_close
+from clipmoe.train.contrastive import (
+    FIXED_LOGIT_SCALE,
+    ContrastiveLoss,
+    clip_contrastive_loss,
+)
 from tests.dist_utils import free_port
+from tests.tolerances import assert_close
 
 WORLD = 2
 LOCAL_BATCH = 4
@@ -121,8 +125,8 @@ def _single_process_reference():
 
 def _worker(rank, port, out_dir):
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
     from open_clip.loss import ClipLoss
+    from torch.nn.parallel import DistributedDataParallel
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))

@@ -14,10 +14,22 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clipmoe.data import (CsvCaptionDataset, InMemoryCaptionDataset, WebDatasetCaptions, collate_skip_none,
-                          make_transforms_and_tokenizer)
-from clipmoe.synthetic import (ATTRIBUTES, CLASSES, VOCAB, SyntheticShapes, WordTokenizer, caption_for,
-                               parse_caption)
+from clipmoe.data.datasets import (
+    CsvCaptionDataset,
+    InMemoryCaptionDataset,
+    collate_skip_none,
+    make_transforms_and_tokenizer,
+)
+from clipmoe.data.synthetic import (
+    ATTRIBUTES,
+    CLASSES,
+    VOCAB,
+    SyntheticShapes,
+    WordTokenizer,
+    caption_for,
+    parse_caption,
+)
+from clipmoe.data.webdataset import WebDatasetCaptions
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -133,7 +145,7 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path, caplog):
     table = _write_table(tmp_path / "t.tsv", [[f"imgs/{n}", f"c {i}"] for i, n in enumerate(names)])
 
     ds = CsvCaptionDataset(table, with_index=True, max_bad_fraction=0.1)
-    with caplog.at_level(logging.WARNING, logger="clipmoe.data"):
+    with caplog.at_level(logging.WARNING, logger="clipmoe.data.datasets"):
         batches = list(DataLoader(ds, batch_size=8, collate_fn=collate_skip_none))
     indices = torch.cat([b[2] for b in batches]).tolist()
     assert indices == [i for i in range(20) if i != 7]

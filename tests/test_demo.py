@@ -3,7 +3,13 @@ import json
 
 import pytest
 
-from clipmoe.demo import METHODS, DemoScale, parameter_counts, results_table, run_demo
+from clipmoe.cli.demo import (
+    METHODS,
+    DemoScale,
+    parameter_counts,
+    results_table,
+    run_demo,
+)
 from clipmoe.models import create_model
 from clipmoe.upcycle import upcycle
 

@@ -1,4 +1,4 @@
-"""clipmoe.evaluate: metric functions against hand-computed cases, routing statistics of a tiny CLIP-MoE, and
+"""clipmoe.eval.retrieval: metric functions against hand-computed cases, routing statistics of a tiny CLIP-MoE, and
 `clipmoe eval` end to end on the synthetic data, a CSV, webdataset shards and a Karpathy JSON."""
 import json
 import os
@@ -11,11 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clipmoe
-from clipmoe import evaluate as ev
+from clipmoe import eval as ev
 from clipmoe.cli import main as cli_main
+from clipmoe.data import eval_sets
+from clipmoe.data.synthetic import ATTRIBUTES, SyntheticShapes
 from clipmoe.losses import balance_loss
 from clipmoe.models import create_model
-from clipmoe.synthetic import ATTRIBUTES, SyntheticShapes
 
 
 def scores_as_features(scores):
@@ -117,7 +118,7 @@ def test_matches_an_argsort_reference_on_random_features(monkeypatch):
     want = {f"i2t_R@{k}": (i2t_rank < k).double().mean().item() * 100 for k in (1, 5, 10)}
     want.update({f"t2i_R@{k}": (t2i_rank < k).double().mean().item() * 100 for k in (1, 5, 10)})
     assert ev.retrieval_metrics(images, texts, t2i) == pytest.approx(want)
-    monkeypatch.setattr(ev, "SCORE_CHUNK_ELEMENTS", 50)  # several score chunks, and a final partial one
+    monkeypatch.setattr(ev.metrics, "SCORE_CHUNK_ELEMENTS", 50)  # several score chunks, and a final partial one
     assert ev.retrieval_metrics(images, texts, t2i) == pytest.approx(want)
     assert 0 < want["i2t_R@1"] < 100 and 0 < want["t2i_R@1"] < 100  # the case is not trivial
 
@@ -209,7 +210,7 @@ def test_routing_statistics_shares_and_balance_loss(tiny):
     json.dumps(stats)  # JSON-serialisable
     assert stats["source"] == "collected" and list(stats["towers"]) == ["visual", "text"]
     for tower, data in stats["towers"].items():
-        assert data["num_layers"] == 2 and all(ev.tower_of(n) == tower for n in data["layers"])
+        assert data["num_layers"] == 2 and all(ev.routing.tower_of(n) == tower for n in data["layers"])
         for name, layer in data["layers"].items():
             probs, ids = seen[name]
             assert layer["num_tokens"] == ids.shape[0] and layer["num_forwards"] == 2
@@ -302,15 +303,15 @@ def test_karpathy_json(tiny, tmp_path):
     ]
     ann = tmp_path / "dataset_tiny.json"
     ann.write_text(json.dumps({"images": entries, "dataset": "coco"}))
-    data = ev.KarpathyRetrieval(ann, tmp_path / "images", split="test", preprocess=preprocess)
+    data = eval_sets.KarpathyRetrieval(ann, tmp_path / "images", split="test", preprocess=preprocess)
     assert len(data) == 2 and data.captions == ["a red square.", "a square", "a blue thing"]
     assert data.text_to_image.tolist() == [0, 0, 1]
     assert data[1][0].shape == (3, 32, 32) and data[1][1] == 1
-    assert len(ev.KarpathyRetrieval(ann, tmp_path / "images", split="all")) == 3
-    assert ev.KarpathyRetrieval(ann, tmp_path / "images", max_captions=1).captions == ["a red square.",
+    assert len(eval_sets.KarpathyRetrieval(ann, tmp_path / "images", split="all")) == 3
+    assert eval_sets.KarpathyRetrieval(ann, tmp_path / "images", max_captions=1).captions == ["a red square.",
                                                                                          "a blue thing"]
     with pytest.raises(ValueError, match="splits"):
-        ev.KarpathyRetrieval(ann, tmp_path / "images", split="val")
+        eval_sets.KarpathyRetrieval(ann, tmp_path / "images", split="val")
     got = ev.evaluate_retrieval(model, data, data.captions, data.text_to_image, tokenizer)
     assert set(got) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert got["i2t_R@5"] == 100.0  # 3 captions: everything is in the top 5
@@ -325,7 +326,7 @@ def test_karpathy_json(tiny, tmp_path):
     assert result["retrieval"] == pytest.approx(got, abs=1e-6)
     (tmp_path / "images" / "val" / "img2.png").unlink()
     with pytest.raises(FileNotFoundError, match="img2.png"):
-        ev.KarpathyRetrieval(ann, tmp_path / "images")
+        eval_sets.KarpathyRetrieval(ann, tmp_path / "images")
 
 
 def test_eval_cli_csv_with_shared_images_and_labels(tiny, tmp_path, capsys):
@@ -333,7 +334,7 @@ def test_eval_cli_csv_with_shared_images_and_labels(tiny, tmp_path, capsys):
     rows = ["filepath\ttitle\tkind", "imgs/img0.png\ta red thing\tred", "imgs/img1.png\ta green thing\tgreen",
             "imgs/img0.png\tsomething red\tred", "imgs/img2.png\t\tblue"]  # img2: a label but no caption
     (tmp_path / "data.tsv").write_text("\n".join(rows) + "\n")
-    from clipmoe.eval_cli import read_csv_eval
+    from clipmoe.cli.eval import read_csv_eval
     table = read_csv_eval(tmp_path / "data.tsv", "filepath", "title", "kind")
     assert [os.path.basename(p) for p in table["paths"]] == ["img0.png", "img1.png", "img2.png"]
     assert table["text_to_image"].tolist() == [0, 1, 0] and table["labels"] == ["red", "green", "blue"]
@@ -354,7 +355,7 @@ def test_eval_cli_webdataset_merges_identical_images(tmp_path):
     data = SyntheticShapes(4, split="test")
     pattern = data.write_webdataset(tmp_path / "shards", samples_per_shard=2)
     images = [data._encoded(i, "PNG") for i in (0, 1, 0, 2)]
-    unique, t2i = ev.dedup_images(images, ["a", "b", "c", "d"])
+    unique, t2i = eval_sets.dedup_images(images, ["a", "b", "c", "d"])
     assert len(unique) == 3 and t2i.tolist() == [0, 1, 0, 2]
     out = tmp_path / "wds.json"
     assert cli_main(["eval", "--model", "clipmoe-tiny", "--data", pattern, "--device", "cpu", "--output",

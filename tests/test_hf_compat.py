@@ -6,7 +6,14 @@ import sys
 import pytest
 import torch
 
-from clipmoe import MoEFFN, collect_aux_losses, dense_mlps, load_checkpoint, save_checkpoint, upcycle
+from clipmoe import (
+    MoEFFN,
+    collect_aux_losses,
+    dense_mlps,
+    load_checkpoint,
+    save_checkpoint,
+    upcycle,
+)
 from tests.tolerances import UPCYCLE_RTOL, relative_error
 
 transformers = pytest.importorskip("transformers")

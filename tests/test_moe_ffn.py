@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from clipmoe import MoEFFN, balance_loss, collect_aux_losses, router_z_loss
-from clipmoe_kernels import (ACTIVATIONS, expert_ffn_naive, expert_ffn_torch, select_backend, topk_routing_ref)
+from clipmoe_kernels import (
+    ACTIVATIONS,
+    expert_ffn_naive,
+    expert_ffn_torch,
+    select_backend,
+    topk_routing_ref,
+)
 from tests.tolerances import assert_close, assert_close_lowp
 
 EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch}

@@ -8,12 +8,19 @@ import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from clipmoe import MoEFFN
-from clipmoe.distributed import DistInfo, init_distributed
+from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.models import create_model
-from clipmoe.pipeline import (build_clip_moe, contrastive_loss, ffn_state_dicts, finetune_baseline, load_ffns,
-                              run_mcl, train_router)
-from clipmoe.sampler import ClusterBatchSampler
-from clipmoe.training import TrainConfig, train
+from clipmoe.train.distributed import DistInfo, init_distributed
+from clipmoe.train.dmu import (
+    build_clip_moe,
+    contrastive_loss,
+    ffn_state_dicts,
+    finetune_baseline,
+    load_ffns,
+    run_mcl,
+    train_router,
+)
+from clipmoe.train.loop import TrainConfig, train
 from tests.dist_utils import free_port
 from tests.tolerances import assert_close
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clipmoe.sampler import ClusterBatchSampler
+from clipmoe.data.sampler import ClusterBatchSampler
 
 # cluster sizes: 0 → empty cluster id (absent), several full batches + tail, exactly one global batch, below one
 # batch (dropped under "drop"), a tail that does not divide by the world size

@@ -67,7 +67,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from clipmoe.data import _MapCaptionDataset
+from clipmoe.data.datasets import MapCaptionDataset
 
 DESIGN_VERSION = 1
 CANVAS = 32          # design resolution (px); images are rendered here and upscaled to image_size
@@ -250,7 +250,7 @@ def _draw(num_samples: int, seed: int, split: str, test_fraction: float) -> Tupl
     return np.concatenate(labels)[:num_samples], np.concatenate(jitters)[:num_samples]
 
 
-class SyntheticShapes(_MapCaptionDataset):
+class SyntheticShapes(MapCaptionDataset):
     """The synthetic image-caption dataset of this module (design in the module docstring), map-style.
 
     Args:

@@ -1,13 +1,13 @@
-"""The `clipmoe` command line."""
-import argparse
+"""Tool commands of `clipmoe`: check-upcycle (upcycle with copied experts, compare and time the backends) and
+convert (released CLIP-MoE .pt <-> clipmoe checkpoint)."""
 import json
 import statistics
-import sys
 import time
 
 import torch
 
 import clipmoe
+from clipmoe.cli.common import positive_int
 from clipmoe_kernels import BACKENDS
 
 
@@ -66,68 +66,48 @@ def check_upcycle(args) -> dict:
 
 def convert(args) -> int:
     """Released CLIP-MoE .pt -> clipmoe's safetensors + JSON checkpoint, or back with --to-released."""
-    from clipmoe.checkpoint import (CheckpointError, export_clip_moe_checkpoint, load_checkpoint,
-                                    load_clip_moe_checkpoint, save_checkpoint)
-    try:
-        if args.to_released:
-            model = load_checkpoint(args.src)
-            out = export_clip_moe_checkpoint(model, args.dst)
-        else:
-            model = load_clip_moe_checkpoint(args.src, top_k=args.top_k)
-            out = save_checkpoint(model, args.dst)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"clipmoe convert: {exc}", file=sys.stderr)
-        return 1
+    from clipmoe.checkpoint import load_checkpoint, save_checkpoint
+    from clipmoe.released import export_clip_moe_checkpoint, load_clip_moe_checkpoint
+    if args.to_released:
+        model = load_checkpoint(args.src)
+        out = export_clip_moe_checkpoint(model, args.dst)
+    else:
+        model = load_clip_moe_checkpoint(args.src, top_k=args.top_k)
+        out = save_checkpoint(model, args.dst)
     moes = [m for m in model.modules() if isinstance(m, clipmoe.MoEFFN)]
     print(f"wrote {out} ({len(moes)} MoE layers, {moes[0].num_experts} experts, top-{moes[0].top_k}, text context "
           f"{getattr(model, 'context_length', '?')})")
     return 0
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="clipmoe", description=clipmoe.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def write_check_upcycle(args) -> int:
+    report = check_upcycle(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def add_commands(sub):
     p = sub.add_parser("check-upcycle", help="upcycle an open_clip model with copied experts, compare embeddings "
                                              "with the dense model and time the backends")
-    p.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (default: none, "
-                                                      "random init)")
-    p.add_argument("--num-experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3, help="timed forwards per backend; the median is reported")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model name")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (none: random "
+                                                      "init)")
+    p.add_argument("--num-experts", type=positive_int, default=4, help="experts per MoE layer")
+    p.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images and texts per timed forward")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed forwards per backend; the median is "
+                                                                   "reported")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and the model")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p.set_defaults(func=write_check_upcycle)
     p = sub.add_parser("convert", help="convert a released CLIP-MoE .pt checkpoint to clipmoe's safetensors + JSON "
                                        "format, or back with --to-released")
     p.add_argument("src", help="released .pt file (with --to-released: a clipmoe checkpoint folder or .safetensors)")
     p.add_argument("dst", help="output folder or X.safetensors (or, with --to-released, the .pt file to write)")
     p.add_argument("--to-released", action="store_true", help="write the released OpenAI-CLIP key format")
-    p.add_argument("--top-k", type=int, default=2, help="top-k to record for a released file (not stored in it; "
-                                                        "default 2)")
-    from clipmoe.commands import add_pipeline_commands
-    from clipmoe.demo import add_demo_command
-    from clipmoe.eval_cli import add_eval_command
-    add_pipeline_commands(sub)
-    add_demo_command(sub)
-    add_eval_command(sub)
-    args = parser.parse_args(argv)
-    if hasattr(args, "func"):
-        try:
-            return args.func(args)
-        except (ValueError, FileNotFoundError) as exc:  # bad input: the message names the argument or file
-            print(f"clipmoe {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "check-upcycle":
-        report = check_upcycle(args)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-    elif args.command == "convert":
-        return convert(args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    p.add_argument("--top-k", type=positive_int, default=2, help="top-k to record for a released file (not stored "
+                                                                 "in it)")
+    p.set_defaults(func=convert)

@@ -1,5 +1,5 @@
 """`clipmoe eval`: zero-shot retrieval and classification of an open_clip model or a clipmoe checkpoint, and the
-routing statistics of its MoE layers; results as JSON, routing as a PNG heatmap (metrics: clipmoe.evaluate)."""
+routing statistics of its MoE layers; results as JSON, routing as a PNG heatmap (metrics: clipmoe.eval.retrieval)."""
 import csv
 import json
 import os
@@ -8,15 +8,25 @@ from pathlib import Path
 
 import torch
 
-from clipmoe.evaluate import (ZERO_SHOT_TEMPLATES, ImageFiles, KarpathyRetrieval, _embed_captions, class_embeddings,
-                              collect_routing, dedup_images, embed_images, evaluate_synthetic, group_captions,
-                              plot_routing_heatmap, retrieval_metrics, routing_statistics, zero_shot_metrics)
+from clipmoe.data.eval_sets import ImageFiles, KarpathyRetrieval, dedup_images, group_captions
+from clipmoe.eval import (
+    ZERO_SHOT_TEMPLATES,
+    class_embeddings,
+    collect_routing,
+    embed_captions,
+    embed_images,
+    evaluate_synthetic,
+    plot_routing_heatmap,
+    retrieval_metrics,
+    routing_statistics,
+    zero_shot_metrics,
+)
 from clipmoe.moe_ffn import MoEFFN
 
 SYNTHETIC_EVAL_SIZE = 1024
 
 
-def add_eval_command(sub):
+def add_commands(sub):
     p = sub.add_parser("eval", help="zero-shot retrieval / classification and routing statistics of a model",
                        description=__doc__)
     p.add_argument("--checkpoint", default=None,
@@ -69,13 +79,14 @@ def _device(spec: str) -> torch.device:
 
 def load_eval_model(args, device):
     """(model on device, eval preprocess, tokenizer, description) from --checkpoint or --model/--pretrained."""
-    from clipmoe.data import make_transforms_and_tokenizer
+    from clipmoe.data.datasets import make_transforms_and_tokenizer
     from clipmoe.models import create_model, register_model_configs
 
     if args.checkpoint:
         if args.pretrained:
             raise ValueError("pass --checkpoint or --pretrained, not both")
-        from clipmoe.checkpoint import load_checkpoint, load_clip_moe_checkpoint
+        from clipmoe.checkpoint import load_checkpoint
+        from clipmoe.released import load_clip_moe_checkpoint
         path = Path(args.checkpoint)
         if path.suffix in (".pt", ".pth", ".bin"):
             model = load_clip_moe_checkpoint(path).to(device)
@@ -150,7 +161,7 @@ def _evaluate_files(model, images: ImageFiles, captions, text_to_image, labels, 
     result = {"num_images": len(images), "num_texts": len(captions)}
     image_features = embed_images(model, images, device, args.batch_size, args.workers, progress=args.progress)
     if captions:
-        text_features = _embed_captions(model, tokenizer, captions, device, args.batch_size, args.progress)
+        text_features = embed_captions(model, tokenizer, captions, device, args.batch_size, args.progress)
         result["retrieval"] = _retrieval_on_subset(image_features, text_features, text_to_image)
     if labels is not None:
         labelled = [i for i, label in enumerate(labels) if label]
@@ -174,14 +185,14 @@ def run_eval(args, model, preprocess, tokenizer, device) -> dict:
     """The metrics of --data (dispatch on its kind)."""
     spec = args.data
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        from clipmoe.synthetic import SyntheticShapes
+        from clipmoe.data.synthetic import SyntheticShapes
         n = int(spec.partition(":")[2] or SYNTHETIC_EVAL_SIZE)
         data = SyntheticShapes(n, split="test", seed=args.data_seed, preprocess=preprocess, tokenizer=tokenizer)
         result = evaluate_synthetic(model, data, tokenizer, device, args.batch_size, progress=args.progress)
         result["num_images"] = result["num_texts"] = result.pop("num_samples")
         return result
     if ".tar" in spec:
-        from clipmoe.data import WebDatasetCaptions
+        from clipmoe.data.webdataset import WebDatasetCaptions
         samples = WebDatasetCaptions(spec).to_indexed()
         unique, text_to_image = dedup_images(samples.images, samples.captions)
         images = ImageFiles(unique, preprocess, names=[f"{spec} image {i}" for i in range(len(unique))])

@@ -15,12 +15,19 @@ from pathlib import Path
 import torch
 
 from clipmoe.checkpoint import load_checkpoint, save_checkpoint
-from clipmoe.distributed import barrier, init_distributed
 from clipmoe.fileio import atomic_torch_save
 from clipmoe.models import create_model
-from clipmoe.pipeline import (BASELINES, START_FROM, build_clip_moe, finetune_baseline, load_ffns, run_mcl,
-                              train_router)
-from clipmoe.training import PRECISIONS, TrainConfig
+from clipmoe.train.distributed import barrier, init_distributed
+from clipmoe.train.dmu import (
+    BASELINES,
+    START_FROM,
+    build_clip_moe,
+    finetune_baseline,
+    load_ffns,
+    run_mcl,
+    train_router,
+)
+from clipmoe.train.loop import PRECISIONS, TrainConfig
 
 SYNTHETIC_DEFAULT_SIZE = 4096
 
@@ -96,8 +103,9 @@ def train_config(args, prefix="", balance_alpha=0.0) -> TrainConfig:
 
 def open_dataset(args, preprocess, tokenizer):
     """The training data named by --train-data, as a map-style dataset of (image, tokens)."""
-    from clipmoe.data import CsvCaptionDataset, WebDatasetCaptions
-    from clipmoe.synthetic import SyntheticShapes
+    from clipmoe.data.datasets import CsvCaptionDataset
+    from clipmoe.data.synthetic import SyntheticShapes
+    from clipmoe.data.webdataset import WebDatasetCaptions
     spec = args.train_data
     if spec == "synthetic" or spec.startswith("synthetic:"):
         n = int(spec.partition(":")[2] or SYNTHETIC_DEFAULT_SIZE)
@@ -208,7 +216,7 @@ def cmd_finetune(args):
     return 0
 
 
-def add_pipeline_commands(sub):
+def add_commands(sub):
     p = sub.add_parser("mcl", help="MCL stages: FFN-only fine-tuning with cluster-restricted negatives")
     add_model_args(p), add_data_args(p), add_run_args(p), add_mcl_args(p)
     add_train_args(p, lr=1e-5, wd=0.2)

@@ -33,7 +33,7 @@ Bad input:
     "skip" (default) returns None, so the DataLoader needs `collate_fn=collate_skip_none`, which drops it (the batch
     is one smaller); "substitute" returns the next readable sample (index+1, ...; with `with_index` its own index),
     which keeps batches full (needed when every rank must have the same batch size, e.g. all-gathered losses);
-    "raise" raises at once. Each distinct bad sample is logged once per process (logger "clipmoe.data") and counted;
+    "raise" raises at once. Each distinct bad sample is logged once per process (logger "clipmoe.data.datasets") and counted;
     once a process has seen more than max_bad_fraction·N distinct bad samples the read raises (FileNotFoundError if
     the file is missing, else ValueError) naming the file. With DataLoader workers each worker checks the samples it
     read, so the limit trips later (up to num_workers times more bad samples).
@@ -48,12 +48,11 @@ import io
 import logging
 import multiprocessing
 import os
-import random
 from multiprocessing.context import get_spawning_popen
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
 logger = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ Tokenizer = Optional[Callable]
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-class _SharedCounter:
+class SharedCounter:
     """An integer shared by the process that made it and its DataLoader workers (fork or spawn).
 
     Pickling outside process start-up (deepcopy, torch.save) keeps a snapshot of the value, not the sharing.
@@ -101,7 +100,7 @@ class BadSample(Exception):
         self.path, self.reason, self.missing = path, reason, missing
 
 
-def _decode_image(data_or_path, name: str):
+def decode_image(data_or_path, name: str):
     """Open a file path or bytes as an RGB PIL image; raise BadSample naming `name` when it cannot be used."""
     from PIL import Image
 
@@ -115,23 +114,23 @@ def _decode_image(data_or_path, name: str):
         raise BadSample(name, f"unreadable image ({type(e).__name__}: {e})") from e
 
 
-def _to_tensor(image) -> torch.Tensor:
+def to_tensor(image) -> torch.Tensor:
     """PIL RGB image -> float [3, H, W] in [0, 1] (the default when no preprocess is given)."""
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(image.height, image.width, 3).permute(2, 0, 1).float().div_(255)
 
 
-def _tokenize(tokenizer: Tokenizer, caption: str):
+def tokenize(tokenizer: Tokenizer, caption: str):
     return caption if tokenizer is None else tokenizer([caption])[0]
 
 
-def _rank_world() -> Tuple[int, int]:
+def rank_world() -> Tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-def _check_fraction(max_bad_fraction: float) -> float:
+def check_fraction(max_bad_fraction: float) -> float:
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
     return max_bad_fraction
@@ -201,7 +200,7 @@ def make_transforms_and_tokenizer(model_name_or_model, *, is_train: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ map-style datasets
-class _MapCaptionDataset(Dataset):
+class MapCaptionDataset(Dataset):
     """Shared item logic: bad-sample policy, counters, with_index. Subclasses define `_load(i) -> (PIL, caption)`,
     `__len__` and `source` (the file named in errors)."""
 
@@ -213,8 +212,8 @@ class _MapCaptionDataset(Dataset):
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.with_index, self.on_error = with_index, on_error
-        self.max_bad_fraction = _check_fraction(max_bad_fraction)
-        self._skipped = _SharedCounter()
+        self.max_bad_fraction = check_fraction(max_bad_fraction)
+        self._skipped = SharedCounter()
         self.bad_samples: Dict[int, str] = {}  # index -> reason, for the samples this process found bad
 
     @property
@@ -252,13 +251,13 @@ class _MapCaptionDataset(Dataset):
             except BadSample as e:
                 self._bad(i, e)
                 continue
-            image = _to_tensor(image) if self.preprocess is None else self.preprocess(image)
-            item = (image, _tokenize(self.tokenizer, caption))
+            image = to_tensor(image) if self.preprocess is None else self.preprocess(image)
+            item = (image, tokenize(self.tokenizer, caption))
             return item + (i,) if self.with_index else item
         return None
 
 
-class CsvCaptionDataset(_MapCaptionDataset):
+class CsvCaptionDataset(MapCaptionDataset):
     """Map-style dataset over a CSV/TSV of image paths and captions (open_clip's --csv-* convention).
 
     Args:
@@ -349,10 +348,10 @@ class CsvCaptionDataset(_MapCaptionDataset):
             raise BadSample(where, "empty caption")
         if not self.paths[index]:
             raise BadSample(where, "empty image path", missing=True)
-        return _decode_image(self.paths[index], where), self.captions[index]
+        return decode_image(self.paths[index], where), self.captions[index]
 
 
-class InMemoryCaptionDataset(_MapCaptionDataset):
+class InMemoryCaptionDataset(MapCaptionDataset):
     """Map-style dataset over encoded images (bytes of a .jpg/.png/...) and captions held in memory.
 
     Made by `WebDatasetCaptions.to_indexed()`; the arguments after `captions` are those of CsvCaptionDataset.
@@ -376,243 +375,4 @@ class InMemoryCaptionDataset(_MapCaptionDataset):
     def _load(self, index: int):
         if not self.captions[index].strip():
             raise BadSample(self.names[index], "empty caption")
-        return _decode_image(self.images[index], self.names[index]), self.captions[index]
-
-
-# ------------------------------------------------------------------------------------------------------- webdataset
-def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
-    """Shard spec -> list of shards: brace patterns ("d/{000..009}.tar") and "::"-separated lists are expanded."""
-    import braceexpand
-
-    if isinstance(urls, (str, os.PathLike)):
-        urls = os.fspath(urls).split("::")
-    out: List[str] = []
-    for url in urls:
-        out.extend(braceexpand.braceexpand(os.fspath(url)))
-    return out
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
-
-
-class WebDatasetCaptions(IterableDataset):
-    """Iterable dataset over webdataset tar shards of (image, caption) samples, open_clip's format.
-
-    Args:
-        urls: shard spec: brace pattern, "::"-separated patterns, or a list; local paths, file://, or anything
-            webdataset's gopen opens (http(s)://, pipe:...). Local shards must exist at construction.
-        preprocess, tokenizer: as CsvCaptionDataset.
-        num_samples: the number of samples, if known: then `len(dataset)` returns it (a nominal length, as
-            open_clip's --train-num-samples; the stream itself is not cut or padded to it).
-        shuffle_shards: shuffle the shard order each epoch (seed + epoch, identical on all ranks; call set_epoch).
-        shuffle_buffer: > 0 shuffles samples within a buffer of this many (seed + epoch + consumer id).
-        seed: base seed for the shuffles.
-        max_bad_fraction: tolerated share of bad samples (checked at each shard end; module docstring).
-        image_exts, caption_ext: member extensions that hold the image (first present wins) and the caption.
-
-    Iteration order without shuffles: shards in the given order, samples in tar order; with several ranks or
-    DataLoader workers each consumer reads every (world·workers)-th shard, so use at least that many shards (a
-    consumer without a shard yields nothing; a warning says so). Items carry no index: see `to_indexed()`.
-    """
-
-    def __init__(self, urls: Union[str, Sequence[str]], preprocess: Preprocess = None, tokenizer: Tokenizer = None,
-                 *, num_samples: Optional[int] = None, shuffle_shards: bool = False, shuffle_buffer: int = 0,
-                 seed: int = 0, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-                 image_exts: Sequence[str] = IMAGE_EXTS, caption_ext: str = "txt"):
-        self.urls = expand_urls(urls)
-        if not self.urls:
-            raise ValueError(f"no shards in {urls!r}")
-        missing = [u for u in self.urls if _is_local(u) and not os.path.isfile(u.removeprefix("file://"))]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shard file(s) not found: "
-                                    f"{', '.join(missing[:5])}")
-        self.preprocess, self.tokenizer = preprocess, tokenizer
-        self.num_samples = num_samples
-        self.shuffle_shards, self.shuffle_buffer, self.seed = shuffle_shards, shuffle_buffer, seed
-        self.max_bad_fraction = _check_fraction(max_bad_fraction)
-        self.image_exts, self.caption_ext = tuple(e.lower() for e in image_exts), caption_ext.lower()
-        self.epoch = 0
-        self._skipped = _SharedCounter()
-        self.num_bad_shards = 0
-
-    @property
-    def num_skipped(self) -> int:
-        """Bad samples skipped so far, summed over the DataLoader workers."""
-        return self._skipped.value
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.num_samples is None:
-            raise TypeError("WebDatasetCaptions has no length: pass num_samples, or use to_indexed()")
-        return self.num_samples
-
-    def _raw_samples(self, urls: Sequence[str]):
-        """Yield (url, key, image bytes, caption) per sample; bad samples are yielded with image None and the reason
-        in place of the caption; None is yielded after each shard."""
-        import webdataset as wds
-
-        for url in urls:
-            errors: List[Exception] = []
-
-            def handler(exc, errors=errors):
-                errors.append(exc)
-                return False  # stop this shard: an unreadable tar is not worth scanning further
-
-            for raw in wds.tarfile_samples([{"url": url}], handler=handler):
-                key = raw.get("__key__", "?")
-                image = next((raw[e] for e in self.image_exts if e in raw), None)
-                caption = raw.get(self.caption_ext)
-                if image is None or caption is None:
-                    have = sorted(k for k in raw if not k.startswith("__"))
-                    need = f"an image ({'/'.join(self.image_exts)})" if image is None else f"a .{self.caption_ext}"
-                    yield url, key, None, f"no {need} member (has {have})"
-                    continue
-                caption = caption.decode("utf-8", errors="replace").strip()
-                if not caption:
-                    yield url, key, None, "empty caption"
-                    continue
-                yield url, key, image, caption
-            if errors:
-                self.num_bad_shards += 1
-                logger.warning("%s: cannot read shard, skipping the rest of it: %s", url, errors[0])
-            yield None
-
-    def _samples(self, urls: Sequence[str]):
-        """Decoded (name, PIL image, caption) with the bad-sample accounting."""
-        seen = bad = 0
-        example = last_url = ""
-        for raw in self._raw_samples(urls):
-            if raw is None:  # end of a shard
-                if bad > self.max_bad_fraction * seen:
-                    raise ValueError(f"{last_url}: {bad} of {seen} samples read so far are bad, more than "
-                                     f"max_bad_fraction={self.max_bad_fraction}; e.g. {example}")
-                continue
-            url, key, image, caption = raw
-            last_url, seen, name = url, seen + 1, f"{url}:{key}"
-            try:
-                if image is None:
-                    raise BadSample(name, caption)
-                yield name, _decode_image(image, name), caption
-            except BadSample as e:
-                bad += 1
-                example = str(e)
-                logger.warning("skipping sample %s", e)
-                self._skipped.add()
-        if urls and seen == bad:
-            raise ValueError(f"{', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}: no readable image-caption "
-                             f"samples ({bad} bad of {seen}; {self.num_bad_shards} unreadable shard(s))")
-
-    def _my_urls(self) -> List[str]:
-        urls = list(self.urls)
-        if self.shuffle_shards:
-            random.Random(self.seed + self.epoch).shuffle(urls)
-        rank, world = _rank_world()
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        consumers, me = world * workers, rank * workers + worker
-        if len(urls) < consumers:
-            logger.warning("%d shards for %d consumers (ranks x workers): consumer %d may get none", len(urls),
-                           consumers, me)
-        return urls[me::consumers]
-
-    def __iter__(self):
-        rank, _ = _rank_world()
-        info = get_worker_info()
-        consumer = rank * (info.num_workers if info else 1) + (info.id if info else 0)
-        rng = random.Random((self.seed + self.epoch) * 1_000_003 + consumer)
-        buffer: List = []
-        for name, image, caption in self._samples(self._my_urls()):
-            image = _to_tensor(image) if self.preprocess is None else self.preprocess(image)
-            item = (image, _tokenize(self.tokenizer, caption))
-            if self.shuffle_buffer <= 0:
-                yield item
-                continue
-            buffer.append(item)
-            if len(buffer) >= self.shuffle_buffer:
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def to_indexed(self, cache_dir: Optional[Union[str, os.PathLike]] = None, *, max_samples: Optional[int] = None,
-                   with_index: bool = False, on_error: str = "skip"):
-        """Read all shards once, in the given order, into a map-style dataset with fixed indices.
-
-        Bad samples are skipped (and counted in num_skipped) here, so index i is the i-th good sample in shard
-        order. Holds every encoded image in memory unless cache_dir is given.
-
-        Args:
-            cache_dir: None: return an InMemoryCaptionDataset (encoded bytes, decoded on access). A folder: write
-                `images/{i:09d}.{ext}` and `index.tsv` (filepath, title, source) there and return a
-                CsvCaptionDataset over it (reusable: CsvCaptionDataset(cache_dir/"index.tsv") later).
-            max_samples: stop after this many good samples.
-            with_index, on_error: passed to the returned dataset.
-        """
-        images: List[bytes] = []
-        captions: List[str] = []
-        names: List[str] = []
-        exts: List[str] = []
-        seen = bad = 0
-        for raw in self._raw_samples(self.urls):
-            if raw is None:
-                continue
-            url, key, image, caption = raw
-            seen += 1
-            name = f"{url}:{key}"
-            if image is None:
-                bad += 1
-                logger.warning("skipping sample %s: %s", name, caption)
-                self._skipped.add()
-                continue
-            try:
-                _decode_image(image, name)
-            except BadSample as e:
-                bad += 1
-                logger.warning("skipping sample %s", e)
-                self._skipped.add()
-                continue
-            images.append(image)
-            captions.append(caption)
-            names.append(name)
-            exts.append(_image_ext(image))
-            if max_samples is not None and len(images) >= max_samples:
-                break
-        source = self.urls[0] if len(self.urls) == 1 else f"{self.urls[0]} (+{len(self.urls) - 1} shards)"
-        if not images:
-            raise ValueError(f"{source}: no readable image-caption samples ({bad} bad of {seen})")
-        if bad > self.max_bad_fraction * seen:
-            raise ValueError(f"{source}: {bad} of {seen} samples are bad, more than "
-                             f"max_bad_fraction={self.max_bad_fraction}")
-        if cache_dir is None:
-            return InMemoryCaptionDataset(images, captions, self.preprocess, self.tokenizer, names=names,
-                                          source=source, with_index=with_index, on_error=on_error,
-                                          max_bad_fraction=self.max_bad_fraction)
-        cache_dir = os.fspath(cache_dir)
-        os.makedirs(os.path.join(cache_dir, "images"), exist_ok=True)
-        tsv = os.path.join(cache_dir, "index.tsv")
-        with open(tsv + ".tmp", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, delimiter="\t")
-            writer.writerow(["filepath", "title", "source"])
-            for i, (data, caption, name, ext) in enumerate(zip(images, captions, names, exts)):
-                rel = os.path.join("images", f"{i:09d}.{ext}")
-                with open(os.path.join(cache_dir, rel), "wb") as img_f:
-                    img_f.write(data)
-                writer.writerow([rel, caption, name])
-        os.replace(tsv + ".tmp", tsv)
-        return CsvCaptionDataset(tsv, self.preprocess, self.tokenizer, with_index=with_index, on_error=on_error,
-                                 max_bad_fraction=self.max_bad_fraction)
-
-
-def _image_ext(data: bytes) -> str:
-    """File extension from an encoded image's magic bytes (for the on-disk cache)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "img"
+        return decode_image(self.images[index], self.names[index]), self.captions[index]

@@ -1,6 +1,6 @@
 """`clipmoe demo`: the CLIP-MoE paper's comparison in miniature, from one command, on CPU in minutes.
 
-1. Pre-train a tiny CLIP on the synthetic attribute data (clipmoe.synthetic; no weights can be downloaded here) —
+1. Pre-train a tiny CLIP on the synthetic attribute data (clipmoe.data.synthetic; no weights can be downloaded here) —
    or take a real open_clip model with --model/--pretrained.
 2. From that base, with the same data and the same number of training steps and batch size for every method:
    direct fine-tuning (FFNs only, random batches), sparse upcycling (E copies, experts + routers trained),
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from clipmoe.distributed import DistInfo
 from clipmoe.moe_ffn import MoEFFN
-from clipmoe.training import TrainConfig, train
+from clipmoe.train.distributed import DistInfo
+from clipmoe.train.loop import TrainConfig, train
 
 METHODS = ("base", "direct", "sparse_upcycling", "wo_mcl", "dmu")
 LABELS = {"base": "base (pre-trained)", "direct": "direct fine-tune", "sparse_upcycling": "sparse upcycling",
@@ -72,12 +72,22 @@ def _cfg(scale: DemoScale, steps: int, lr: float, seed: int, **kw) -> TrainConfi
 
 
 def run_demo(scale: DemoScale, out_dir, *, seed: int = 0, pretrained=None, device="cpu") -> dict:
-    from clipmoe.evaluate import collect_routing, evaluate_synthetic, plot_routing_heatmap, routing_statistics
+    from clipmoe.data.sampler import ClusterBatchSampler
+    from clipmoe.data.synthetic import SyntheticShapes
+    from clipmoe.eval import (
+        collect_routing,
+        evaluate_synthetic,
+        plot_routing_heatmap,
+        routing_statistics,
+    )
     from clipmoe.models import create_model
-    from clipmoe.pipeline import build_clip_moe, finetune_baseline, run_mcl, train_router
-    from clipmoe.sampler import ClusterBatchSampler
-    from clipmoe.contrastive import ContrastiveLoss
-    from clipmoe.synthetic import SyntheticShapes
+    from clipmoe.train.contrastive import ContrastiveLoss
+    from clipmoe.train.dmu import (
+        build_clip_moe,
+        finetune_baseline,
+        run_mcl,
+        train_router,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +198,7 @@ def plot_attributes(results: dict, path):
     return path
 
 
-def add_demo_command(sub):
+def add_commands(sub):
     p = sub.add_parser("demo", help="the paper's comparison in miniature on synthetic data (base, direct "
                                     "fine-tune, sparse upcycling, w/o MCL, DMU), printed as a table")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",

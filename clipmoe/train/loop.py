@@ -19,9 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from clipmoe.distributed import DistInfo
 from clipmoe.fileio import atomic_torch_save
 from clipmoe.moe_ffn import collect_aux_losses
+from clipmoe.train.distributed import DistInfo
 
 TRAINABLE = ("ffn", "router", "router_experts", "all")
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")

@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from clipmoe.cluster import accumulate_labels, cluster_stage
-from clipmoe.contrastive import ContrastiveLoss
-from clipmoe.distributed import DistInfo, all_gather_rows, barrier
-from clipmoe.sampler import ClusterBatchSampler
+from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.fileio import atomic_torch_save, atomic_write
-from clipmoe.training import TrainConfig, train
+from clipmoe.train.cluster import accumulate_labels, cluster_stage
+from clipmoe.train.contrastive import ContrastiveLoss
+from clipmoe.train.distributed import DistInfo, all_gather_rows, barrier
+from clipmoe.train.loop import TrainConfig, train
 from clipmoe.upcycle import dense_mlps, upcycle
 
 FFN_FILE = "ffn.safetensors"

@@ -1,0 +1,5 @@
+import sys
+
+from clipmoe.cli import main
+
+sys.exit(main())

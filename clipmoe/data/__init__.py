@@ -1,0 +1,16 @@
+"""Data: image-caption datasets (CSV/TSV, webdataset), clipmoe's synthetic attribute data, evaluation image sets and
+the cluster batch sampler of MCL."""
+from clipmoe.data.datasets import (
+                                   CsvCaptionDataset,
+                                   InMemoryCaptionDataset,
+                                   collate_skip_none,
+                                   make_transforms_and_tokenizer,
+)
+from clipmoe.data.eval_sets import ImageFiles, KarpathyRetrieval
+from clipmoe.data.sampler import ClusterBatchSampler
+from clipmoe.data.synthetic import SyntheticShapes, WordTokenizer
+from clipmoe.data.webdataset import WebDatasetCaptions
+
+__all__ = ["ClusterBatchSampler", "CsvCaptionDataset", "ImageFiles", "InMemoryCaptionDataset", "KarpathyRetrieval",
+           "SyntheticShapes", "WebDatasetCaptions", "WordTokenizer", "collate_skip_none",
+           "make_transforms_and_tokenizer"]

@@ -1,0 +1,119 @@
+"""Image datasets of evaluation: image files (or bytes) and Karpathy-style COCO / Flickr30k retrieval splits."""
+import hashlib
+import os
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from clipmoe.data.datasets import decode_image, to_tensor
+
+
+class ImageFiles(Dataset):
+    """Images read from files (or held as encoded bytes), items (image, index); a bad image raises, naming it
+    (evaluation must see every image). preprocess: PIL -> tensor; None: float [3, H, W] in [0, 1]."""
+
+    def __init__(self, sources: Sequence[Union[str, bytes]], preprocess: Optional[Callable] = None,
+                 names: Optional[Sequence[str]] = None):
+        self.sources, self.preprocess = list(sources), preprocess
+        self.names = list(names) if names is not None else [s if isinstance(s, str) else f"image {i}"
+                                                            for i, s in enumerate(self.sources)]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int):
+        from clipmoe.data.datasets import BadSample
+        try:
+            image = decode_image(self.sources[index], self.names[index])
+        except BadSample as e:
+            raise (FileNotFoundError if e.missing else ValueError)(str(e)) from e
+        return (to_tensor(image) if self.preprocess is None else self.preprocess(image)), index
+
+
+class KarpathyRetrieval(ImageFiles):
+    """The images of one split of a Karpathy-style COCO / Flickr30k JSON, with their captions.
+
+    The file: {"images": [{"filename": "x.jpg", "filepath": "val2014" (optional), "split": "test",
+    "sentences": [{"raw": "a caption", "tokens": [...]}, ...]}, ...]}; the image path is
+    image_root/filepath/filename (image_root/filename without "filepath").
+
+    Args:
+        split: a split name ("test", "val", "train", "restval"), a list of them, or None / "all" for every image
+            (Long-CLIP's Flickr30k protocol uses all 31.8k images).
+        preprocess: PIL -> tensor (the model's eval transform); None: float [3, H, W] in [0, 1].
+        max_captions: keep the first n captions of each image (COCO's 5k protocol: 5; a few COCO images have 6-7).
+        check_files: stat every image now and raise FileNotFoundError naming the missing ones.
+    Items: (image, index). Attributes: paths, captions (list of N_txt str), text_to_image (long [N_txt]),
+    num_without_captions (images of the split dropped because they have no caption).
+    """
+
+    def __init__(self, json_path, image_root, split: Optional[Union[str, Sequence[str]]] = "test",
+                 preprocess: Optional[Callable] = None, *, max_captions: Optional[int] = None,
+                 check_files: bool = True):
+        import json
+
+        json_path = os.fspath(json_path)
+        if not os.path.isfile(json_path):
+            raise FileNotFoundError(f"{json_path}: Karpathy JSON file not found")
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"{image_root}: image root folder not found")
+        with open(json_path, encoding="utf-8") as f:
+            try:
+                document = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{json_path}: not valid JSON ({exc})") from exc
+        entries = document.get("images") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError(f"{json_path}: expected a Karpathy-style JSON object with an \"images\" list")
+        splits = None if split in (None, "all") else ({split} if isinstance(split, str) else set(split))
+        paths, captions, text_to_image = [], [], []
+        self.num_without_captions = 0
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "filename" not in entry:
+                raise ValueError(f"{json_path}: images[{i}] has no \"filename\"")
+            if splits is not None and entry.get("split") not in splits:
+                continue
+            texts = []
+            for sentence in entry.get("sentences", []):
+                if isinstance(sentence, dict):
+                    text = sentence.get("raw") or " ".join(sentence.get("tokens", []))
+                else:
+                    text = str(sentence)
+                if text.strip():
+                    texts.append(text.strip())
+            texts = texts[:max_captions] if max_captions is not None else texts
+            if not texts:
+                self.num_without_captions += 1
+                continue
+            text_to_image.extend([len(paths)] * len(texts))
+            captions.extend(texts)
+            paths.append(os.path.join(os.fspath(image_root), entry.get("filepath", ""), entry["filename"]))
+        if not paths:
+            found = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
+            raise ValueError(f"{json_path}: no image with a caption in split {split!r}; the file has splits {found}")
+        if check_files:
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"{json_path}: {len(missing)} of {len(paths)} images not found under "
+                                        f"{image_root}, e.g. {missing[0]}")
+        super().__init__(paths, preprocess)
+        self.paths, self.captions = paths, captions
+        self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+
+
+def group_captions(keys: Sequence, captions: Sequence[str]):
+    """Rows (image key, caption) -> (unique keys in first-seen order, text_to_image [N_txt] long)."""
+    first: Dict = {}
+    text_to_image = [first.setdefault(k, len(first)) for k in keys]
+    return list(first), torch.tensor(text_to_image, dtype=torch.long)
+
+
+def dedup_images(images: Sequence[bytes], captions: Sequence[str]):
+    """Encoded images with one caption each (webdataset samples) -> (unique images, text_to_image): byte-identical
+    images (a shard written one sample per caption) become one gallery image with several captions."""
+    keys = [hashlib.sha1(data).hexdigest() for data in images]
+    unique_keys, text_to_image = group_captions(keys, captions)
+    by_key = dict(zip(keys, images, strict=True))
+    return [by_key[k] for k in unique_keys], text_to_image
+

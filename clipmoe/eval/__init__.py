@@ -1,0 +1,22 @@
+"""Evaluation: retrieval and zero-shot metrics, feature extraction and the evaluations built on it, routing
+statistics of the MoE layers and their plots."""
+from clipmoe.eval.metrics import retrieval_metrics, zero_shot_metrics
+from clipmoe.eval.retrieval import (
+                                    ZERO_SHOT_TEMPLATES,
+                                    class_embeddings,
+                                    embed_captions,
+                                    embed_images,
+                                    embed_texts,
+                                    evaluate_retrieval,
+                                    evaluate_synthetic,
+)
+from clipmoe.eval.routing import (
+                                    RoutingCollector,
+                                    collect_routing,
+                                    plot_routing_heatmap,
+                                    routing_statistics,
+)
+
+__all__ = ["RoutingCollector", "ZERO_SHOT_TEMPLATES", "class_embeddings", "collect_routing", "embed_captions",
+           "embed_images", "embed_texts", "evaluate_retrieval", "evaluate_synthetic", "plot_routing_heatmap",
+           "retrieval_metrics", "routing_statistics", "zero_shot_metrics"]
