@@ -45,6 +45,13 @@ def check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2):
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
+def _no_tokens(x, w1, b1, w2, b2, act, dropout_p, training):
+    """The [0, D] output of an empty batch, computed through expert 0 so that it stays in the autograd graph of x
+    and the weights (backward gives zero gradients, as the triton backend does, instead of failing)."""
+    h = F.dropout(act(F.linear(x, w1[0], b1[0])), dropout_p, training)
+    return F.linear(h, w2[0], b2[0])
+
+
 # _per_expert: the loops index per-expert views made by unbind, whose backward stacks the E gradients once.
 # Indexing w1[e] instead makes each expert's backward allocate and add a zero-filled [E, F, D] gradient
 # (measured on CPU, ViT-B/32 shapes, 400 tokens, E=4: forward+backward 1.88x the equal-FLOP dense MLP with w1[e]).
@@ -55,6 +62,8 @@ def expert_ffn_naive(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quic
     """The official CLIP-MoE loop (see module docstring). Shapes as in `expert_ffn_torch`."""
     check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2)
     act = get_activation(activation)
+    if x.shape[0] == 0:
+        return _no_tokens(x, w1, b1, w2, b2, act, dropout_p, training)
     num_experts = w1.shape[0]
     w1, b1, w2, b2 = (w.unbind(0) for w in (w1, b1, w2, b2))  # one view per expert (see _per_expert)
     y = None
@@ -86,6 +95,8 @@ def expert_ffn_torch(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quic
     """
     check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2)
     act = get_activation(activation)
+    if x.shape[0] == 0:
+        return _no_tokens(x, w1, b1, w2, b2, act, dropout_p, training)
     T, k = topk_ids.shape
     if meta is None:
         meta = moe_align(topk_ids, w1.shape[0])

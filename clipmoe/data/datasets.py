@@ -48,12 +48,15 @@ import io
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterator
 from multiprocessing.context import get_spawning_popen
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
+
+from clipmoe.fileio import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +137,33 @@ def check_fraction(max_bad_fraction: float) -> float:
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
     return max_bad_fraction
+
+
+def read_csv_rows(path, sep: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every non-blank row of a UTF-8 CSV/TSV file (the header first), with CSV quoting.
+
+    A record that runs over several lines is refused: it is what an unclosed double quote at the start of a field
+    makes of the rows after it (they would silently become one caption), and it cannot be told apart from a caption
+    holding a line break. Raises ValueError naming the file and the line."""
+    text = read_text(path, "")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ValueError(f"{path}: line {reader.line_num}: not valid CSV ({exc})") from None
+        end, line = reader.line_num, start
+        start = end + 1
+        if end > line:
+            raise ValueError(f"{path}: line {line}: a field runs over {end - line + 1} lines, to line {end}: a field "
+                             f"that starts with a double quote (\") ends only at the next one, swallowing the rows in "
+                             f"between. Quote such a field whole with its inner quotes doubled (\"a \"\"b\"\" c\"), "
+                             f"or drop the leading quote; captions with line breaks are not supported")
+        if row:
+            yield line, row
 
 
 def collate_skip_none(batch: List):
@@ -290,30 +320,24 @@ class CsvCaptionDataset(MapCaptionDataset):
         self.paths: List[str] = []
         self.captions: List[str] = []
         self.lines: List[int] = []
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter=sep)
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{path}: empty file (no header row)")
-            header = [h.strip() for h in header]
-            for key, flag in ((img_key, "--csv-img-key / img_key"), (caption_key, "--csv-caption-key / caption_key")):
-                if key not in header:
-                    hint = ""
-                    if len(header) == 1:
-                        hint = f"; only one column was found, so the separator {sep!r} may be wrong"
-                    raise ValueError(f"{path}: no column {key!r} ({flag}); the header has columns {header}{hint}")
-            img_col, cap_col = header.index(img_key), header.index(caption_key)
-            line = reader.line_num + 1
-            for row in reader:
-                if not row:  # blank line
-                    line = reader.line_num + 1
-                    continue
-                img = row[img_col].strip() if img_col < len(row) else ""
-                cap = row[cap_col].strip() if cap_col < len(row) else ""
-                self.paths.append(os.path.join(root, os.path.expanduser(img)) if img else "")
-                self.captions.append(cap)
-                self.lines.append(line)
-                line = reader.line_num + 1
+        rows = read_csv_rows(path, sep)
+        header = next(rows, (1, None))[1]
+        if header is None:
+            raise ValueError(f"{path}: empty file (no header row)")
+        header = [h.strip() for h in header]
+        for key, flag in ((img_key, "--csv-img-key / img_key"), (caption_key, "--csv-caption-key / caption_key")):
+            if key not in header:
+                hint = ""
+                if len(header) == 1:
+                    hint = f"; only one column was found, so the separator {sep!r} may be wrong"
+                raise ValueError(f"{path}: no column {key!r} ({flag}); the header has columns {header}{hint}")
+        img_col, cap_col = header.index(img_key), header.index(caption_key)
+        for line, row in rows:
+            img = row[img_col].strip() if img_col < len(row) else ""
+            cap = row[cap_col].strip() if cap_col < len(row) else ""
+            self.paths.append(os.path.join(root, os.path.expanduser(img)) if img else "")
+            self.captions.append(cap)
+            self.lines.append(line)
         n = len(self.paths)
         if n == 0:
             raise ValueError(f"{path}: no data rows after the header")

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clipmoe.data.datasets import decode_image, to_tensor
+from clipmoe.fileio import read_text
 
 
 class ImageFiles(Dataset):
@@ -58,11 +59,10 @@ class KarpathyRetrieval(ImageFiles):
             raise FileNotFoundError(f"{json_path}: Karpathy JSON file not found")
         if not os.path.isdir(image_root):
             raise FileNotFoundError(f"{image_root}: image root folder not found")
-        with open(json_path, encoding="utf-8") as f:
-            try:
-                document = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{json_path}: not valid JSON ({exc})") from exc
+        try:
+            document = json.loads(read_text(json_path, ""))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{json_path}: not valid JSON ({exc})") from exc
         entries = document.get("images") if isinstance(document, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{json_path}: expected a Karpathy-style JSON object with an \"images\" list")

@@ -1,0 +1,173 @@
+"""What clipmoe refuses, one test per example: input files that would silently lose or alter data, models and
+checkpoints that would silently be wrong, and the file-writing guarantees (atomic pairs, no leftovers, modes).
+
+Each test names the example it guards; the error it expects names the file (or module, or tensor) and what was
+expected instead.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipmoe import MoEFFN
+from clipmoe.data.datasets import CsvCaptionDataset
+from clipmoe.data.eval_sets import KarpathyRetrieval
+from clipmoe.fileio import atomic_write
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((4, 4, 3), i % 256, np.uint8)).save(folder / f"{i}.png")
+    return [f"img/{i}.png" for i in range(n)]
+
+
+def _table(path, rows, encoding="utf-8"):
+    with open(path, "w", newline="", encoding=encoding) as f:
+        csv.writer(f, delimiter="\t").writerows([("filepath", "title"), *rows])
+    return path
+
+
+def _umask_mode():
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input files: nothing lost, nothing decoded wrongly
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_csv_caption_opening_a_quote_is_refused_not_swallowing_rows(tmp_path):
+    """A caption starting with `"` used to swallow the rows up to the next quote (200 rows -> 21 samples)."""
+    paths = _images(tmp_path / "img", 200)
+    lines = ["filepath\ttitle"] + [f"{p}\tcaption {i}" for i, p in enumerate(paths)]
+    lines[11] = f'{paths[10]}\t"Big" red circle and then a 12" ruler'  # balanced: parsed as CSV quoting
+    lines[21] = f'{paths[20]}\t"unclosed quote runs on'
+    lines[41] = f'{paths[40]}\ta "quoted" word'
+    (tmp_path / "data.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r'data\.tsv: line 22: a field runs over \d+ lines, to line \d+: a field '
+                                         r'that starts with a double quote'):
+        CsvCaptionDataset(tmp_path / "data.tsv")
+    del lines[21]
+    (tmp_path / "data.tsv").write_text("\n".join(lines) + "\n")
+    dataset = CsvCaptionDataset(tmp_path / "data.tsv")
+    assert len(dataset) == 199 and dataset.num_skipped == 0
+    assert dataset.captions[39] == 'a "quoted" word'  # a quote inside a field is literal text
+
+
+def test_csv_with_properly_quoted_captions_parses_every_row(tmp_path):
+    paths = _images(tmp_path / "img", 5)
+    captions = ['"quoted" start', "tab\tinside", 'ends with "', "plain", 'a 12" ruler']
+    _table(tmp_path / "q.tsv", zip(paths, captions, strict=True))  # csv.writer quotes and doubles inner quotes
+    assert CsvCaptionDataset(tmp_path / "q.tsv").captions == captions
+
+
+def test_csv_with_utf8_bom_is_accepted(tmp_path):
+    """A UTF-8 byte-order mark (Excel's "CSV UTF-8") used to become part of the first column's name."""
+    paths = _images(tmp_path / "img", 3)
+    _table(tmp_path / "bom.tsv", [(p, "café") for p in paths], encoding="utf-8-sig")
+    assert (tmp_path / "bom.tsv").read_bytes().startswith(b"\xef\xbb\xbf")
+    dataset = CsvCaptionDataset(tmp_path / "bom.tsv")
+    assert len(dataset) == 3 and dataset.captions[0] == "café"
+
+
+def test_csv_not_utf8_names_the_file_line_and_encoding(tmp_path):
+    paths = _images(tmp_path / "img", 3)
+    _table(tmp_path / "latin.tsv", [(paths[0], "ok"), (paths[1], "café"), (paths[2], "ok")], encoding="latin-1")
+    with pytest.raises(ValueError, match=r"latin\.tsv: not utf-8 text: byte 0xe9 at line 3, column \d+ .*a UTF-8 "
+                                         r"byte-order mark is accepted"):
+        CsvCaptionDataset(tmp_path / "latin.tsv")
+    _table(tmp_path / "utf16.tsv", [(p, "ok") for p in paths], encoding="utf-16")
+    with pytest.raises(ValueError, match=r"utf16\.tsv: the file is UTF-16 LE .*reads text files as utf-8"):
+        CsvCaptionDataset(tmp_path / "utf16.tsv")
+
+
+def _karpathy(tmp_path, encoding):
+    _images(tmp_path / "img", 2)
+    document = {"images": [{"filename": f"{i}.png", "split": "test", "sentences": [{"raw": f"caf\u00e9 {i}"}]}
+                           for i in range(2)]}
+    path = tmp_path / f"karpathy_{encoding}.json"
+    path.write_text(json.dumps(document, ensure_ascii=False), encoding=encoding)
+    return path
+
+
+def test_json_with_utf8_bom_is_accepted_and_latin1_refused(tmp_path):
+    data = KarpathyRetrieval(_karpathy(tmp_path, "utf-8-sig"), tmp_path / "img")
+    assert data.captions == ["caf\u00e9 0", "caf\u00e9 1"]
+    with pytest.raises(ValueError, match=r"karpathy_latin-1\.json: not utf-8 text: byte 0xe9 at line 1"):
+        KarpathyRetrieval(_karpathy(tmp_path, "latin-1"), tmp_path / "img")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing files
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_temporaries_of_a_killed_write_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "state.bin"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from clipmoe.fileio import atomic_write
+        def write(tmp):
+            tmp.write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)  # killed mid-write
+        atomic_write({str(target)!r}, write)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == -9
+    assert len(list(tmp_path.glob(".state.bin.*.tmp"))) == 1 and not target.exists()
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"whole"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"] and target.read_bytes() == b"whole"
+
+
+def test_temporary_of_a_live_writer_is_kept(tmp_path):
+    target = tmp_path / "state.bin"
+
+    def write(tmp):  # while this write runs, a second one of the same path must not delete its file
+        atomic_write(target, lambda other: other.write_bytes(b"inner"))
+        assert tmp.exists()
+        tmp.write_bytes(b"outer")
+
+    atomic_write(target, write)
+    assert target.read_bytes() == b"outer"
+
+
+def test_safetensors_files_get_the_umask_mode(tmp_path):
+    """safetensors creates private (0600) files; atomic_write promises 0666 & ~umask."""
+    from safetensors.torch import save_file
+    path = atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, tmp))
+    assert path.stat().st_mode & 0o777 == _umask_mode()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+def test_backward_through_an_empty_batch(backend, monkeypatch):
+    """Backward through zero tokens used to fail on naive/torch ("does not require grad")."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    moe = MoEFFN(8, 16, num_experts=4, top_k=2, backend=backend)
+    for requires_grad in (True, False):  # frozen input with trainable experts (FFN-only training) too
+        moe.zero_grad(set_to_none=True)
+        x = torch.randn(0, 3, 8, requires_grad=requires_grad)
+        y = moe(x)
+        assert y.shape == (0, 3, 8)
+        y.sum().backward()
+        for name in ("w1", "b1", "w2", "b2"):
+            grad = getattr(moe, name).grad
+            assert grad is not None and grad.shape == getattr(moe, name).shape and not grad.any()
+        if requires_grad:
+            assert x.grad.shape == (0, 3, 8)
