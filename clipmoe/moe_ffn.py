@@ -110,11 +110,12 @@ class MoEFFN(nn.Module):
         key names; keys may carry a module prefix ('mlp.c_fc.weight' works like 'c_fc.weight')."""
         if not 0 <= index < self.num_experts:
             raise ValueError(f"index must be in [0, num_experts={self.num_experts}), got {index}")
-        names = {}
+        names, keys = {}, {}
         for key, value in mlp_state.items():
             layer, _, param = key.rpartition(".")
             layer = layer.rpartition(".")[2]
             names[(layer, param)] = value
+            keys.setdefault((layer, param), []).append(key)
         for up, down in (("c_fc", "c_proj"), ("fc1", "fc2")):
             if (up, "weight") in names:
                 break
@@ -122,6 +123,9 @@ class MoEFFN(nn.Module):
             raise ValueError(f"mlp_state has no 'c_fc.weight' or 'fc1.weight' key; got keys {sorted(mlp_state)}")
         targets = {(up, "weight"): self.w1, (up, "bias"): self.b1, (down, "weight"): self.w2, (down, "bias"): self.b2}
         for (layer, param), target in targets.items():
+            if len(keys.get((layer, param), ())) > 1:  # e.g. the state dict of a tower: which MLP is meant?
+                raise ValueError(f"mlp_state holds several MLPs: keys {keys[(layer, param)][:3]} all give "
+                                 f"'{layer}.{param}'; pass the state dict of one MLP")
             if (layer, param) not in names:
                 raise ValueError(f"mlp_state lacks '{layer}.{param}' (an MoEFFN expert needs both linears with biases)")
             value = names[(layer, param)]

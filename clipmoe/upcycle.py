@@ -3,7 +3,8 @@
 Recognised MLPs: open_clip's native `Sequential(c_fc, gelu, c_proj)` (both towers of the native CLIP models),
 timm's `Mlp(fc1, act, fc2)` (timm vision trunks) and Hugging Face transformers' `CLIPMLP(fc1, activation_fn, fc2)`
 (`CLIPModel`, `CLIPVisionModel`, `CLIPTextModel`; see clipmoe.hf_compat). Gated (SwiGLU) and convolutional MLPs are
-left alone.
+left alone; MLPs with an inner norm (open_clip's scale_fc=True, timm's Mlp(norm_layer=...)) are refused, since an
+expert (linear, activation, linear) cannot represent them.
 """
 from typing import Mapping, Optional, Sequence
 
@@ -28,19 +29,45 @@ def activation_name(act: nn.Module, where: str) -> str:
     raise ValueError(f"{where}: unsupported MLP activation {kind}; MoEFFN supports QuickGELU, GELU and GELU(tanh)")
 
 
+# Children of open_clip's MLP Sequential that upcycling maps to an expert (`ln` only as an Identity).
+_OPEN_CLIP_MLP_CHILDREN = ("c_fc", "gelu", "ln", "c_proj")
+
+
+def _is_open_clip_mlp(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and hasattr(module, "c_fc") and hasattr(module, "c_proj")
+
+
+def _inner_layers(module: nn.Module) -> list:
+    """Names of the layers of an open_clip / timm MLP that an MoEFFN expert (two linears and an activation) has no
+    place for: open_clip's `ln` of scale_fc=True, timm's `norm`, anything else inside the Sequential."""
+    if _is_open_clip_mlp(module):
+        return [name for name, child in module.named_children()
+                if name not in _OPEN_CLIP_MLP_CHILDREN or (name == "ln" and not isinstance(child, nn.Identity))]
+    if type(module).__name__ == "Mlp" and isinstance(getattr(module, "fc1", None), nn.Linear):
+        return [] if isinstance(getattr(module, "norm", nn.Identity()), nn.Identity) else ["norm"]
+    return []
+
+
 def dense_mlp_parts(module: nn.Module):
-    """(up Linear, activation, down Linear, dropout p) of a recognised dense MLP, else None."""
-    if isinstance(module, nn.Sequential) and hasattr(module, "c_fc") and hasattr(module, "c_proj"):
+    """(up Linear, activation, down Linear, dropout p) of a recognised dense MLP, else None (also for MLPs with an
+    inner norm, which `unsupported_mlps` lists)."""
+    if _inner_layers(module):
+        return None
+    if _is_open_clip_mlp(module):
         act = getattr(module, "gelu", None)
         if isinstance(module.c_fc, nn.Linear) and isinstance(module.c_proj, nn.Linear) and act is not None:
             return module.c_fc, act, module.c_proj, 0.0
     if type(module).__name__ == "Mlp" and isinstance(getattr(module, "fc1", None), nn.Linear) \
             and isinstance(getattr(module, "fc2", None), nn.Linear):
-        if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
-            return None  # an Mlp with an inner norm is not a plain two-linear FFN
         drop = getattr(module, "drop1", None)
         return module.fc1, module.act, module.fc2, drop.p if isinstance(drop, nn.Dropout) else 0.0
     return hf_mlp_parts(module)
+
+
+def unsupported_mlps(model: nn.Module) -> dict:
+    """{module name: [inner layers]} of the open_clip / timm MLPs of `model` that hold a layer an MoEFFN expert
+    cannot represent (e.g. the LayerNorm of open_clip's scale_fc=True): `upcycle` refuses such models."""
+    return {name: inner for name, m in model.named_modules() for inner in [_inner_layers(m)] if inner}
 
 
 def dense_mlps(model: nn.Module) -> dict:
@@ -72,28 +99,43 @@ def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2,
     Routers are randomly initialised (nn.Linear init). With all experts equal to the dense MLP and renormalize=True,
     the upcycled model computes the same function as the dense one (up to rounding).
     """
+    unsupported = unsupported_mlps(model)
+    if unsupported:
+        name, inner = next(iter(unsupported.items()))
+        raise ValueError(f"{len(unsupported)} MLP(s) hold layers an MoEFFN expert (linear, activation, linear) has no "
+                         f"place for, e.g. {name or 'the model'} has {inner} (open_clip's scale_fc=True adds the "
+                         f"LayerNorm 'ln'); copying only the linears would change the model, so it is not upcycled")
     mlps = dense_mlps(model)
     if not mlps:
         raise ValueError("model has no open_clip, timm or transformers CLIP dense MLP to upcycle (already upcycled?)")
+    if "" in mlps:
+        raise ValueError("model is itself a dense MLP; upcycle replaces the MLPs inside a model in place, so pass the "
+                         "model (or block) that holds it, or build an MoEFFN and fill it with MoEFFN.load_expert")
     experts = dict(experts or {})
     unknown = sorted(set(experts) - set(mlps))
     if unknown:
         raise ValueError(f"experts names modules that are not dense MLPs of the model: {unknown[:3]}; "
                          f"expected names such as {list(mlps)[:2]}")
+    # Every MoEFFN is built and filled before the first one replaces its MLP: an error leaves the model untouched.
+    moes = {}
     for name, mlp in mlps.items():
         up, act, down, mlp_dropout = dense_mlp_parts(mlp)
-        moe = MoEFFN(up.in_features, up.out_features, num_experts=num_experts, top_k=top_k,
-                     activation=activation or activation_name(act, name),
-                     dropout=mlp_dropout if dropout is None else dropout, renormalize=renormalize,
-                     backend=backend, device=up.weight.device, dtype=up.weight.dtype)
         if up.bias is None or down.bias is None:
             raise ValueError(f"{name}: MoEFFN experts have biases; this MLP has a Linear without bias")
         states = experts.get(name, [mlp.state_dict()] * num_experts)
         if len(states) != num_experts:
             raise ValueError(f"experts[{name!r}] holds {len(states)} state dicts, expected num_experts={num_experts}")
+        moe = MoEFFN(up.in_features, up.out_features, num_experts=num_experts, top_k=top_k,
+                     activation=activation or activation_name(act, name),
+                     dropout=mlp_dropout if dropout is None else dropout, renormalize=renormalize,
+                     backend=backend, device=up.weight.device, dtype=up.weight.dtype)
         for j, state in enumerate(states):
-            moe.load_expert(j, state)
-        moe.train(mlp.training)
+            try:
+                moe.load_expert(j, state)
+            except ValueError as exc:
+                raise ValueError(f"experts[{name!r}][{j}]: {exc}") from None
+        moes[name] = moe.train(mlp.training)
+    for name, moe in moes.items():
         parent, child = _parent(model, name)
         setattr(parent, child, moe)
     return model

@@ -171,3 +171,70 @@ def test_backward_through_an_empty_batch(backend, monkeypatch):
             assert grad is not None and grad.shape == getattr(moe, name).shape and not grad.any()
         if requires_grad:
             assert x.grad.shape == (0, 3, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Upcycling: refused rather than silently wrong, and never half done
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _tiny_clip(**vision):
+    import open_clip
+    return open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16,
+                                                        **vision),
+                          text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=2))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before):
+    assert not any(isinstance(m, MoEFFN) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_upcycle_refuses_open_clip_mlps_with_scale_fc_layernorm():
+    """scale_fc=True puts a LayerNorm inside the MLP; copying only the linears changed the experts by 0.5 rel."""
+    from clipmoe import upcycle
+    model = _tiny_clip(scale_fc=True)
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"2 MLP\(s\) hold layers an MoEFFN expert .* e\.g\. "
+                                         r"visual\.transformer\.resblocks\.0\.mlp has \['ln'\] .*scale_fc=True"):
+        upcycle(model, 2, 1)
+    _assert_untouched(model, before)
+    model = _tiny_clip(scale_fc=False, scale_attn=True)  # the custom block with ln = Identity is a plain MLP
+    upcycle(model, 2, 1)
+    assert isinstance(model.visual.transformer.resblocks[0].mlp, MoEFFN)
+
+
+def test_upcycle_refuses_an_expert_state_dict_holding_several_mlps():
+    """A state dict of several MLPs used to give the expert the last matching tensors, silently."""
+    from clipmoe import upcycle
+    model = _tiny_clip()
+    name = "transformer.resblocks.0.mlp"
+    tower = model.transformer.state_dict()  # resblocks.0.mlp.c_fc.weight, resblocks.1.mlp.c_fc.weight, ...
+    with pytest.raises(ValueError, match=r"experts\['transformer\.resblocks\.0\.mlp'\]\[1\]: mlp_state holds several "
+                                         r"MLPs: keys \['resblocks\.0\.mlp\.c_fc\.weight', 'resblocks\.1\.mlp\.c_fc"):
+        upcycle(model, 2, 1, experts={name: [model.get_submodule(name).state_dict(), tower]})
+
+
+def test_failed_upcycle_leaves_the_model_untouched():
+    from clipmoe import dense_mlps, upcycle
+    model = _tiny_clip()
+    before = _state(model)
+    last = list(dense_mlps(model))[-1]
+    wrong = {"c_fc.weight": torch.zeros(3, 3), "c_fc.bias": torch.zeros(3), "c_proj.weight": torch.zeros(3, 3),
+             "c_proj.bias": torch.zeros(3)}
+    with pytest.raises(ValueError, match=rf"experts\['{last}'\]\[0\]: mlp_state\['c_fc\.weight'\] has shape"):
+        upcycle(model, 1, 1, experts={last: [wrong]})
+    _assert_untouched(model, before)
+
+
+def test_upcycle_of_the_mlp_itself_is_refused():
+    """upcycle(block.mlp) used to append a child named "" after c_proj."""
+    from clipmoe import upcycle
+    mlp = _tiny_clip().transformer.resblocks[0].mlp
+    with pytest.raises(ValueError, match="model is itself a dense MLP; upcycle replaces the MLPs inside a model"):
+        upcycle(mlp, 2, 1)
+    assert [name for name, _ in mlp.named_children()] == ["c_fc", "gelu", "c_proj"]
