@@ -1,11 +1,21 @@
 """Checkpoints in clipmoe's own format (safetensors + JSON), and building a model from an architecture dict.
 
-Own format: `<dir>/model.safetensors` + `<dir>/config.json` (or `X.safetensors` + `X.json`), the JSON holding the
-architecture, the MoEConfig, the names of the MoE modules and the text context; both files are written atomically.
+Own format: `<dir>/clipmoe_model.safetensors` + `<dir>/clipmoe_config.json` (or `X.safetensors` + `X.json`), named
+like open_clip's `open_clip_config.json` so that one folder can also hold a Hugging Face model (`config.json` +
+`model.safetensors`); folders written by clipmoe <= 0.2 with those HF names still load. The JSON holds the
+architecture, the MoEConfig, the names of the MoE modules and the text context.
+
+The pair is atomic: the safetensors file carries a copy of the JSON document in its metadata and is the commit point
+(written to a temporary file and renamed into place); the JSON beside it, written next, is the readable copy, and
+both hold the same random `save_id`. A save killed between the two renames leaves the new weights with a JSON of
+another save (or none): `load_checkpoint` sees the ids differ, warns, and uses the config stored with the weights,
+so a load returns the old checkpoint or the new one, never a mixture.
 """
 import json
+import logging
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -17,10 +27,16 @@ from clipmoe.longclip import LONG_CLIP_SHORT_POSITIONS, long_clip_class
 from clipmoe.moe_ffn import MoEFFN
 from clipmoe.upcycle import activation_name, dense_mlp_parts
 
+logger = logging.getLogger(__name__)
+
 FORMAT_NAME = "clipmoe"
-FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+FORMAT_VERSION = 2  # 2: own file names, save_id, the document also in the weights' metadata
+WEIGHTS_NAME = "clipmoe_model.safetensors"
+CONFIG_NAME = "clipmoe_config.json"
+LEGACY_WEIGHTS_NAME = "model.safetensors"  # format_version 1 (clipmoe <= 0.2), the names HF uses
+LEGACY_CONFIG_NAME = "config.json"
+METADATA_KEY = "clipmoe_config"  # the JSON document, stored in the safetensors header
+
 
 class CheckpointError(ValueError):
     """A file that is not a readable checkpoint of the expected format, or that does not match its config."""
@@ -94,8 +110,32 @@ def _check_state(model: nn.Module, state: Mapping[str, torch.Tensor], where: str
         raise CheckpointError(f"{where}: " + " | ".join(problems))
 
 
+def _exact_dtypes(model: nn.Module, state: Mapping[str, torch.Tensor], where: str, rename) -> dict:
+    """`state` with floating tensors narrower than the model's (fp16/bf16 into fp32) widened, which is exact; raise
+    a CheckpointError naming the tensors of any other dtype (integers where weights belong, fp64, complex)."""
+    expected = {k: v.dtype for k, v in model.state_dict().items()}
+    out, bad = dict(state), []
+    for key, value in state.items():
+        want = expected[key]
+        if value.dtype == want:
+            continue
+        if value.is_floating_point() and want.is_floating_point and torch.promote_types(value.dtype, want) == want:
+            out[key] = value.to(want)
+        else:
+            bad.append(f"{rename(key)} is {value.dtype}")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise CheckpointError(f"{where}: tensors of a dtype the model cannot take: {'; '.join(bad[:5])}{more}; "
+                              f"expected {sorted({str(expected[k]) for k in expected})} (16-bit floats are widened "
+                              f"exactly; cast other tensors before saving)")
+    return out
+
+
 def load_assign(model: nn.Module, state: Mapping[str, torch.Tensor], where: str, rename=lambda k: k) -> nn.Module:
+    """Load `state` into `model` (assign=True: meta tensors get the file's storage) after checking every name,
+    shape and dtype; errors are CheckpointErrors naming the tensors."""
     _check_state(model, state, where, rename)
+    state = _exact_dtypes(model, state, where, rename)
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:  # a module registering meta parameters outside its state dict; should not happen for CLIP models
@@ -103,7 +143,7 @@ def load_assign(model: nn.Module, state: Mapping[str, torch.Tensor], where: str,
     return model.eval()
 
 
-def text_context(model: nn.Module) -> Optional[int]:
+def text_context(model: nn.Module) -> int | None:
     for owner in (model, getattr(model, "text", None)):
         if isinstance(getattr(owner, "context_length", None), int):
             return owner.context_length
@@ -116,13 +156,27 @@ def text_context(model: nn.Module) -> Optional[int]:
 # Own format: safetensors + JSON
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _checkpoint_files(path):
+def checkpoint_files(path, *, for_writing: bool = False):
+    """(weights path, config path) of the own-format checkpoint at `path`: `X.safetensors` / `X.json` for a file
+    path, else the folder's `clipmoe_model.safetensors` + `clipmoe_config.json` (for reading, a folder without them
+    but with the legacy `config.json` of a clipmoe checkpoint gives the legacy names)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return path, path.with_suffix(".json")
     if path.suffix == ".json":
         return path.with_suffix(".safetensors"), path
-    return path / WEIGHTS_NAME, path / CONFIG_NAME
+    files = path / WEIGHTS_NAME, path / CONFIG_NAME
+    if not for_writing and not any(f.exists() for f in files) and _is_legacy_checkpoint(path):
+        return path / LEGACY_WEIGHTS_NAME, path / LEGACY_CONFIG_NAME
+    return files
+
+
+def _is_legacy_checkpoint(folder: Path) -> bool:
+    """Whether `folder/config.json` is a clipmoe config (format_version 1), not a Hugging Face one."""
+    try:
+        return json.loads((folder / LEGACY_CONFIG_NAME).read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _architecture_of(model: nn.Module, architecture) -> dict:
@@ -174,23 +228,26 @@ def _moe_config_of(moes: Mapping[str, MoEFFN], config) -> MoEConfig:
     return config
 
 
-def save_checkpoint(model: nn.Module, path, config: Optional[Union[MoEConfig, dict]] = None, *,
+def save_checkpoint(model: nn.Module, path, config: MoEConfig | dict | None = None, *,
                     architecture=None) -> Path:
     """Save `model` as safetensors weights + a JSON config; `load_checkpoint(path)` rebuilds it in one call.
 
     Args:
         model: a model from `load_clip_moe_checkpoint` / `load_checkpoint`, an upcycled open_clip CLIP, or an
             upcycled transformers CLIPModel / CLIPVisionModel / CLIPTextModel.
-        path: a directory (gets `model.safetensors` + `config.json`) or a `X.safetensors` path (gets `X.json`).
+        path: a directory (gets `clipmoe_model.safetensors` + `clipmoe_config.json`; other files in it, such as a
+            Hugging Face model's, are left alone) or a `X.safetensors` path (gets `X.json`).
         config: the MoEConfig of the MoE layers (default: read from the model's MoEFFN layers); must agree with them.
         architecture: for open_clip models not built by clipmoe's loaders, the open_clip model name (e.g.
             "ViT-B-32") or model config dict they were created from.
-    Each file is written to a temporary file in the same folder and renamed into place. Returns `path`.
+    Each file is written to a temporary file in the same folder and renamed into place, the weights (which carry
+    the config too) first; a kill at any moment leaves a checkpoint that loads as the old or the new one. A legacy
+    clipmoe pair (`model.safetensors` + clipmoe `config.json`) in the folder is removed. Returns `path`.
     """
     moes = {name: m for name, m in model.named_modules() if isinstance(m, MoEFFN)}
     config = _moe_config_of(moes, config)
     arch = _architecture_of(model, architecture)
-    weights_path, config_path = _checkpoint_files(path)
+    weights_path, config_path = checkpoint_files(path, for_writing=True)
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
@@ -198,30 +255,78 @@ def save_checkpoint(model: nn.Module, path, config: Optional[Union[MoEConfig, di
             value = value.clone()
         seen.add(value.untyped_storage().data_ptr())
         tensors[key] = value
-    document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "architecture": arch,
-                "moe_cfg": config.to_dict(), "moe_modules": list(moes), "text_context_length": text_context(model)}
+    document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "save_id": uuid.uuid4().hex,
+                "architecture": arch, "moe_cfg": config.to_dict(), "moe_modules": list(moes),
+                "text_context_length": text_context(model)}
+    text = json.dumps(document, indent=2) + "\n"
     from safetensors.torch import save_file
-    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(config_path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
+    # The weights, with the document in their metadata, are the commit point; the JSON is their readable copy.
+    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: text}))
+    atomic_write(config_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    folder = Path(path)
+    if config_path.parent == folder and _is_legacy_checkpoint(folder):  # superseded by the files just written
+        (folder / LEGACY_WEIGHTS_NAME).unlink(missing_ok=True)
+        (folder / LEGACY_CONFIG_NAME).unlink(missing_ok=True)
     return Path(path)
 
 
-def load_checkpoint(path, *, backend: Optional[str] = None, device="cpu") -> nn.Module:
-    """Rebuild a model saved by `save_checkpoint`: the architecture and MoE layers from the JSON config, the weights
-    from the safetensors file, every tensor's name and shape checked against the config first. Returns the model in
-    eval mode on `device`; `backend` overrides the saved MoEFFN backend. Raises FileNotFoundError for a missing file
-    and CheckpointError (a ValueError) naming the file for an unreadable, truncated or mismatching one."""
-    weights_path, config_path = _checkpoint_files(path)
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"clipmoe checkpoint {path}: no such file {p}")
+def _read_json(text: str, where) -> dict:
     try:
-        document = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint config {config_path}: not readable JSON: {exc}") from exc
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint config {where}: not readable JSON: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"checkpoint config {config_path}: not a clipmoe checkpoint config "
+        raise CheckpointError(f"checkpoint config {where}: not a clipmoe checkpoint config "
                               f"(no \"format\": \"{FORMAT_NAME}\")")
+    return document
+
+
+def _paired_document(path, weights_path: Path, config_path: Path) -> dict:
+    """The JSON document that belongs to the weights file: the JSON beside it when their save_ids agree (or for
+    format_version 1 files, which have none), else the copy in the weights' metadata (an interrupted save)."""
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"clipmoe checkpoint {path}: no such file {weights_path}")
+    from safetensors import safe_open
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            embedded = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as exc:  # safetensors' error type moved between versions; any failure here is the file's
+        raise CheckpointError(f"checkpoint weights {weights_path}: cannot read them (truncated or corrupt file?): "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    embedded = _read_json(embedded, f"stored in {weights_path}") if embedded is not None else None
+    if not config_path.is_file():
+        if embedded is None:
+            raise FileNotFoundError(f"clipmoe checkpoint {path}: no such file {config_path}")
+        logger.warning("checkpoint %s: %s is missing (a save was interrupted); using the config stored in the "
+                       "weights file", path, config_path)
+        return embedded
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint config {config_path}: not readable JSON: {exc}") from exc
+    document = _read_json(text, config_path)
+    if embedded is None:
+        if "save_id" in document:
+            raise CheckpointError(f"checkpoint {path}: {config_path} names save {document['save_id']}, but "
+                                  f"{weights_path} is a file of another save (it has no clipmoe config); the two "
+                                  f"files do not belong together")
+        return document
+    if document.get("save_id") != embedded.get("save_id"):
+        logger.warning("checkpoint %s: %s belongs to another save than %s (a save was interrupted between the two "
+                       "files); using the config stored in the weights file", path, config_path, weights_path)
+        return embedded
+    return document
+
+
+def load_checkpoint(path, *, backend: str | None = None, device="cpu") -> nn.Module:
+    """Rebuild a model saved by `save_checkpoint`: the architecture and MoE layers from the JSON config (the one
+    that belongs to the weights, see the module docstring), the weights from the safetensors file, every tensor's
+    name, shape and dtype checked against the config first (fp16/bf16 tensors are widened to the model's fp32
+    exactly; other dtypes are refused). Returns the model in eval mode on `device`; `backend` overrides the saved
+    MoEFFN backend. Raises FileNotFoundError for a missing file and CheckpointError (a ValueError) naming the file
+    for an unreadable, truncated or mismatching one."""
+    weights_path, config_path = checkpoint_files(path)
+    document = _paired_document(path, weights_path, config_path)
     if document.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint config {config_path}: format_version {document['format_version']} is "
                               f"newer than this clipmoe reads ({FORMAT_VERSION})")

@@ -238,3 +238,126 @@ def test_upcycle_of_the_mlp_itself_is_refused():
     with pytest.raises(ValueError, match="model is itself a dense MLP; upcycle replaces the MLPs inside a model"):
         upcycle(mlp, 2, 1)
     assert [name for name, _ in mlp.named_children()] == ["c_fc", "gelu", "c_proj"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: the weights and config pair is atomic, tensors of another dtype are widened exactly or refused
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY_ARCH = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                             "head_width": 16},
+             "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1}}
+
+SAVE_AND_KILL = """
+import json, os, signal, sys, torch, open_clip
+import clipmoe.checkpoint as checkpoint
+from clipmoe import upcycle
+arch, out, ref, when = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+def model(seed, top_k):
+    torch.manual_seed(seed)
+    return upcycle(open_clip.CLIP(**arch), 2, top_k)
+checkpoint.save_checkpoint(model(0, 1), out, architecture=arch)        # the old checkpoint: top-1
+new = model(1, 2)                                                     # the new one: other weights, top-2
+checkpoint.save_checkpoint(new, ref, architecture=arch)
+real_write = checkpoint.atomic_write
+def write_then_kill(path, write):
+    if when == "during weights":
+        write(path.with_name("scratch"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write(path, write)
+    os.kill(os.getpid(), signal.SIGKILL)                              # after the weights, before the config
+checkpoint.atomic_write = write_then_kill
+checkpoint.save_checkpoint(new, out, architecture=arch)
+"""
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("when", ["during weights", "between weights and config"])
+def test_checkpoint_killed_between_weights_and_config_loads_old_or_new_never_mixed(tmp_path, when, caplog):
+    """Weights and config were replaced one after the other: a kill in between paired new weights with the old
+    config (here: the new experts silently run top-1)."""
+    from clipmoe.checkpoint import load_checkpoint
+    out, ref = tmp_path / "ckpt", tmp_path / "reference"
+    result = subprocess.run([sys.executable, "-c", SAVE_AND_KILL, json.dumps(TINY_ARCH), str(out), str(ref), when],
+                            env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr
+    loaded = load_checkpoint(out)
+    moe = loaded.transformer.resblocks[0].mlp
+    if when == "during weights":  # the old checkpoint, intact
+        assert moe.top_k == 1 and not _same_state(loaded, load_checkpoint(ref))
+    else:  # the new weights with their own config; the stale JSON is reported
+        assert moe.top_k == 2 and _same_state(loaded, load_checkpoint(ref))
+        assert "belongs to another save" in caplog.text
+
+
+def test_checkpoint_whose_config_names_another_save_is_refused(tmp_path):
+    """A JSON of this format paired with a weights file that is not its save (copied in from elsewhere)."""
+    import open_clip
+    from safetensors.torch import load_file, save_file
+
+    from clipmoe import upcycle
+    from clipmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    save_checkpoint(upcycle(open_clip.CLIP(**TINY_ARCH), 2, 1), tmp_path / "c", architecture=TINY_ARCH)
+    weights = tmp_path / "c" / "clipmoe_model.safetensors"
+    save_file(load_file(weights), weights)  # the same tensors without the stored config
+    with pytest.raises(CheckpointError, match=r"clipmoe_config\.json names save [0-9a-f]+, but .*"
+                                              r"clipmoe_model\.safetensors is a file of another save"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_checkpoint_tensors_of_16_bit_are_widened_and_integers_refused(tmp_path):
+    """fp16/bf16/int tensors used to be assigned as they were, and the model failed later inside torch."""
+    import open_clip
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clipmoe import upcycle
+    from clipmoe.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    model = upcycle(open_clip.CLIP(**TINY_ARCH), 2, 1).eval()
+    for dtype in (torch.float16, torch.bfloat16):
+        low = upcycle(open_clip.CLIP(**TINY_ARCH), 2, 1).to(dtype)
+        save_checkpoint(low, tmp_path / str(dtype), architecture=TINY_ARCH)
+        loaded = load_checkpoint(tmp_path / str(dtype))
+        assert {t.dtype for t in loaded.state_dict().values()} == {torch.float32}
+        assert all(torch.equal(loaded.state_dict()[k], v.float()) for k, v in low.state_dict().items())
+        loaded.encode_image(torch.randn(1, 3, 16, 16))  # runs in fp32
+    save_checkpoint(model, tmp_path / "int", architecture=TINY_ARCH)
+    weights = tmp_path / "int" / "clipmoe_model.safetensors"
+    with safe_open(weights, framework="pt") as f:  # the file with two tensors of other dtypes, config kept
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["transformer.resblocks.0.mlp.b1"] = tensors["transformer.resblocks.0.mlp.b1"].to(torch.int32)
+    tensors["visual.proj"] = tensors["visual.proj"].double()
+    save_file(tensors, weights, metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"int/clipmoe_model\.safetensors .*tensors of a dtype the model "
+                                              r"cannot take: .*expected \['torch\.float32'\]") as refused:
+        load_checkpoint(tmp_path / "int")
+    assert "visual.proj is torch.float64" in str(refused.value)
+    assert "transformer.resblocks.0.mlp.b1 is torch.int32" in str(refused.value)
+
+
+def test_convert_refuses_a_destination_that_is_its_source(tmp_path, capsys):
+    """`convert --to-released x.safetensors x.safetensors` used to overwrite the source with a pickle."""
+    import open_clip
+
+    from clipmoe import upcycle
+    from clipmoe.checkpoint import save_checkpoint
+    from clipmoe.cli import main
+    arch = {"embed_dim": 16, "quick_gelu": True,  # what the released format holds: heads of width 64, QuickGELU
+            "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 64, "layers": 1, "head_width": 64},
+            "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 64, "heads": 1, "layers": 1}}
+    model = upcycle(open_clip.CLIP(**arch), 2, 1)
+    save_checkpoint(model, tmp_path / "m.safetensors", architecture=arch)
+    save_checkpoint(model, tmp_path / "folder", architecture=arch)
+    before = (tmp_path / "m.safetensors").read_bytes()
+    for src, dst in (("m.safetensors", "m.safetensors"), ("m.json", "./m.safetensors"),
+                     ("folder", "folder/clipmoe_model.safetensors")):
+        assert main(["convert", "--to-released", str(tmp_path / src), str(tmp_path / dst)]) == 2
+        assert f"the destination {tmp_path / dst} is (or holds) its source" in capsys.readouterr().err
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    assert main(["convert", "--to-released", str(tmp_path / "m.safetensors"), str(tmp_path / "m.pt")]) == 0
+    assert main(["convert", str(tmp_path / "m.pt"), str(tmp_path / "m.pt")]) == 2
+    assert "is (or holds) its source" in capsys.readouterr().err

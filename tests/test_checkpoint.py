@@ -227,7 +227,8 @@ def test_export_round_trip_is_bit_exact(released_file, tmp_path):
     _assert_same_state(exported, sd)
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in exported.values())
     images, text = _inputs()
-    for got, want in zip(_embed(load_clip_moe_checkpoint(out), images, text), _embed(model, images, text)):
+    for got, want in zip(_embed(load_clip_moe_checkpoint(out), images, text), _embed(model, images, text),
+                         strict=True):
         assert torch.equal(got, want)
 
 
@@ -310,15 +311,16 @@ def test_own_format_round_trip(released_file, tmp_path):
     model = load_clip_moe_checkpoint(released_file[1])
     out = tmp_path / "ckpt"
     save_checkpoint(model, out, MoEConfig(num_experts=4, top_k=2))
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # nothing temporary left
-    document = json.loads((out / "config.json").read_text())
+    # nothing temporary left
+    assert sorted(p.name for p in out.iterdir()) == ["clipmoe_config.json", "clipmoe_model.safetensors"]
+    document = json.loads((out / "clipmoe_config.json").read_text())
     assert document["moe_cfg"]["num_experts"] == 4 and document["moe_cfg"]["top_k"] == 2
     assert document["moe_cfg"]["activation"] == "quick_gelu" and document["text_context_length"] == CONTEXT
     assert document["architecture"]["model_class"] == "LongCLIP"
     assert len(document["moe_modules"]) == 2 * LAYERS
     loaded = load_checkpoint(out)
     images, text = _inputs()
-    for got, want in zip(_embed(loaded, images, text), _embed(model, images, text)):
+    for got, want in zip(_embed(loaded, images, text), _embed(model, images, text), strict=True):
         assert torch.equal(got, want)
     # The loaded model exports the same released file.
     _assert_same_state(torch.load(export_clip_moe_checkpoint(loaded, tmp_path / "back.pt"), weights_only=True),
@@ -336,7 +338,7 @@ def test_failed_write_keeps_the_old_checkpoint(released_file, tmp_path, monkeypa
     model = load_clip_moe_checkpoint(released_file[1])
     out = tmp_path / "ckpt"
     save_checkpoint(model, out)
-    before = (out / "model.safetensors").read_bytes()
+    before = (out / "clipmoe_model.safetensors").read_bytes()
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -346,11 +348,11 @@ def test_failed_write_keeps_the_old_checkpoint(released_file, tmp_path, monkeypa
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["clipmoe_config.json", "clipmoe_model.safetensors"]
+    assert (out / "clipmoe_model.safetensors").read_bytes() == before
     umask = os.umask(0)
     os.umask(umask)
-    assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not a private temp-file mode
+    assert (out / "clipmoe_config.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not a private temp-file mode
 
 
 def test_own_format_upcycled_open_clip(tmp_path):
@@ -366,7 +368,7 @@ def test_own_format_upcycled_open_clip(tmp_path):
     loaded = load_checkpoint(tmp_path / "a")
     images = torch.randn(2, 3, 32, 32)
     text = torch.randint(1, 100, (2, 16))
-    for got, want in zip(_embed(loaded, images, text), _embed(model, images, text)):
+    for got, want in zip(_embed(loaded, images, text), _embed(model, images, text), strict=True):
         assert torch.equal(got, want)
     # An architecture by open_clip model name (clipmoe's registered tiny config).
     from clipmoe.models import create_model
@@ -374,14 +376,14 @@ def test_own_format_upcycled_open_clip(tmp_path):
     save_checkpoint(tiny, tmp_path / "tiny.safetensors", architecture="clipmoe-tiny")
     text = torch.randint(1, tiny.vocab_size, (2, tiny.context_length))
     for got, want in zip(_embed(load_checkpoint(tmp_path / "tiny.safetensors"), images, text),
-                         _embed(tiny, images, text)):
+                         _embed(tiny, images, text), strict=True):
         assert torch.equal(got, want)
 
 
 def test_own_format_errors(released_file, tmp_path):
     out = tmp_path / "ckpt"
     save_checkpoint(load_clip_moe_checkpoint(released_file[1]), out)
-    config_path = out / "config.json"
+    config_path = out / "clipmoe_config.json"
     document = json.loads(config_path.read_text())
 
     def edited(change):
@@ -410,7 +412,7 @@ def test_own_format_errors(released_file, tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: not readable JSON"):
         load_checkpoint(out)
     edited(lambda d: None)
-    weights = out / "model.safetensors"
+    weights = out / "clipmoe_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read them \(truncated or corrupt"):
@@ -423,7 +425,53 @@ def test_own_format_errors(released_file, tmp_path):
 def test_cli_convert_round_trip(released_file, tmp_path, capsys):
     sd, path = released_file
     assert cli_main(["convert", str(path), str(tmp_path / "ours")]) == 0
-    assert (tmp_path / "ours" / "config.json").is_file()
+    assert (tmp_path / "ours" / "clipmoe_config.json").is_file()
     assert cli_main(["convert", "--to-released", str(tmp_path / "ours"), str(tmp_path / "back.pt")]) == 0
     _assert_same_state(torch.load(tmp_path / "back.pt", weights_only=True), sd)
     assert "back.pt" in capsys.readouterr().out
+
+
+def test_own_file_names_share_a_folder_with_a_hugging_face_model(tmp_path):
+    """clipmoe_model.safetensors + clipmoe_config.json beside HF's model.safetensors + config.json: each loads."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)
+    dense = transformers.CLIPModel(config).eval()
+    dense.save_pretrained(tmp_path)
+    moe = upcycle(transformers.CLIPModel(config), 2, 1).eval()
+    save_checkpoint(moe, tmp_path)
+    assert {"config.json", "model.safetensors", "clipmoe_config.json", "clipmoe_model.safetensors"} <= \
+        {p.name for p in tmp_path.iterdir()}
+    pixels = torch.randn(1, 3, 32, 32)
+
+    def features(model):
+        with torch.no_grad():
+            return model.vision_model(pixel_values=pixels).pooler_output
+
+    assert torch.equal(features(load_checkpoint(tmp_path)), features(moe))
+    assert torch.equal(features(transformers.CLIPModel.from_pretrained(tmp_path).eval()), features(dense))
+
+
+def test_legacy_file_names_still_load(released_file, tmp_path):
+    """Folders written by clipmoe <= 0.2: model.safetensors + config.json (format_version 1, no stored config)."""
+    from safetensors.torch import load_file, save_file
+    model = load_clip_moe_checkpoint(released_file[1])
+    save_checkpoint(model, tmp_path / "new")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    document = json.loads((tmp_path / "new" / "clipmoe_config.json").read_text())
+    del document["save_id"]
+    document["format_version"] = 1
+    (legacy / "config.json").write_text(json.dumps(document))
+    save_file(load_file(tmp_path / "new" / "clipmoe_model.safetensors"), legacy / "model.safetensors",
+              metadata={"format": "pt"})
+    images, text = _inputs()
+    want = _embed(model, images, text)
+    for got, expected in zip(_embed(load_checkpoint(legacy), images, text), want, strict=True):
+        assert torch.equal(got, expected)
+    save_checkpoint(load_checkpoint(legacy), legacy)  # a re-save replaces the legacy pair by the new names
+    assert sorted(p.name for p in legacy.iterdir()) == ["clipmoe_config.json", "clipmoe_model.safetensors"]
+    assert torch.equal(_embed(load_checkpoint(legacy), images, text)[0], want[0])

@@ -62,8 +62,8 @@ def test_upcycle_killed_mid_stage_resumes_to_the_same_checkpoint(uninterrupted, 
 
     resumed = run(*UPCYCLE, "--output-dir", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    want = load_file(uninterrupted / "final" / "model.safetensors")
-    got = load_file(out / "final" / "model.safetensors")
+    want = load_file(uninterrupted / "final" / "clipmoe_model.safetensors")
+    got = load_file(out / "final" / "clipmoe_model.safetensors")
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
@@ -75,7 +75,7 @@ def test_finetune_baseline_cli(tmp_path):
                  "synthetic:64", "--batch-size", "16", "--max-steps", "2", "--device", "cpu", "--num-experts", "2",
                  "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert (tmp_path / "final" / "clipmoe_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("args,words", [

@@ -5,11 +5,10 @@ Every command runs as one process or under torchrun (DDP; nccl on GPUs, gloo on 
   <out>/mcl/stage_{s}/metrics.jsonl     per-step metrics; train_state.pt: the resumable checkpoint
   <out>/mcl/labels_{s}.pt               accumulated cluster labels after clustering s
   <out>/mcl/pipeline.jsonl              per-stage cluster counts and dropped samples
-  <out>/clip_moe/                       the assembled model (model.safetensors + config.json)
+  <out>/clip_moe/                       the assembled model (clipmoe_model.safetensors + clipmoe_config.json)
   <out>/router/                         router-training metrics and resumable checkpoint
-  <out>/final/                          the router-trained CLIP-MoE (model.safetensors + config.json)
+  <out>/final/                          the router-trained CLIP-MoE (same two files)
 """
-import json
 from pathlib import Path
 
 import torch
@@ -172,14 +171,12 @@ def cmd_build(args):
 
 def cmd_train_router(args):
     info, out = _setup(args)
-    moe = load_checkpoint(args.checkpoint, device="cpu")
-    architecture = json.loads((Path(args.checkpoint) / "config.json").read_text())["architecture"] \
-        if Path(args.checkpoint).is_dir() else None
+    moe = load_checkpoint(args.checkpoint, device="cpu")  # keeps its architecture for the save below
     _, preprocess_train, _, tokenizer = create_model(args.model, None)
     data = open_dataset(args, preprocess_train, tokenizer)
     train_router(moe, data, train_config(args, balance_alpha=args.balance_alpha), out / "router", info,
                  trainable=args.trainable, resume=args.resume)
-    _save(moe, out / "final", info, architecture)
+    _save(moe, out / "final", info, None)
     return 0
 
 

@@ -1,8 +1,10 @@
 """Tool commands of `clipmoe`: check-upcycle (upcycle with copied experts, compare and time the backends) and
 convert (released CLIP-MoE .pt <-> clipmoe checkpoint)."""
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -66,8 +68,14 @@ def check_upcycle(args) -> dict:
 
 def convert(args) -> int:
     """Released CLIP-MoE .pt -> clipmoe's safetensors + JSON checkpoint, or back with --to-released."""
-    from clipmoe.checkpoint import load_checkpoint, save_checkpoint
+    from clipmoe.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
     from clipmoe.released import export_clip_moe_checkpoint, load_clip_moe_checkpoint
+    sources = checkpoint_files(args.src) if args.to_released else (Path(args.src),)
+    targets = (Path(args.dst),) + (() if args.to_released else checkpoint_files(args.dst, for_writing=True))
+    for target in targets:
+        if any(_same_file(target, source) for source in sources + (Path(args.src),)):
+            raise ValueError(f"convert: the destination {args.dst} is (or holds) its source {args.src}; writing it "
+                             f"would destroy the file being converted: choose another destination")
     if args.to_released:
         model = load_checkpoint(args.src)
         out = export_clip_moe_checkpoint(model, args.dst)
@@ -78,6 +86,16 @@ def convert(args) -> int:
     print(f"wrote {out} ({len(moes)} MoE layers, {moes[0].num_experts} experts, top-{moes[0].top_k}, text context "
           f"{getattr(model, 'context_length', '?')})")
     return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder (after resolving links; hard links count too)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def write_check_upcycle(args) -> int:
