@@ -361,3 +361,81 @@ def test_convert_refuses_a_destination_that_is_its_source(tmp_path, capsys):
     assert main(["convert", "--to-released", str(tmp_path / "m.safetensors"), str(tmp_path / "m.pt")]) == 0
     assert main(["convert", str(tmp_path / "m.pt"), str(tmp_path / "m.pt")]) == 2
     assert "is (or holds) its source" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MCL runs: `build` (and a resume) use only the stages the run recorded
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _mcl(out, stages, resume=False):
+    from torch.utils.data import TensorDataset
+
+    from clipmoe.models import create_model
+    from clipmoe.train.distributed import DistInfo
+    from clipmoe.train.dmu import run_mcl
+    from clipmoe.train.loop import TrainConfig
+    torch.manual_seed(0)
+    base = create_model("clipmoe-tiny")[0]
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(1, 49407, (32, 32), generator=g))
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.0, warmup_steps=1, batch_size=8, max_steps=1, checkpoint_every=1,
+                      seed=stages)  # another seed per run: another stage 1
+    run_mcl(base, data, cfg, out, DistInfo(), stages=stages, clusters=2, small_cluster="remainder", resume=resume)
+
+
+def _build(tmp_path, mcl, *flags):
+    from clipmoe.cli import main
+    return main(["build", "--model", "clipmoe-tiny", "--mcl-dir", str(mcl), "--output-dir", str(tmp_path / "built"),
+                 "--device", "cpu", "--top-k", "1", *flags])
+
+
+def _experts_equal_stage_files(tmp_path, mcl, n):
+    from safetensors.torch import load_file
+
+    from clipmoe.checkpoint import load_checkpoint
+    moe = load_checkpoint(tmp_path / "built" / "clip_moe").transformer.resblocks[0].mlp
+    assert moe.num_experts == n
+    for j in range(n):
+        stage = load_file(mcl / f"stage_{j}" / "ffn.safetensors")
+        assert torch.equal(moe.w1[j], stage["transformer.resblocks.0.mlp.c_fc.weight"])
+
+
+def test_build_uses_only_the_stages_the_mcl_run_recorded(tmp_path, capsys):
+    """A 1-stage rerun into the folder of a 2-stage run used to build 3 experts from the stale stage_2; resuming it
+    to 2 stages used to take that stale stage_2 too."""
+    from clipmoe.train.dmu import ffn_file_run, read_mcl_run
+    mcl = tmp_path / "mcl"
+    _mcl(mcl, stages=2)
+    first = read_mcl_run(mcl)["run_id"]
+    _mcl(mcl, stages=1)  # a new run, without resume, into the same folder
+    second = read_mcl_run(mcl)["run_id"]
+    assert second != first and ffn_file_run(mcl / "stage_2" / "ffn.safetensors") == first  # the stale folder
+    assert _build(tmp_path, mcl) == 0
+    _experts_equal_stage_files(tmp_path, mcl, 2)
+    assert _build(tmp_path, mcl, "--num-experts", "3") == 2
+    assert "--num-experts) 3: the MCL run in" in capsys.readouterr().err
+    _mcl(mcl, stages=2, resume=True)  # stage 2 is trained again, not taken from the first run
+    assert ffn_file_run(mcl / "stage_2" / "ffn.safetensors") == second
+    assert _build(tmp_path, mcl, "--num-experts", "2") == 0  # the first N-1 stages of one run (issue 13.5)
+    _experts_equal_stage_files(tmp_path, mcl, 2)
+    assert _build(tmp_path, mcl) == 0
+    _experts_equal_stage_files(tmp_path, mcl, 3)
+
+
+def test_build_refuses_a_folder_mixing_runs_or_without_a_record(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from clipmoe.train.dmu import MCL_RUN_FILE, save_ffns
+    mcl = tmp_path / "mcl"
+    _mcl(mcl, stages=1)
+    stage = mcl / "stage_1" / "ffn.safetensors"
+    flat = load_file(stage)
+    names = sorted({k.rsplit(".", 2)[0] for k in flat})
+    save_ffns({n: {k[len(n) + 1:]: v for k, v in flat.items() if k.startswith(n + ".")} for n in names}, stage,
+              run_id="another-run")
+    assert _build(tmp_path, mcl) == 2
+    assert "stage_1/ffn.safetensors was written by another MCL run (run id another-run)" in capsys.readouterr().err
+    (mcl / MCL_RUN_FILE).unlink()
+    assert _build(tmp_path, mcl) == 2
+    assert f"no {MCL_RUN_FILE}, the record of the run that wrote it" in capsys.readouterr().err
+    assert _build(tmp_path, tmp_path / "nothing") == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from clipmoe.checkpoint import load_checkpoint, save_checkpoint
+from clipmoe.cli.common import positive_int
 from clipmoe.fileio import atomic_torch_save
 from clipmoe.models import create_model
 from clipmoe.train.distributed import barrier, init_distributed
@@ -22,7 +23,7 @@ from clipmoe.train.dmu import (
     START_FROM,
     build_clip_moe,
     finetune_baseline,
-    load_ffns,
+    recorded_stage_ffns,
     run_mcl,
     train_router,
 )
@@ -152,19 +153,14 @@ def cmd_mcl(args):
     return 0
 
 
-def _stage_ffns(model, mcl_dir):
-    mcl_dir = Path(mcl_dir)
-    paths = sorted(mcl_dir.glob("stage_*/ffn.safetensors"), key=lambda p: int(p.parent.name.split("_")[1]))
-    if not paths:
-        raise FileNotFoundError(f"--mcl-dir {mcl_dir}: no stage_*/ffn.safetensors (run `clipmoe mcl` first)")
-    return [load_ffns(p, model) for p in paths]
-
-
 def cmd_build(args):
     info, out = _setup(args)
     model = create_model(args.model, args.pretrained)[0]
+    stages = recorded_stage_ffns(args.mcl_dir, model, args.num_experts)  # only the recorded run's stages
+    if args.top_k > len(stages):
+        raise ValueError(f"--top-k {args.top_k}: the CLIP-MoE has only {len(stages)} experts")
     torch.manual_seed(args.seed)  # the router initialisation
-    moe = build_clip_moe(model, _stage_ffns(model, args.mcl_dir), top_k=args.top_k, dropout=args.expert_dropout)
+    moe = build_clip_moe(model, stages, top_k=args.top_k, dropout=args.expert_dropout)
     _save(moe, out / "clip_moe", info, args.model)
     return 0
 
@@ -222,6 +218,9 @@ def add_commands(sub):
     p = sub.add_parser("build", help="assemble a CLIP-MoE from the MCL stages (expert j = stage j's FFNs)")
     add_model_args(p)
     p.add_argument("--mcl-dir", required=True, help="the mcl folder of `clipmoe mcl` (<output-dir>/mcl)")
+    p.add_argument("--num-experts", type=positive_int, default=None,
+                   help="experts of the CLIP-MoE: the base and the first N-1 MCL stages of the run (none: all its "
+                        "stages + 1)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert-dropout", type=float, default=0.1, help="dropout inside the experts (CLIP-MoE: 0.1)")

@@ -12,10 +12,12 @@ and "w/o MCL" (a 2-expert MoE of the base FFN and a directly fine-tuned FFN, the
 """
 import copy
 import json
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -29,6 +31,7 @@ from clipmoe.train.loop import TrainConfig, train
 from clipmoe.upcycle import dense_mlps, upcycle
 
 FFN_FILE = "ffn.safetensors"
+MCL_RUN_FILE = "mcl_run.json"  # the record of one MCL run: its id and the labels / stages it finished
 START_FROM = ("base", "previous")
 BASELINES = ("direct", "sparse_upcycling", "wo_mcl")
 
@@ -39,9 +42,74 @@ def ffn_state_dicts(model) -> Dict[str, Dict[str, torch.Tensor]]:
             for name, mlp in dense_mlps(model).items()}
 
 
-def save_ffns(ffns: Dict[str, Dict[str, torch.Tensor]], path):
+def save_ffns(ffns: dict, path, run_id: str | None = None):
+    """Write one stage's FFNs; `run_id` (stored in the file's metadata) ties the file to the MCL run that made it."""
     flat = {f"{name}.{key}": t.contiguous() for name, sd in ffns.items() for key, t in sd.items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp))
+    metadata = {"mcl_run": run_id} if run_id else None
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def ffn_file_run(path) -> str | None:
+    """The MCL run id stored in an ffn.safetensors (None for files without one)."""
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("mcl_run")
+
+
+def read_mcl_run(mcl_dir) -> dict | None:
+    """The run record of an MCL folder (see `run_mcl`), or None when it has none."""
+    path = Path(mcl_dir) / MCL_RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable MCL run record: {exc}") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("run_id"), str) \
+            or not all(isinstance(record.get(k), list) for k in ("labels", "started", "done")):
+        raise ValueError(f"{path}: not an MCL run record (expected run_id and the lists labels, started, done)")
+    return record
+
+
+def _write_mcl_run(mcl_dir: Path, record: dict, info: DistInfo):
+    if info.is_main:
+        text = json.dumps(record, indent=2) + "\n"
+        atomic_write(mcl_dir / MCL_RUN_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def recorded_stage_ffns(mcl_dir, model, num_experts: int | None = None) -> list:
+    """The FFN sets of stages 0..num_experts-1 of the MCL run recorded in `mcl_dir` (all its finished stages by
+    default), for `build_clip_moe`. Only stages the run's record lists as done are used, and each file must carry
+    the run's id: stage folders of an earlier run in the same folder are never picked up. Raises
+    FileNotFoundError without a record and ValueError for a record that disagrees with the files or a
+    num_experts above the finished stages + 1."""
+    mcl_dir = Path(mcl_dir)
+    record = read_mcl_run(mcl_dir)
+    if record is None:
+        raise FileNotFoundError(f"MCL folder {mcl_dir}: no {MCL_RUN_FILE}, the record of the run that wrote it "
+                                f"(run `clipmoe mcl` first; stage folders without a record may be leftovers of "
+                                f"another run, so they are not used)")
+    done = sorted(set(record["done"]))
+    if done != list(range(len(done))) or not done:
+        raise ValueError(f"{mcl_dir / MCL_RUN_FILE}: the finished stages {done} are not 0..n; the record is damaged")
+    planned = record.get("stages", len(done) - 1)
+    if num_experts is None:
+        if len(done) - 1 < planned:
+            raise ValueError(f"MCL folder {mcl_dir}: the run finished {len(done) - 1} of its {planned} stages; resume "
+                             f"it, or pass num_experts (--num-experts) <= {len(done)} to build from the finished ones")
+        num_experts = len(done)
+    if not isinstance(num_experts, int) or not 1 <= num_experts <= len(done):
+        raise ValueError(f"num_experts (--num-experts) {num_experts!r}: the MCL run in {mcl_dir} finished "
+                         f"{len(done) - 1} stage(s), which give 1..{len(done)} experts (expert 0 = the base model)")
+    ffns = []
+    for s in range(num_experts):
+        path = mcl_dir / f"stage_{s}" / FFN_FILE
+        if not path.is_file():
+            raise ValueError(f"MCL folder {mcl_dir}: stage {s} is recorded as done but {path} is missing")
+        if ffn_file_run(path) != record["run_id"]:
+            raise ValueError(f"{path} was written by another MCL run (run id {ffn_file_run(path)}) than the one "
+                             f"{MCL_RUN_FILE} records ({record['run_id']}); the folder mixes runs")
+        ffns.append(load_ffns(path, model))
+    return ffns
 
 
 def load_ffns(path, model) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -123,7 +191,10 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
             clusters: int = 3, start_from: str = "base", small_cluster: str = "drop", resume: bool = False,
             embed_data=None, embed_batch_size: int = 256) -> List[Dict[str, Dict[str, torch.Tensor]]]:
     """Stage 0 (the base) plus `stages` MCL stages; returns the FFN sets of stages 0..stages and writes
-    out_dir/stage_{s}/ffn.safetensors, out_dir/labels_{s}.pt (accumulated labels after clustering s), metrics.
+    out_dir/stage_{s}/ffn.safetensors, out_dir/labels_{s}.pt (accumulated labels after clustering s), metrics, and
+    out_dir/mcl_run.json, the run record: a run id (also stored in every ffn file) and the labels and stages this
+    run started and finished. A run without `resume` starts a new record; a resumed one reuses only the labels,
+    stage files and train states its record lists, so stale files of an earlier run in out_dir are never used.
     `embed_data` (default `dataset`): the same samples with evaluation transforms, embedded for clustering."""
     if start_from not in START_FROM:
         raise ValueError(f"start_from must be one of {START_FROM}, got {start_from!r}")
@@ -131,14 +202,32 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
         raise ValueError(f"stages must be >= 1, got {stages}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The run record: what this run finished, so that a resume or `build` never uses the files of another run.
+    previous_record = read_mcl_run(out_dir) if resume else None
+    barrier(info)  # every rank has read the record before the main rank rewrites it
+    record = previous_record or {"format": "clipmoe-mcl", "run_id": uuid.uuid4().hex, "labels": [], "started": [],
+                                 "done": []}
+    settings = {"clusters": clusters, "start_from": start_from, "small_cluster": small_cluster}
+    for key, value in settings.items():
+        if previous_record is not None and previous_record.get(key, value) != value:
+            raise ValueError(f"resume: the MCL run in {out_dir} ran with {key}={previous_record[key]!r}, not "
+                             f"{value!r}; resume it with the same value, or start a new run without resume")
+    record.update(stages=stages, **settings)
+
+    def mark(field, s):
+        if s not in record[field]:
+            record[field].append(s)
+        _write_mcl_run(out_dir, record, info)
+
     base_model = base_model.to(info.device)
     ffns = [ffn_state_dicts(base_model)]
     if info.is_main:
-        save_ffns(ffns[0], out_dir / "stage_0" / FFN_FILE)
+        save_ffns(ffns[0], out_dir / "stage_0" / FFN_FILE, record["run_id"])
+    mark("done", 0)
     labels, previous = None, base_model
     for s in range(1, stages + 1):
         labels_path = out_dir / f"labels_{s - 1}.pt"
-        if resume and labels_path.exists():
+        if resume and s - 1 in record["labels"] and labels_path.exists():
             labels = torch.load(labels_path, weights_only=True)
         else:
             image_features, text_features = embed_dataset(previous, embed_data or dataset, info, embed_batch_size, cfg.precision,
@@ -148,9 +237,10 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
             labels = accumulate_labels(labels, stage_labels, clusters * clusters)
             if info.is_main:
                 atomic_torch_save(labels, labels_path)
+            mark("labels", s - 1)
         stage_dir = out_dir / f"stage_{s}"
         model = copy.deepcopy(base_model if start_from == "base" else previous)
-        if resume and (stage_dir / FFN_FILE).exists():
+        if resume and s in record["done"] and (stage_dir / FFN_FILE).exists():
             stage_ffns = load_ffns(stage_dir / FFN_FILE, model)
         else:
             sampler = ClusterBatchSampler(labels, per_rank_batch(cfg, info), world_size=info.world_size,
@@ -161,12 +251,15 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
                 print(f"MCL stage {s}: {summary['clusters']} accumulated clusters, {summary['num_kept_clusters']} "
                       f"of them hold a global batch; {summary['num_dropped']} of {summary['num_samples']} samples "
                       f"dropped this epoch ({small_cluster} policy)")
+            resume_stage = resume and s in record["started"]  # never continue another run's train state
+            mark("started", s)
             summary = train(model, dataset, sampler, contrastive_loss(cfg), cfg, stage_dir, trainable="ffn",
-                            info=info, resume=resume, desc=f"MCL stage {s}/{stages}")
+                            info=info, resume=resume_stage, desc=f"MCL stage {s}/{stages}")
             _log(out_dir, {"stage": s, "train": summary}, info)
             stage_ffns = ffn_state_dicts(model)
             if info.is_main:
-                save_ffns(stage_ffns, stage_dir / FFN_FILE)
+                save_ffns(stage_ffns, stage_dir / FFN_FILE, record["run_id"])
+            mark("done", s)
         with torch.no_grad():  # the stage model = base (or previous) with this stage's FFNs
             for name, mlp in dense_mlps(model).items():
                 mlp.load_state_dict(stage_ffns[name])
