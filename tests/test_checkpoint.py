@@ -475,3 +475,16 @@ def test_legacy_file_names_still_load(released_file, tmp_path):
     save_checkpoint(load_checkpoint(legacy), legacy)  # a re-save replaces the legacy pair by the new names
     assert sorted(p.name for p in legacy.iterdir()) == ["clipmoe_config.json", "clipmoe_model.safetensors"]
     assert torch.equal(_embed(load_checkpoint(legacy), images, text)[0], want[0])
+
+
+def test_released_tensors_of_16_bit_are_widened_and_integers_refused(tmp_path):
+    sd = released_state()
+    half = {k: v.half() for k, v in sd.items()}
+    model = load_clip_moe_checkpoint(_save(tmp_path, half, "half.pt"))
+    assert {t.dtype for t in model.state_dict().values()} == {torch.float32}
+    assert torch.equal(model.visual.transformer.resblocks[0].mlp.w1[1],
+                       half["visual.transformer.resblocks.0.experts.1.c_fc.weight"].float())
+    ints = dict(sd, **{"visual.ln_pre.bias": sd["visual.ln_pre.bias"].to(torch.int64)})
+    with pytest.raises(CheckpointError, match=r"ints\.pt: tensors of a dtype the model cannot take: "
+                                              r"visual\.ln_pre\.bias is torch\.int64"):
+        load_clip_moe_checkpoint(_save(tmp_path, ints, "ints.pt"))

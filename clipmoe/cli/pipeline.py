@@ -5,6 +5,7 @@ Every command runs as one process or under torchrun (DDP; nccl on GPUs, gloo on 
   <out>/mcl/stage_{s}/metrics.jsonl     per-step metrics; train_state.pt: the resumable checkpoint
   <out>/mcl/labels_{s}.pt               accumulated cluster labels after clustering s
   <out>/mcl/pipeline.jsonl              per-stage cluster counts and dropped samples
+  <out>/mcl/mcl_run.json                the run record: run id, labels and stages done (what `build` uses)
   <out>/clip_moe/                       the assembled model (clipmoe_model.safetensors + clipmoe_config.json)
   <out>/router/                         router-training metrics and resumable checkpoint
   <out>/final/                          the router-trained CLIP-MoE (same two files)
