@@ -24,7 +24,9 @@ should be converted to a TSV once, offline, and used through `CsvCaptionDataset`
 
 Bad input:
 - Structural problems raise at construction with the file and the problem named: a missing CSV or shard
-  (FileNotFoundError), a CSV without the named columns (ValueError listing the columns it has), a CSV without rows.
+  (FileNotFoundError), a CSV without the named columns (ValueError listing the columns it has), a CSV without rows,
+  a CSV that is not UTF-8 (a UTF-8 byte-order mark is accepted) or has a record running over several lines (what an
+  unclosed double quote at the start of a caption makes of the rows after it; ValueError naming the line).
 - Bad samples (missing or unreadable image, empty caption, a shard sample without image or caption) are skipped and
   counted, not fatal, as long as they are at most `max_bad_fraction` of the data:
   - CSV: empty captions are counted at construction; more than max_bad_fraction·N raises ValueError naming the file
