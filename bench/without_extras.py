@@ -11,8 +11,9 @@ import sys
 BLOCKED = ("open_clip", "open_clip_train", "ftfy", "webdataset")
 
 
-def pytest_load_initial_conftests(early_config, parser, args):
-    for name in BLOCKED:
-        if name in sys.modules and sys.modules[name] is not None:
-            raise RuntimeError(f"bench.without_extras: {name} was imported before the plugin could block it")
-        sys.modules[name] = None
+# Blocked when pytest imports this plugin (-p), before any test module or conftest: in xdist workers too, which
+# load the same -p plugins.
+for _name in BLOCKED:
+    if sys.modules.get(_name) is not None:
+        raise RuntimeError(f"bench.without_extras: {_name} was imported before the plugin could block it")
+    sys.modules[_name] = None
