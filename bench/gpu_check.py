@@ -4,7 +4,8 @@ them, within a time budget; one JSON of results, written after every phase so th
     python -m bench.gpu_check --json OUT.json [--budget-s S] [--dry-run] [--no-extension] [--warmup]
 
 Phases, in order, with the seconds each is expected to take on one H200 (cold Triton cache: about 1.5 s per kernel
-compile, ten kernel variants per tile config; do_bench 25 ms warm-up + 100 ms of repeats per measurement):
+compile, ten kernel variants per tile config; do_bench 25 ms warm-up + 100 ms of repeats per measurement, 50 +
+250 ms for the training shapes):
   training   ViT-L/14 layer at batch 256 (65,792 tokens), E 4, top-2, uniform routing: forward and forward+backward
              of every provider of bench/providers.py, with each one's peak memory.                          40 s
   inference  ViT-B/16 batch 1 and 8, ViT-L/14 batch 1, text tower (ViT-B) batch 1, forward: eager and replayed
@@ -57,7 +58,9 @@ TILE_CONFIGS = {"large": "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3",
 LARGE_ROWS_PER_EXPERT = 4096
 AUTOTUNE = "autotune"  # the tuned rows' config: CLIPMOE_TRITON_CONFIG unset
 PHASE_SECONDS = {"training": 40, "inference": 25, "routing": 20, "e2e": 30, "tuned": 60}
-BENCH_MS = {"warmup": 25, "rep": 100}
+BENCH_MS = {"warmup": 25, "rep": 100}          # do_bench milliseconds: thousands of repeats of a small shape
+BENCH_MS_LARGE = {"warmup": 50, "rep": 250}    # shapes over LARGE_FLOPS: 10-50 ms calls still get 5-25 repeats
+LARGE_FLOPS = 1e11
 E2E_BENCH_MS = {"warmup": 100, "rep": 400}
 TINY_CLIP = dict(embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1,
                                            "head_width": 32},
@@ -249,7 +252,8 @@ def run_provider(check, rec, provider, case, graph, reference):
         fn, graph_obj = graph_replay(prepared.run)  # replays allocate nothing: the eager row has the memory
     else:
         rec["peak_mib"] = peak_mib(fn, check.device, prepared.leaves)
-    rec.update(time_ms(fn, check.device, prepared.leaves, check.dry_run))
+    bench_ms = BENCH_MS_LARGE if case.flops() >= LARGE_FLOPS else BENCH_MS
+    rec.update(time_ms(fn, check.device, prepared.leaves, check.dry_run, bench_ms))
     del graph_obj
 
 

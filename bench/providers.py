@@ -28,28 +28,31 @@ CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def make_routing(case, generator):
-    """topk_ids [T, k] of case.routing (see bench/configs.py), k distinct experts per token."""
-    T, E, k = case.tokens, case.num_experts, case.top_k
+    """topk_ids [T, k] of case.routing (see bench/configs.py), k distinct experts per token, on the generator's
+    device."""
+    T, E, k, device = case.tokens, case.num_experts, case.top_k, generator.device
     if case.routing == "uniform":
-        return torch.rand(T, E, generator=generator).argsort(dim=1)[:, :k]
+        return torch.rand(T, E, generator=generator, device=device).argsort(dim=1)[:, :k]
     if case.routing == "skewed":
-        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float) ** 1.5
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float, device=device) ** 1.5
         return torch.multinomial(p.expand(T, E), k, replacement=False, generator=generator)
     if case.routing == "all_to_one":
-        return torch.arange(k).expand(T, k).clone()
+        return torch.arange(k, device=device).expand(T, k).clone()
     raise ValueError(f"routing must be one of uniform, skewed, all_to_one; got {case.routing!r}")
 
 
 def make_inputs(case, device, dtype, seed=0):
-    """Random layer inputs of `case` (never zeros: they hide unwritten outputs), the same for every provider."""
-    g = torch.Generator().manual_seed(seed)
+    """Random layer inputs of `case` (never zeros: they hide unwritten outputs), the same for every provider on
+    one device; drawn on the device (a CPU draw of a training shape's 100M numbers takes seconds)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     T, D, F_, E = case.tokens, case.d_model, case.hidden, case.num_experts
-    tensors = {"x": torch.randn(T, D, generator=g), "w1": torch.randn(E, F_, D, generator=g) / D**0.5,
-               "b1": torch.randn(E, F_, generator=g) * 0.02, "w2": torch.randn(E, D, F_, generator=g) / F_**0.5,
-               "b2": torch.randn(E, D, generator=g) * 0.02}
-    inputs = {name: t.to(device, dtype) for name, t in tensors.items()}
-    inputs["topk_ids"] = make_routing(case, g).to(device)
-    inputs["topk_weights"] = torch.softmax(torch.randn(T, case.top_k, generator=g), -1).to(device)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+    inputs = {"x": randn(T, D), "w1": randn(E, F_, D, scale=D**-0.5), "b1": randn(E, F_, scale=0.02),
+              "w2": randn(E, D, F_, scale=F_**-0.5), "b2": randn(E, D, scale=0.02)}
+    inputs["topk_ids"] = make_routing(case, g)
+    inputs["topk_weights"] = torch.softmax(torch.randn(T, case.top_k, generator=g, device=device), -1)
     return inputs
 
 
@@ -62,7 +65,9 @@ def expert_ffn_grouped_mm(x, topk_ids, topk_weights, w1, b1, w2, b2, activation=
     T, k = topk_ids.shape
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    offsets = torch.bincount(flat, minlength=w1.shape[0]).cumsum(0).to(torch.int32)  # group ends, on the device
+    # Group ends, counted on the device (torch.bincount reads the largest id on the host: no graph capture).
+    counts = torch.zeros(w1.shape[0], dtype=torch.int32, device=x.device)
+    offsets = counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
     expert = flat.index_select(0, order)
     h = GROUPED_MM(x.index_select(0, order // k), w1.transpose(-2, -1), offs=offsets) + b1.index_select(0, expert)
     z = GROUPED_MM(act(h), w2.transpose(-2, -1), offs=offsets) + b2.index_select(0, expert)
