@@ -26,9 +26,9 @@ the check or raises is recorded with its error, never dropped.
 
 --dry-run: the same phases on tiny shapes on the CPU under the Triton interpreter (TRITON_INTERPRET=1, fp32, each
 run once, no timings kept): it finds a broken script before a GPU is there. --no-extension: clipmoe_kernels._C was
-not built for CUDA, so nothing that would fall back to the host-synchronising routing (the triton provider and
-backend) is measured. --warmup: compile the measured Triton kernels (one run of each, no checks, no output); the
-shell script runs it beside the extension build, which leaves most cores idle.
+not built for CUDA, so nothing that would fall back to the host-synchronising routing (the triton and torch
+providers, the triton backend) is measured. --warmup: compile the measured Triton kernels (one run of each, no
+checks, no output); the shell script runs it beside the extension build, which leaves most cores idle.
 """
 import argparse
 import contextlib
@@ -56,6 +56,7 @@ E2E_MODEL, E2E_BATCH, E2E_EXPERTS = "ViT-B-16", 64, 4
 TILE_CONFIGS = {"large": "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3",
                 "small": "BLOCK_N=64,BLOCK_K=64,num_warps=4,num_stages=3"}
 LARGE_ROWS_PER_EXPERT = 4096
+USES_MOE_ALIGN = ("triton", "torch")  # providers whose routing metadata comes from the extension's moe_align
 AUTOTUNE = "autotune"  # the tuned rows' config: CLIPMOE_TRITON_CONFIG unset
 PHASE_SECONDS = {"training": 40, "inference": 25, "routing": 20, "e2e": 30, "tuned": 60}
 BENCH_MS = {"warmup": 25, "rep": 100}          # do_bench milliseconds: thousands of repeats of a small shape
@@ -97,7 +98,7 @@ class Check:
         self.dry_run, self.json_path = args.dry_run, args.json
         self.device = "cpu" if args.dry_run else "cuda"
         self.dtype = torch.float32 if args.dry_run else torch.bfloat16
-        self.extension = args.dry_run or not args.no_extension
+        self.extension = not args.no_extension
         self.deadline = time.monotonic() + args.budget_s
         self.results = {"schema": SCHEMA, "dry_run": args.dry_run, "machine": machine_info(self.device),
                         "budget_s": args.budget_s, "phases": [], "layer": [], "e2e": []}
@@ -118,7 +119,7 @@ class Check:
 
     def unavailable(self, provider):
         """Why `provider` is not measured here, or None."""
-        if provider == "triton" and not self.extension:
+        if provider in USES_MOE_ALIGN and not self.extension:
             return "not measured: clipmoe_kernels._C has no CUDA ops (build failed), the routing would fall back " \
                    "to the host-synchronising moe_align_ref"
         return None
@@ -214,12 +215,13 @@ def layer_record(check, phase, case, provider, graph, config):
 
 def measure_layer(check, phase, case, provider_names=providers.PROVIDERS, graphs=False, config=None,
                   reference=None):
-    """Every provider on `case` (eager; and as a CUDA graph where `graphs`), appended to the results."""
+    """Every provider on `case` (eager; then, where `graphs`, each as a CUDA graph: all eager rows are in before
+    the first capture is tried), appended to the results."""
     config = tile_config(case) if config is None else config
     if reference is None:
         reference = providers.reference_output(case, check.device)
-    for provider in provider_names:
-        for graph in (False, True) if graphs else (False,):
+    for graph in (False, True) if graphs else (False,):
+        for provider in provider_names:
             rec = layer_record(check, phase, case, provider, graph, config)
             check.results["layer"].append(rec)
             reason = check.unavailable(provider)
@@ -270,8 +272,9 @@ def print_record(rec):
 
 
 def phase_training(check):
+    reference = providers.reference_output(check.case(*TRAINING), check.device)  # the same for both modes
     for mode in configs.MODES:
-        measure_layer(check, "training", check.case(*TRAINING, mode=mode))
+        measure_layer(check, "training", check.case(*TRAINING, mode=mode), reference=reference)
 
 
 def phase_inference(check):
@@ -281,8 +284,9 @@ def phase_inference(check):
 
 def phase_routing(check):
     for experts, routing in ROUTING_VARIANTS:
+        reference = providers.reference_output(check.case(*TRAINING, experts, routing), check.device)
         for mode in configs.MODES:
-            measure_layer(check, "routing", check.case(*TRAINING, experts, routing, mode))
+            measure_layer(check, "routing", check.case(*TRAINING, experts, routing, mode), reference=reference)
 
 
 def phase_tuned(check):
@@ -290,8 +294,10 @@ def phase_tuned(check):
         raise Skip("autotuning cannot run under the Triton interpreter")
     os.environ["TRITON_PRINT_AUTOTUNING"] = "1"  # the chosen configs go to the log (for a config cache)
     try:
+        reference = providers.reference_output(check.case(*TRAINING), check.device)
         for mode in configs.MODES:
-            measure_layer(check, "tuned", check.case(*TRAINING, mode=mode), ("triton",), config=AUTOTUNE)
+            measure_layer(check, "tuned", check.case(*TRAINING, mode=mode), ("triton",), config=AUTOTUNE,
+                          reference=reference)
     finally:
         os.environ.pop("TRITON_PRINT_AUTOTUNING", None)
 

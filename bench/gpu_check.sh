@@ -33,7 +33,8 @@ case "${1:-}" in
     "") ;;
     *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
-PY=${PYTHON:-python3}
+# The project's .venv where there is one (CI, development machine); the image's python3 on the GPU machine.
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 TOTAL_LIMIT=${TOTAL_LIMIT:-355}
 BUILD_LIMIT=${BUILD_LIMIT:-150}
 TESTS_LIMIT=${TESTS_LIMIT:-90}
@@ -96,7 +97,7 @@ else
             case "$ARCHS" in *sm_90*) ;; *) loud "FAILED: the extension has no sm_90 code"; STATUS=2 ;; esac
         fi
     else
-        loud "FAILED: the extension has no CUDA ops (build exit $BUILD_RC, log $BASE.build.txt): the triton provider and backend are NOT measured (they would fall back to host-synchronising routing)"
+        loud "FAILED: the extension has no CUDA ops (build exit $BUILD_RC, log $BASE.build.txt): the triton and torch providers and the triton backend are NOT measured (they would fall back to host-synchronising routing)"
         MEASURE_FLAGS+=(--no-extension)
         STATUS=2
     fi
@@ -136,11 +137,12 @@ if [ "$LEFT" -lt 20 ]; then
     loud "gpu tests: NOT RUN, only $LEFT s left"; STATUS=1
 else
     say "gpu tests: pytest tests -m gpu (limit $LEFT s)"
-    timeout -k 10 "$LEFT" "$PY" -m pytest tests -m gpu "${TEST_FLAGS[@]}"
+    # SIGINT at the limit: pytest stops as on Ctrl-C and still writes the JUnit XML of the tests that ran.
+    timeout -s INT -k 10 "$LEFT" "$PY" -m pytest tests -m gpu "${TEST_FLAGS[@]}"
     RC=$?
     case "$RC" in
         0) ;;
-        124|137) loud "gpu tests: stopped at the limit ($LEFT s)"; [ "$STATUS" -eq 0 ] && STATUS=1 ;;
+        124|137|130|2) loud "gpu tests: stopped at the limit ($LEFT s) or interrupted (exit $RC)"; [ "$STATUS" -eq 0 ] && STATUS=1 ;;
         *) loud "gpu tests: pytest exit status $RC"; [ "$STATUS" -eq 0 ] && STATUS=1 ;;
     esac
 fi

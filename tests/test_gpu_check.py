@@ -1,6 +1,7 @@
 """The GPU check's parts that run without a GPU: the grouped_mm provider and the bound, the ratio table, folding the
 results into the README, the plot, and that the `gpu` tests collect where open_clip, ftfy and webdataset are absent.
 (The whole check end to end: `bash bench/gpu_check.sh --dry-run`, run by CI.)"""
+import argparse
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bench import fold_readme, gpu_table, providers
+from bench import fold_readme, gpu_check, gpu_table, providers
 from bench.configs import Case
 from bench.report import plot_lines
 from clipmoe_kernels import expert_ffn_torch
@@ -59,6 +60,18 @@ def test_a_provider_that_fails_its_check_raises():
     wrong = providers.reference_output(case, "cpu") * 1.1
     with pytest.raises(AssertionError, match="failed its check"):
         providers.prepare("torch", case, "cpu", torch.float32, wrong)
+
+
+def test_without_the_extension_triton_is_not_measured_and_errors_are_recorded():
+    check = gpu_check.Check(argparse.Namespace(dry_run=True, json=None, no_extension=True, budget_s=60))
+    case = check.case("vit_l14", 256, mode="forward")
+    gpu_check.measure_layer(check, "training", case, ("triton", "torch", "naive", "no_such_provider"))
+    rows = {r["provider"]: r for r in check.results["layer"]}
+    for provider in ("triton", "torch"):  # both route with the extension's moe_align
+        assert rows[provider]["status"] == "skipped" and "host-synchronising" in rows[provider]["error"]
+    assert rows["naive"]["status"] == "ok" and rows["naive"]["check_rel_err"] < 1e-6
+    assert rows["no_such_provider"]["status"] == "error" and "no_such_provider" in rows["no_such_provider"]["error"]
+    assert gpu_check.failures(check.results) == [rows["no_such_provider"]]
 
 
 def layer_row(provider, median, mode="forward_backward", phase="training", peak=100.0, status="ok", graph=False):
