@@ -13,6 +13,7 @@ import glob
 import os
 import shutil
 import sys
+import textwrap
 
 from bench import gpu_table
 
@@ -23,12 +24,13 @@ GPU_END = "<!-- gpu-check:end -->"
 def readme_block(results, json_path) -> str:
     m = results["machine"]
     name = os.path.basename(json_path).rsplit(".", 1)[0]
-    lines = [f"Measured on {m.get('gpu')} ({m['date']}, commit {m['git']}, torch {m['torch']}, triton "
+    intro = (f"Measured on {m.get('gpu')} ({m['date']}, commit {m['git']}, torch {m['torch']}, triton "
              f"{m.get('triton')}, CUDA {m.get('cuda')}) by `bash bench/gpu_check.sh`, folded in by "
              f"`python -m bench.fold_readme {json_path}`. Full tables: `bench/results/{name}.md`, plot: "
              f"`bench/results/{name}.png`. bf16, median of `triton.testing.do_bench`; A / B = A's time over B's "
              f"(`triton / bound`: the fused kernels' time over the same GEMMs as dense cuBLAS matmuls; "
-             f"`naive / triton` etc.: the speed-up of triton).", ""]
+             f"`naive / triton` etc.: the speed-up of triton).")
+    lines = textwrap.wrap(intro, width=118, break_on_hyphens=False) + [""]
     lines += gpu_table.layer_table(results)
     e2e = gpu_table.e2e_table(results)
     if e2e:
