@@ -82,7 +82,7 @@ if [ "$DRY_RUN" = 1 ]; then
 else
     say "build: TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace (limit $BUILD_LIMIT s), Triton warm-up beside it"
     rm -f clipmoe_kernels/_C*.so
-    "$PY" -m bench.gpu_check --warmup > "$BASE.warmup.txt" 2>&1 &
+    timeout "$BUILD_LIMIT" "$PY" -m bench.gpu_check --warmup > "$BASE.warmup.txt" 2>&1 &
     WARMUP_PID=$!
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} timeout "$BUILD_LIMIT" "$PY" setup.py -q build_ext --inplace \
         > "$BASE.build.txt" 2>&1
@@ -97,7 +97,8 @@ else
             case "$ARCHS" in *sm_90*) ;; *) loud "FAILED: the extension has no sm_90 code"; STATUS=2 ;; esac
         fi
     else
-        loud "FAILED: the extension has no CUDA ops (build exit $BUILD_RC, log $BASE.build.txt): the triton and torch providers and the triton backend are NOT measured (they would fall back to host-synchronising routing)"
+        tail -n 40 "$BASE.build.txt"
+        loud "FAILED: the extension has no CUDA ops (build exit $BUILD_RC, its log above): the triton and torch providers and the triton backend are NOT measured (they would fall back to host-synchronising routing)"
         MEASURE_FLAGS+=(--no-extension)
         STATUS=2
     fi
