@@ -145,6 +145,9 @@ def machine_info(device):
 
 
 def git_sha():
+    """The commit measured: CLIPMOE_GIT_SHA when set (a copied tree may have no .git), else git's HEAD."""
+    if os.environ.get("CLIPMOE_GIT_SHA"):
+        return os.environ["CLIPMOE_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "unknown"

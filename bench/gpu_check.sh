@@ -56,7 +56,8 @@ say() { echo "== [$(elapsed) s] $*"; }
 loud() { echo; echo "!!!!!!!! $* !!!!!!!!"; echo; }
 STATUS=0
 
-say "clipmoe GPU check$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN: CPU, Triton interpreter)'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), output $BASE.*"
+export CLIPMOE_GIT_SHA=${CLIPMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+say "clipmoe GPU check$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN: CPU, Triton interpreter)'), commit $CLIPMOE_GIT_SHA, output $BASE.*"
 "$PY" -c "import sys, torch, triton, pytest; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| triton', triton.__version__, '| pytest', pytest.__version__, '| cuda', torch.version.cuda, '| device', \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" \
