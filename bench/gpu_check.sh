@@ -92,8 +92,9 @@ else
     say "build exit status $BUILD_RC"
     tail -n 5 "$BASE.build.txt"
     if "$PY" -c "import clipmoe_kernels as k, sys; sys.exit(0 if k.available_ops()['cuda'] else 1)"; then
-        if command -v cuobjdump > /dev/null; then
-            ARCHS=$(cuobjdump --list-elf clipmoe_kernels/_C*.so 2>/dev/null | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')
+        CUOBJDUMP=$(command -v cuobjdump || "$PY" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))")
+        if [ -x "$CUOBJDUMP" ]; then
+            ARCHS=$("$CUOBJDUMP" --list-elf clipmoe_kernels/_C*.so 2>/dev/null | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')
             echo "extension device code: ${ARCHS:-none found}"
             case "$ARCHS" in *sm_90*) ;; *) loud "FAILED: the extension has no sm_90 code"; STATUS=2 ;; esac
         fi
