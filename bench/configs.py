@@ -17,6 +17,10 @@ TOWERS = {
     "text_b": (77, 512, 2048),   # text tower of ViT-B CLIP models
     "text_l": (77, 768, 3072),   # text tower of ViT-L/14
 }
+# Dry runs (bench/gpu_check.py --dry-run, CPU, Triton interpreter): every tower shrunk to 3 tokens per item,
+# D 32, F 64, and batches capped at 8, so that a whole check runs in seconds; such cases carry tiny=True.
+TINY_TOWER = (3, 32, 64)
+TINY_MAX_BATCH = 8
 ROUTINGS = ("uniform", "skewed", "all_to_one")
 MODES = ("forward", "forward_backward")
 TOP_K = 2
@@ -30,18 +34,21 @@ class Case:
     routing: str
     mode: str
     top_k: int = TOP_K
+    tiny: bool = False  # the dry-run size of this case (TINY_TOWER), same tower name and routing
 
     @property
     def tokens(self) -> int:
+        if self.tiny:
+            return TINY_TOWER[0] * min(self.batch, TINY_MAX_BATCH)
         return TOWERS[self.tower][0] * self.batch
 
     @property
     def d_model(self) -> int:
-        return TOWERS[self.tower][1]
+        return (TINY_TOWER if self.tiny else TOWERS[self.tower])[1]
 
     @property
     def hidden(self) -> int:
-        return TOWERS[self.tower][2]
+        return (TINY_TOWER if self.tiny else TOWERS[self.tower])[2]
 
     @property
     def group(self) -> str:

@@ -1,73 +1,164 @@
 #!/usr/bin/env bash
-# GPU check: build clipmoe with its C++/CUDA ops, run the `gpu` tests (Triton kernels compiled, bf16, autotune,
-# torch.compile, CUDA graphs, int32-bound shape) and then the benchmark suite, on a machine with one CUDA GPU.
+# The GPU check: on one GPU machine (an H200: Python 3.12, torch, triton, pytest; no open_clip, no registry), in one
+# call of at most 6 minutes: build the extension for sm_90, measure the README's performance table
+# (bench/gpu_check.py), run the `gpu` tests, and write one JSON plus a Markdown table of ratios.
 #
-# Run from the repository root of a fresh copy of the tree, with a python3 that already has torch, triton and pytest
-# (no network is needed or used):   bash bench/gpu_check.sh
-# Everything it prints also goes to bench/results/gpu_check_<UTC date-time>.txt. It stops itself before 8 minutes:
-# the build gets BUILD_LIMIT seconds, the tests what is left of TOTAL_LIMIT. Exit status: that of pytest (or 2 when
-# the set-up failed).
+#   bash bench/gpu_check.sh             # on the GPU machine, from the repository root of a copy of the tree
+#   bash bench/gpu_check.sh --dry-run   # anywhere: tiny shapes on the CPU under the Triton interpreter (CI)
+#
+# Output: $OUT/gpu-<UTC time>.{json,md,png,log} and the tests' JUnit XML (-tests.xml) when OUT is set, else
+# bench/results/ (a dry run: a temporary folder unless OUT is set). Then, here: python -m bench.fold_readme
+# <the JSON> copies the files into bench/results/ and folds the table into the README's performance section.
+# The end-to-end phase needs open_clip: `bash bench/gpu_wheels.sh` here makes bench/wheels/, which this script
+# installs offline into a temporary target when it is there (carry it with the tree).
+#
+# Budget (expected seconds on one H200; the hard limits keep the whole run under TOTAL_LIMIT):
+#   set-up and version report                    5
+#   extension build, sm_90 only (nvcc, 3 files) 75   limit BUILD_LIMIT; beside it, on the idle cores, a
+#                                                      warm-up compiles the measured Triton kernels
+#   wheels installed offline                     5
+#   measurements (bench/gpu_check.py phases)   175   training 40, inference 25, routing 20, e2e 30, tuned 60;
+#                                                      a phase starts only while its expected time is left
+#   gpu tests (pytest -m gpu, 8 workers)        75   limit TESTS_LIMIT, each test at most 120 s
+#   tables and plot                              5
+#   total                                      340   limit TOTAL_LIMIT = 355 s
+# Exit status: 0 all measured and passed; 1 a measurement or test failed; 2 the set-up failed (no GPU, no build:
+# then nothing that would use the host-synchronising fallback is measured).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python3}
-TOTAL_LIMIT=${TOTAL_LIMIT:-450}   # seconds for the whole script, under the 8-minute budget
-BUILD_LIMIT=${BUILD_LIMIT:-210}   # seconds for pip (nvcc for one arch on 16 cores takes about a minute)
-TESTS_SHARE=${TESTS_SHARE:-150}   # at most this many seconds for the gpu tests; the benchmarks get the rest
+DRY_RUN=0
+case "${1:-}" in
+    --dry-run) DRY_RUN=1 ;;
+    "") ;;
+    *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+esac
+# The project's .venv where there is one (CI, development machine); the image's python3 on the GPU machine.
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+TOTAL_LIMIT=${TOTAL_LIMIT:-355}
+BUILD_LIMIT=${BUILD_LIMIT:-150}
+TESTS_LIMIT=${TESTS_LIMIT:-90}
+RESERVE=${RESERVE:-10}           # seconds kept back for the tables at the end
 START=$(date +%s)
-mkdir -p bench/results
-LOG="bench/results/gpu_check_$(date -u +%Y%m%d_%H%M%S).txt"
-exec > >(tee "$LOG") 2>&1
-
-echo "== clipmoe gpu check, $(date -u), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-nvidia-smi -L 2>/dev/null || echo "nvidia-smi not found"
-"$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| cuda', torch.version.cuda, '| device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" \
-    || { echo "FAILED: python3 with torch is needed"; exit 2; }
-"$PY" -c "import triton; print('triton', triton.__version__)" || echo "WARNING: triton missing, the kernels cannot run"
-"$PY" -m pytest --version || { echo "FAILED: pytest is not installed for $PY"; exit 2; }
-
-# Build with the CUDA ops (setup.py builds them when torch is a CUDA build and nvcc is found); H200 only: sm_90.
-unset CLIPMOE_SKIP_CUDA_BUILD CLIPMOE_SKIP_EXT_BUILD TRITON_INTERPRET CLIPMOE_TRITON_CONFIG CLIPMOE_BACKEND
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-16}
-export HF_HUB_OFFLINE=1
-echo "== pip install -e . --no-build-isolation (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-# --no-deps --no-index: the machine has no network; torch/triton/pytest are preinstalled, open_clip is optional.
-if ! timeout "$BUILD_LIMIT" "$PY" -m pip install -q -e . --no-build-isolation --no-deps --no-index; then
-    echo "WARNING: pip install failed; building the extension in place instead"
-    timeout "$BUILD_LIMIT" "$PY" setup.py -q build_ext --inplace || echo "WARNING: in-place build failed too"
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+if [ -n "${OUT:-}" ]; then RESULTS=$OUT
+elif [ "$DRY_RUN" = 1 ]; then RESULTS=$(mktemp -d -t clipmoe-dry-run.XXXXXX)
+else RESULTS=bench/results
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import clipmoe; print('clipmoe ops:', clipmoe.available_ops())" || { echo "FAILED: import clipmoe"; exit 2; }
-echo "== build took $(( $(date +%s) - START )) s"
+mkdir -p "$RESULTS"
+NAME=gpu-$STAMP
+[ "$DRY_RUN" = 1 ] && NAME=dry-run-$STAMP
+BASE=$RESULTS/$NAME
+exec > >(tee "$BASE.log") 2>&1
 
-LEFT=$(( TOTAL_LIMIT - ($(date +%s) - START) ))
-if [ "$LEFT" -lt 60 ]; then
-    echo "FAILED: only $LEFT s left for the tests"; exit 2
-fi
-echo "== pytest tests -m gpu (limit $LEFT s)"
-# --continue-on-collection-errors: test files that import open_clip fail to collect where it is missing; the gpu
-# tests in the other files still run, but pytest then exits with 1 even when they all pass (see "ERROR collecting").
-"$PY" -c "import open_clip" 2>/dev/null || echo "NOTE: open_clip is missing: expect collection errors (exit 1)"
-TEST_LIMIT=$(( LEFT > TESTS_SHARE ? TESTS_SHARE : LEFT ))
-timeout "$TEST_LIMIT" "$PY" -m pytest tests -m gpu -v -rs -p no:cacheprovider --continue-on-collection-errors \
-    --durations=15
-STATUS=$?
-[ "$STATUS" -eq 124 ] && echo "FAILED: pytest stopped at the time limit ($TEST_LIMIT s)"
+elapsed() { echo $(( $(date +%s) - START )); }
+say() { echo "== [$(elapsed) s] $*"; }
+loud() { echo; echo "!!!!!!!! $* !!!!!!!!"; echo; }
+STATUS=0
 
-# The benchmark suite (bench/configs.py GPU_CASES, bf16) with what time is left; needs pytest-benchmark.
-LEFT=$(( TOTAL_LIMIT - ($(date +%s) - START) ))
-BENCH_JSON="bench/results/gpu_$(date -u +%Y%m%d_%H%M%S).json"
-if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-    echo "NOTE: pytest-benchmark is not installed: benchmark suite skipped"
-elif [ "$LEFT" -lt 30 ]; then
-    echo "NOTE: only $LEFT s left: benchmark suite skipped"
+export CLIPMOE_GIT_SHA=${CLIPMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+say "clipmoe GPU check$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN: CPU, Triton interpreter)'), commit $CLIPMOE_GIT_SHA, output $BASE.*"
+"$PY" -c "import sys, torch, triton, pytest; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| triton', triton.__version__, '| pytest', pytest.__version__, '| cuda', torch.version.cuda, '| device', \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" \
+    || { loud "FAILED: $PY needs torch, triton and pytest"; exit 2; }
+unset CLIPMOE_SKIP_CUDA_BUILD CLIPMOE_SKIP_EXT_BUILD CLIPMOE_TRITON_CONFIG CLIPMOE_BACKEND
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+MEASURE_FLAGS=()
+if [ "$DRY_RUN" = 1 ]; then
+    export TRITON_INTERPRET=1
+    MEASURE_FLAGS+=(--dry-run)
 else
-    echo "== pytest bench --benchmark (limit $LEFT s) -> $BENCH_JSON"
-    # SIGINT at the limit: pytest stops like on Ctrl-C and still writes the JSON of what it measured.
-    timeout -s INT -k 20 "$LEFT" "$PY" -m pytest bench --benchmark -q -p no:cacheprovider --benchmark-json "$BENCH_JSON"
-    [ -s "$BENCH_JSON" ] && "$PY" -m bench.report "$BENCH_JSON"
+    unset TRITON_INTERPRET
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        || { loud "FAILED: no CUDA device visible to torch"; exit 2; }
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
 fi
-echo "== exit status $STATUS, total $(( $(date +%s) - START )) s, log $LOG"
+
+# -- build: the extension for sm_90 only, in place. Beside it, the warm-up fills Triton's cache (it imports the
+#    package before the .so exists, so its routing takes the plain-torch fallback; the compiled kernels are the same).
+if [ "$DRY_RUN" = 1 ]; then
+    say "build: skipped in a dry run (CI builds the extension with make); checking that setup.py loads"
+    "$PY" setup.py --name > /dev/null || { loud "FAILED: setup.py does not load"; exit 2; }
+else
+    say "build: TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace (limit $BUILD_LIMIT s), Triton warm-up beside it"
+    rm -f clipmoe_kernels/_C*.so
+    timeout "$BUILD_LIMIT" "$PY" -m bench.gpu_check --warmup > "$BASE.warmup.txt" 2>&1 &
+    WARMUP_PID=$!
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} timeout "$BUILD_LIMIT" "$PY" setup.py -q build_ext --inplace \
+        > "$BASE.build.txt" 2>&1
+    BUILD_RC=$?
+    wait "$WARMUP_PID" || echo "NOTE: the Triton warm-up failed (the measurements compile instead): $(tail -n 3 "$BASE.warmup.txt")"
+    say "build exit status $BUILD_RC"
+    tail -n 5 "$BASE.build.txt"
+    if "$PY" -c "import clipmoe_kernels as k, sys; sys.exit(0 if k.available_ops()['cuda'] else 1)"; then
+        CUOBJDUMP=$(command -v cuobjdump || "$PY" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))")
+        if [ -x "$CUOBJDUMP" ]; then
+            ARCHS=$("$CUOBJDUMP" --list-elf clipmoe_kernels/_C*.so 2>/dev/null | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')
+            echo "extension device code: ${ARCHS:-none found}"
+            case "$ARCHS" in *sm_90*) ;; *) loud "FAILED: the extension has no sm_90 code"; STATUS=2 ;; esac
+        fi
+    else
+        tail -n 40 "$BASE.build.txt"
+        loud "FAILED: the extension has no CUDA ops (build exit $BUILD_RC, its log above): the triton and torch providers and the triton backend are NOT measured (they would fall back to host-synchronising routing)"
+        MEASURE_FLAGS+=(--no-extension)
+        STATUS=2
+    fi
+    rm -f "$BASE.build.txt" "$BASE.warmup.txt"  # their tails are in the log; $OUT holds at most 8 files
+fi
+
+# -- wheels: open_clip and friends for the end-to-end phase, into a temporary target (never over the image's own).
+SITE=""
+if ls bench/wheels/*.whl > /dev/null 2>&1; then
+    SITE=$(mktemp -d -t clipmoe-site.XXXXXX)
+    say "wheels: installing bench/wheels offline into $SITE"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" bench/wheels/*.whl; then
+        echo "NOTE: the wheels did not install: the end-to-end phase is skipped"; SITE=""
+    fi
+else
+    say "wheels: bench/wheels is not here (bash bench/gpu_wheels.sh makes it); the end-to-end phase needs an installed open_clip"
+fi
+
+# -- measurements
+BUDGET=$(( TOTAL_LIMIT - $(elapsed) - TESTS_LIMIT - RESERVE ))
+say "measurements (budget $BUDGET s) -> $BASE.json"
+PYTHONPATH="$PWD${SITE:+:$SITE}" timeout -k 5 $(( BUDGET + 15 )) "$PY" -m bench.gpu_check --json "$BASE.json" \
+    --budget-s "$BUDGET" "${MEASURE_FLAGS[@]}"
+RC=$?
+[ "$RC" -ne 0 ] && { loud "measurements: exit status $RC (see ERROR lines above)"; [ "$STATUS" -eq 0 ] && STATUS=1; }
+
+# -- gpu tests: what only a GPU checks (bf16, determinism, compile, graph capture, int32 bound), torch and triton
+#    only: the tests run without the wheels, with open_clip, ftfy and webdataset blocked as on the bare machine.
+LEFT=$(( TOTAL_LIMIT - $(elapsed) - RESERVE ))
+[ "$LEFT" -gt "$TESTS_LIMIT" ] && LEFT=$TESTS_LIMIT
+TEST_FLAGS=(-p bench.without_extras -p no:cacheprovider -q -rfEs --junitxml "$BASE-tests.xml")
+if [ "$DRY_RUN" = 0 ]; then
+    "$PY" -c "import xdist" 2> /dev/null && TEST_FLAGS+=(-n 8)        # compiles in parallel: 16 cores
+    "$PY" -c "import pytest_timeout" 2> /dev/null && TEST_FLAGS+=(--timeout 120)
+fi
+if [ "$LEFT" -lt 20 ]; then
+    loud "gpu tests: NOT RUN, only $LEFT s left"; STATUS=1
+else
+    say "gpu tests: pytest tests -m gpu (limit $LEFT s)"
+    # SIGINT at the limit: pytest stops as on Ctrl-C and still writes the JUnit XML of the tests that ran.
+    timeout -s INT -k 10 "$LEFT" "$PY" -m pytest tests -m gpu "${TEST_FLAGS[@]}"
+    RC=$?
+    case "$RC" in
+        0) ;;
+        124|137|130|2) loud "gpu tests: stopped at the limit ($LEFT s) or interrupted (exit $RC)"; [ "$STATUS" -eq 0 ] && STATUS=1 ;;
+        *) loud "gpu tests: pytest exit status $RC"; [ "$STATUS" -eq 0 ] && STATUS=1 ;;
+    esac
+fi
+
+# -- tables
+say "tables"
+if [ -s "$BASE.json" ]; then
+    XML=(); [ -s "$BASE-tests.xml" ] && XML=(--tests-xml "$BASE-tests.xml")
+    "$PY" -m bench.gpu_table "$BASE.json" "${XML[@]}" --plot || { loud "FAILED: bench.gpu_table"; STATUS=1; }
+else
+    loud "FAILED: no results JSON was written"; STATUS=1
+fi
+[ -n "$SITE" ] && rm -rf "$SITE"
+say "done: exit status $STATUS, files: $(ls "$RESULTS" | grep "^$NAME" | tr '\n' ' ')"
+[ "$DRY_RUN" = 0 ] && echo "next, here: python -m bench.fold_readme <fetched>/$NAME.json, then commit bench/results and README.md"
 exit "$STATUS"

@@ -5,7 +5,8 @@
 Per group (one shape, providers side by side): median and IQR in ms, speed-up over `naive` (naive median / median),
 share of the `dense_equal_flops` bound (dense median / median), TFLOP/s (expert FLOPs 4·T·k·D·F forward, three times
 that forward+backward, as defined in bench/configs.py), peak CUDA memory; end-to-end groups give items/s. Tests that
-failed or were skipped are listed, never dropped.
+failed or were skipped are listed, never dropped. The plot: one panel per tower and mode, median time against
+tokens, a line per provider with its interquartile band, the bound (dense_equal_flops) dashed.
 """
 import argparse
 import json
@@ -104,31 +105,74 @@ def summary(groups) -> str:
     return "\n".join(lines)
 
 
-def plot(groups, path):
+BOUND_PROVIDERS = ("bound", "dense_equal_flops")  # drawn dashed: what a MoE layer of that shape can approach
+
+
+def bench_points(groups):
+    """Layer medians of a pytest-benchmark JSON as plot_lines points (E 4, uniform routing; seconds -> ms)."""
+    points = []
+    for benches in groups.values():
+        for b in benches:
+            info, stats = b["extra_info"], b["stats"]
+            if info.get("kind") == "layer" and info.get("num_experts") == 4 and info.get("routing") == "uniform":
+                points.append({"tower": info["tower"], "mode": info["mode"], "tokens": info["tokens"],
+                               "provider": info["provider"], "median": stats["median"] * 1e3,
+                               "lo": stats["q1"] * 1e3, "hi": stats["q3"] * 1e3})
+    return points
+
+
+def plot_lines(points, path, title="clipmoe MoE FFN layer"):
+    """Small multiples: one panel per tower (columns) and mode (rows), time (ms, log) against tokens (log), one
+    line per provider with its spread band (lo..hi), the bound dashed. Returns the path, or None with no points."""
+    if not points:
+        return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    layer = [(g, group_rows(b)) for g, b in groups.items() if b[0]["extra_info"].get("kind") != "e2e"]
-    if not layer:
-        return None
-    providers = sorted({r["provider"] for _, rows in layer for r in rows})
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(layer) * len(providers) + 1.5))
-    height = 0.8 / len(providers)
-    for i, provider in enumerate(providers):
-        ys, xs = [], []
-        for j, (_, rows) in enumerate(layer):
-            r = next((r for r in rows if r["provider"] == provider), None)
-            if r and r["vs_naive"]:
-                ys.append(j + i * height)
-                xs.append(r["vs_naive"])
-        ax.barh(ys, xs, height=height, label=provider)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(layer))], [g for g, _ in layer], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speed-up over the naive per-expert loop (naive median / median)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    towers = sorted({p["tower"] for p in points})
+    modes = [m for m in ("forward", "forward_backward") if any(p["mode"] == m for p in points)]
+    providers = sorted({p["provider"] for p in points}, key=lambda name: (name in BOUND_PROVIDERS, name))
+    colors = {name: f"C{i}" for i, name in enumerate(providers)}
+    fig, axes = plt.subplots(len(modes), len(towers), figsize=(3.2 * len(towers) + 1, 2.8 * len(modes) + 0.8),
+                             squeeze=False, sharey="row")
+    for i, mode in enumerate(modes):
+        for j, tower in enumerate(towers):
+            ax = axes[i][j]
+            for name in providers:
+                pts = sorted((p for p in points if p["tower"] == tower and p["mode"] == mode
+                              and p["provider"] == name), key=lambda p: p["tokens"])
+                if not pts:
+                    continue
+                x = [p["tokens"] for p in pts]
+                bound = name in BOUND_PROVIDERS
+                ax.plot(x, [p["median"] for p in pts], "--" if bound else "-", marker="o", markersize=3,
+                        color="black" if bound else colors[name], label=name, linewidth=1.2)
+                if not bound:
+                    ax.fill_between(x, [p["lo"] for p in pts], [p["hi"] for p in pts], color=colors[name],
+                                    alpha=0.2, linewidth=0)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(plain)
+                axis.set_minor_formatter(NullFormatter())
+            ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+            ax.set_title(f"{tower}, {mode.replace('_', '+')}", fontsize=9)
+            if i == len(modes) - 1:
+                ax.set_xlabel("tokens")
+            if j == 0:
+                ax.set_ylabel("median ms (band: spread)")
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=8, ncol=len(handles))
+    fig.suptitle(f"{title} (E 4, top-2, uniform routing)", fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -141,7 +185,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     data, groups = load(args.json_file)
     print(summary(groups) if args.summary else markdown(data, groups))
-    out = plot(groups, args.plot or args.json_file.rsplit(".", 1)[0] + ".png")
+    out = plot_lines(bench_points(groups), args.plot or args.json_file.rsplit(".", 1)[0] + ".png")
     if out:
         print(f"\nplot: {out}")
 

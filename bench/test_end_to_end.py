@@ -65,7 +65,7 @@ def test_end_to_end(benchmark, models, variant, task):
     model.eval()
     with torch.no_grad(), _autocast(device):
         got = (model.encode_image(images), model.encode_text(texts))
-    err = max(relative_error(g.float(), w.float()) for g, w in zip(got, models["dense_embeddings"]))
+    err = max(relative_error(g.float(), w.float()) for g, w in zip(got, models["dense_embeddings"], strict=True))
     if not err <= CHECK_RTOL[device]:
         pytest.fail(f"{variant}: embeddings differ from the dense model's by {err:.2e} (relative)")
 

@@ -10,34 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import clipmoe_kernels
+from bench.providers import make_inputs
 from bench.utils import relative_error, time_provider
 
 PROVIDERS = ("naive", "torch", "triton", "dense_equal_flops")
 ACTIVATION = "quick_gelu"
 # Relative error (norm) a provider may show against the reference, by dtype.
 CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-
-
-def make_routing(case, generator):
-    T, E, k = case.tokens, case.num_experts, case.top_k
-    if case.routing == "uniform":
-        return torch.rand(T, E, generator=generator).argsort(dim=1)[:, :k]
-    if case.routing == "skewed":
-        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float) ** 1.5
-        return torch.multinomial(p.expand(T, E), k, replacement=False, generator=generator)
-    return torch.arange(k).expand(T, k).clone()  # all_to_one
-
-
-def make_inputs(case, device, dtype):
-    g = torch.Generator().manual_seed(0)
-    T, D, F_, E = case.tokens, case.d_model, case.hidden, case.num_experts
-    tensors = {"x": torch.randn(T, D, generator=g), "w1": torch.randn(E, F_, D, generator=g) / D**0.5,
-               "b1": torch.randn(E, F_, generator=g) * 0.02, "w2": torch.randn(E, D, F_, generator=g) / F_**0.5,
-               "b2": torch.randn(E, D, generator=g) * 0.02}
-    inputs = {name: t.to(device, dtype) for name, t in tensors.items()}
-    inputs["topk_ids"] = make_routing(case, g).to(device)
-    inputs["topk_weights"] = torch.softmax(torch.randn(T, case.top_k, generator=g), -1).to(device)
-    return inputs
 
 
 def moe_call(fn, inputs):

@@ -1,0 +1,100 @@
+"""Fold a GPU check's results into the repository: its files into bench/results/, its ratio table into the README.
+
+    python -m bench.fold_readme RESULTS.json [--readme README.md] [--results-dir bench/results]
+
+RESULTS.json is the JSON bash bench/gpu_check.sh wrote (on the GPU machine under $OUT, fetched here). The files
+beside it that share its name (.md, .png, .log, -tests.xml) are copied into --results-dir with it, and the README's
+block between GPU_START and GPU_END (in its performance section) is replaced by the layer and whole-model tables
+with the command that printed them. Then commit bench/results/ and README.md. A dry run's JSON is refused (it holds
+no timings). Running it twice on the same JSON gives the same README.
+"""
+import argparse
+import glob
+import os
+import shutil
+import sys
+import textwrap
+
+from bench import gpu_table
+
+GPU_START = "<!-- gpu-check:start (python -m bench.fold_readme rewrites this block) -->"
+GPU_END = "<!-- gpu-check:end -->"
+
+
+def readme_block(results, json_path) -> str:
+    m = results["machine"]
+    name = os.path.basename(json_path).rsplit(".", 1)[0]
+    intro = (f"Measured on {m.get('gpu')} ({m['date']}, commit {m['git']}, torch {m['torch']}, triton "
+             f"{m.get('triton')}, CUDA {m.get('cuda')}) by `bash bench/gpu_check.sh`, folded in by "
+             f"`python -m bench.fold_readme {json_path}`. Full tables: `bench/results/{name}.md`, plot: "
+             f"`bench/results/{name}.png`. bf16, median of `triton.testing.do_bench`; A / B = A's time over B's "
+             f"(`triton / bound`: the fused kernels' time over the same GEMMs as dense cuBLAS matmuls; "
+             f"`naive / triton` etc.: the speed-up of triton).")
+    lines = textwrap.wrap(intro, width=118, break_on_hyphens=False) + [""]
+    lines += gpu_table.layer_table(results)
+    e2e = gpu_table.e2e_table(results)
+    if e2e:
+        lines += [""] + e2e
+    tests = results.get("tests")
+    if tests:
+        lines += ["", f"GPU tests in the same run: {tests['passed']} passed, {tests['failures']} failed, "
+                      f"{tests['errors']} errors, {tests['skipped']} skipped."]
+    missing = gpu_table.not_measured(results)
+    if missing:
+        lines += ["", f"{len(missing)} measurements or phases were skipped or failed; "
+                      f"`bench/results/{name}.md` lists each with its reason."]
+    return "\n".join(lines)
+
+
+def fold(readme: str, block: str, where: str = "README.md") -> str:
+    if readme.count(GPU_START) != 1 or readme.count(GPU_END) != 1:
+        raise ValueError(f"{where}: expected one '{GPU_START}' and one '{GPU_END}' line (the GPU block of the "
+                         f"performance section)")
+    head, rest = readme.split(GPU_START)
+    _, tail = rest.split(GPU_END)
+    return f"{head}{GPU_START}\n{block}\n{GPU_END}{tail}"
+
+
+def copy_results(json_path, results_dir):
+    """The JSON and its sibling files (same name) into results_dir; returns the JSON's path there."""
+    base = json_path.rsplit(".", 1)[0]
+    os.makedirs(results_dir, exist_ok=True)
+    for path in sorted({json_path, *glob.glob(glob.escape(base) + ".*"), *glob.glob(glob.escape(base) + "-*")}):
+        target = os.path.join(results_dir, os.path.basename(path))
+        if os.path.abspath(path) != os.path.abspath(target) and not path.endswith(".tmp"):
+            shutil.copyfile(path, target)
+            print(f"copied {path} -> {target}")
+    return os.path.join(results_dir, os.path.basename(json_path))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json_file")
+    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--results-dir", default="bench/results")
+    args = parser.parse_args(argv)
+    try:
+        results = gpu_table.load(args.json_file)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    if results["dry_run"]:
+        parser.error(f"{args.json_file}: a dry run's results (tiny shapes, no timings) do not go into the README")
+    stored = copy_results(args.json_file, args.results_dir)
+    table = stored.rsplit(".", 1)[0] + ".md"
+    if not os.path.exists(table):  # the run stopped before its tables: make them from the JSON
+        with open(table, "w") as f:
+            f.write(gpu_table.markdown(results))
+    with open(args.readme) as f:
+        readme = f.read()
+    try:
+        new = fold(readme, readme_block(results, stored), args.readme)
+    except ValueError as exc:
+        parser.error(str(exc))
+    with open(args.readme, "w") as f:
+        f.write(new)
+    print(f"{args.readme}: GPU block rewritten from {stored}; now commit {args.results_dir} and {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

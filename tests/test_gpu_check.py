@@ -1,0 +1,172 @@
+"""The GPU check's parts that run without a GPU: the grouped_mm provider and the bound, the ratio table, folding the
+results into the README, the plot, and that the `gpu` tests collect where open_clip, ftfy and webdataset are absent.
+(The whole check end to end: `bash bench/gpu_check.sh --dry-run`, run by CI.)"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import fold_readme, gpu_check, gpu_table, providers
+from bench.configs import Case
+from bench.report import plot_lines
+from clipmoe_kernels import expert_ffn_torch
+from tests.tolerances import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_tests_collect_without_open_clip_ftfy_webdataset():
+    """As on the GPU machine: every test file collects (none imports a missing package unguarded)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "bench.without_extras", "tests", "-m", "gpu",
+                          "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "error" not in out.stdout.splitlines()[-1].lower(), out.stdout[-2000:]
+
+
+@pytest.mark.skipif(providers.GROUPED_MM is None, reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "all_to_one"])  # all_to_one: empty experts
+def test_grouped_mm_provider_matches_the_reference(routing):
+    case = Case("vit_b32", 2, 4, routing, "forward_backward", tiny=True)
+    inputs = providers.make_inputs(case, "cpu", torch.float32)
+    names = ("x", "topk_weights", "w1", "b1", "w2", "b2")
+    g = torch.randn(case.tokens, case.d_model)
+    results = []
+    for fn in (providers.expert_ffn_grouped_mm, expert_ffn_torch):
+        leaves = {n: inputs[n].detach().clone().requires_grad_() for n in names}
+        y = fn(leaves["x"], inputs["topk_ids"], leaves["topk_weights"], leaves["w1"], leaves["b1"], leaves["w2"],
+               leaves["b2"], "quick_gelu")
+        results.append((y, torch.autograd.grad(y, list(leaves.values()), g)))
+    (y, grads), (y_ref, grads_ref) = results
+    assert_close(y, y_ref, torch.float32, "y")
+    for name, got, want in zip(names, grads, grads_ref, strict=True):
+        assert_close(got, want, torch.float32, f"d{name}")
+
+
+def test_bound_runs_the_six_gemms_of_the_layer():
+    case = Case("vit_b32", 2, 4, "uniform", "forward_backward", tiny=True)
+    bound = providers.prepare("bound", case, "cpu", torch.float64)
+    assert bound.check_err is None and bound.leaves == []
+    bound.run()  # shapes: TK x D, D x F, ...; a wrong one raises
+    assert case.flops() == 3 * 4 * case.tokens * case.top_k * case.d_model * case.hidden
+
+
+def test_a_provider_that_fails_its_check_raises():
+    case = Case("vit_b32", 2, 4, "uniform", "forward", tiny=True)
+    wrong = providers.reference_output(case, "cpu") * 1.1
+    with pytest.raises(AssertionError, match="failed its check"):
+        providers.prepare("torch", case, "cpu", torch.float32, wrong)
+
+
+def test_without_the_extension_triton_is_not_measured_and_errors_are_recorded():
+    check = gpu_check.Check(argparse.Namespace(dry_run=True, json=None, no_extension=True, budget_s=60))
+    case = check.case("vit_l14", 256, mode="forward")
+    gpu_check.measure_layer(check, "training", case, ("triton", "torch", "naive", "no_such_provider"))
+    rows = {r["provider"]: r for r in check.results["layer"]}
+    for provider in ("triton", "torch"):  # both route with the extension's moe_align
+        assert rows[provider]["status"] == "skipped" and "host-synchronising" in rows[provider]["error"]
+    assert rows["naive"]["status"] == "ok" and rows["naive"]["check_rel_err"] < 1e-6
+    assert rows["no_such_provider"]["status"] == "error" and "no_such_provider" in rows["no_such_provider"]["error"]
+    assert gpu_check.failures(check.results) == [rows["no_such_provider"]]
+
+
+def layer_row(provider, median, mode="forward_backward", phase="training", peak=100.0, status="ok", graph=False):
+    return {"phase": phase, "case": f"vit_l14-b256-E4-uniform-{mode}", "tower": "vit_l14", "batch": 256,
+            "tokens": 65792, "d_model": 1024, "hidden": 4096, "num_experts": 4, "top_k": 2, "routing": "uniform",
+            "mode": mode, "provider": provider, "graph": graph, "tile_config": None, "dtype": "bfloat16",
+            "flops": 3 * 4 * 65792 * 2 * 1024 * 4096, "status": status,
+            "error": None if status == "ok" else "not capturable: reason", "median_ms": median,
+            "p20_ms": median and median * 0.9, "p80_ms": median and median * 1.1, "peak_mib": peak,
+            "check_rel_err": 1e-3}
+
+
+def results_json(dry_run=False):
+    layer = [layer_row("triton", 10.0, peak=1000.0), layer_row("torch", 15.0), layer_row("naive", 30.0, peak=3000.0),
+             layer_row("grouped_mm", 12.5), layer_row("bound", 5.0, peak=None),
+             layer_row("naive", None, mode="forward", phase="inference", status="skipped", graph=True),
+             layer_row("triton", 8.0, phase="tuned")]
+    e2e = [{"phase": "e2e", "model": "ViT-B-16", "batch": 64, "variant": v, "task": "train_step", "status": "ok",
+            "error": None, "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mib": 2048.0, "check_rel_err": 1e-3,
+            "items_per_s": 64 / ms * 1e3} for v, ms in (("dense", 100.0), ("naive", 200.0), ("triton", 125.0))]
+    return {"schema": "clipmoe-gpu-check/1", "dry_run": dry_run, "budget_s": 200,
+            "machine": {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+                        "python": "3.12.3", "git": "abc1234", "date": "2026-12-01 12:00 UTC"},
+            "phases": [{"name": "training", "expected_s": 40, "wall_s": 33.0, "status": "ok", "note": None},
+                       {"name": "tuned", "expected_s": 60, "wall_s": None, "status": "skipped", "note": "no time"}],
+            "layer": layer, "e2e": e2e}
+
+
+def cells(line):
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_ratio_table_divides_the_medians():
+    lines = gpu_table.layer_table(results_json())
+    header = cells(lines[0])
+    training = cells(next(x for x in lines if x.startswith("| training")))
+    row = dict(zip(header, training, strict=True))
+    assert row["triton / bound"] == "2.00" and row["naive / triton"] == "3.00"
+    assert row["torch / triton"] == "1.50" and row["grouped_mm / triton"] == "1.25"
+    assert row["naive / triton MiB"] == "3.00" and row["triton MiB"] == "1000"
+    assert row["triton TFLOP/s"] == f"{3 * 4 * 65792 * 2 * 1024 * 4096 / 10e-3 / 1e12:.0f}"
+    tuned = dict(zip(header, cells(next(x for x in lines if x.startswith("| tuned"))), strict=True))
+    assert tuned["triton / bound"] == "1.60" and tuned["naive / triton"] == "3.75"  # the training run's bound, naive
+    e2e = gpu_table.e2e_table(results_json())
+    e2e_row = dict(zip(cells(e2e[0]), cells(e2e[2]), strict=True))
+    assert e2e_row["naive / triton"] == "1.60" and e2e_row["triton / dense"] == "1.25"
+    missing = "\n".join(gpu_table.not_measured(results_json()))
+    assert "not capturable: reason" in missing and "phase tuned: skipped: no time" in missing
+
+
+def test_tests_summary_reads_junit(tmp_path):
+    xml = tmp_path / "t.xml"
+    xml.write_text('<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1" time="2.5">'
+                   '<testcase classname="tests.a" name="ok"/><testcase classname="tests.a" name="bad">'
+                   '<failure message="x"/></testcase><testcase classname="tests.a" name="s"><skipped/></testcase>'
+                   '<testcase classname="tests.b" name="ok2"/></testsuite></testsuites>')
+    s = gpu_table.tests_summary(str(xml))
+    assert (s["passed"], s["failures"], s["skipped"], s["failed"]) == (2, 1, 1, ["tests.a::bad"])
+
+
+def test_fold_readme_rewrites_only_the_gpu_block(tmp_path, capsys):
+    run = tmp_path / "out"
+    run.mkdir()
+    path = run / "gpu-20261201-120000.json"
+    path.write_text(json.dumps(results_json()))
+    (run / "gpu-20261201-120000.log").write_text("log")
+    readme = tmp_path / "README.md"
+    before, after = "# x\n\n## Performance\n\ntext\n", "\n\n## CLI\nrest\n"
+    readme.write_text(f"{before}{fold_readme.GPU_START}\nNot measured yet.\n{fold_readme.GPU_END}{after}")
+    argv = [str(path), "--readme", str(readme), "--results-dir", str(tmp_path / "results")]
+    assert fold_readme.main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith(before) and text.endswith(after) and "Not measured yet" not in text
+    row = "| training | vit_l14 b256 T65792 E4 uniform | forward_backward | no | 10.000 [9.000, 11.000] | 2.00 |"
+    assert row in text
+    assert "python -m bench.fold_readme" in text
+    stored = sorted(os.listdir(tmp_path / "results"))
+    assert stored == ["gpu-20261201-120000.json", "gpu-20261201-120000.log", "gpu-20261201-120000.md"]
+    assert fold_readme.main(argv) == 0 and readme.read_text() == text  # twice: the same README
+
+    dry = run / "dry-run.json"
+    dry.write_text(json.dumps(results_json(dry_run=True)))
+    with pytest.raises(SystemExit):
+        fold_readme.main([str(dry), "--readme", str(readme)])
+    assert "dry run" in capsys.readouterr().err
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit):
+        fold_readme.main(argv)
+    assert "gpu-check:start" in capsys.readouterr().err
+
+
+def test_plot_lines_small_multiples(tmp_path):
+    points = [{"tower": t, "mode": m, "tokens": n, "provider": p, "median": ms, "lo": ms * 0.9, "hi": ms * 1.1}
+              for t in ("vit_b16", "vit_l14") for m in ("forward", "forward_backward") for n in (197, 1576, 65792)
+              for p, ms in (("triton", n / 1e3), ("naive", n / 5e2), ("bound", n / 2e3))]
+    out = plot_lines(points, str(tmp_path / "p.png"))
+    assert out and os.path.getsize(out) > 10_000
+    assert plot_lines([], str(tmp_path / "none.png")) is None and not (tmp_path / "none.png").exists()
