@@ -1,5 +1,6 @@
 """The DMU pipeline on a tiny real open_clip model: FFN-only MCL stages, assembly, router training, baselines,
 and a 2-process gloo MCL stage against one process with the same global batch."""
+import math
 import os
 
 import pytest
@@ -53,11 +54,24 @@ def test_mcl_stage_changes_only_ffn_parameters(tmp_path):
     for name, p in model.named_parameters():
         if ".mlp." in name:
             changed_ffn += not torch.equal(p, before[name])
-        elif name == "logit_scale":
-            assert p.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())  # fixed temperature
-        else:
+        else:  # logit_scale included: "auto" keeps the model's own, frozen
             assert torch.equal(p, before[name]), f"{name} changed in an FFN-only stage"
     assert changed_ffn == sum(".mlp." in n for n in before)
+
+
+@pytest.mark.parametrize("logit_scale", [100.0, None])
+def test_logit_scale_number_fixes_it_and_none_trains_it(tmp_path, logit_scale):
+    model = tiny_model()
+    before = model.logit_scale.item()
+    cfg = small_cfg(logit_scale=logit_scale)
+    sampler = ClusterBatchSampler(None, 8, num_samples=48, world_size=1, rank=0)
+    summary = train(model, random_dataset(), sampler, contrastive_loss(cfg), cfg, tmp_path, trainable="all",
+                    info=CPU)
+    if logit_scale is None:
+        assert model.logit_scale.item() != before and summary["logit_scale"] is None
+    else:
+        assert model.logit_scale.item() == pytest.approx(math.log(logit_scale))
+        assert summary["logit_scale"] == logit_scale
 
 
 def test_assembly_puts_stage_j_ffn_into_expert_j():

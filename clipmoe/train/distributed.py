@@ -1,6 +1,7 @@
 """torch.distributed set-up for torchrun: nccl on GPUs, gloo on CPU; a no-op in a single process."""
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), if any."""
+# How long a collective waits for the other ranks before it fails (gloo's own default is 30 minutes): a rank that
+# died or stopped then ends the run with an error instead of a silent hang.
+DEFAULT_TIMEOUT_SECONDS = 600.0
+
+
+def init_distributed(device: str = "auto", timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), if any;
+    `timeout_seconds` bounds every collective's wait for the other ranks."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -34,7 +41,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_seconds))
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank, world_size, local_rank, dev)
