@@ -17,9 +17,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -47,13 +47,13 @@ class TrainConfig:
     weight_decay: float = 0.2         # CLIP-MoE: 0.2 for MCL stages, 0.01 for router training
     warmup_steps: int = 200           # linear warm-up, then cosine decay to 0
     epochs: int = 1                   # CLIP-MoE: 1 epoch per stage
-    max_steps: Optional[int] = None   # stop after this many steps (overrides epochs when set)
+    max_steps: int | None = None   # stop after this many steps (overrides epochs when set)
     batch_size: int = 800             # global batch (split across ranks); CLIP-MoE: 100 per GPU x 8
     precision: str = "fp32"           # "fp32", "amp_bf16" or "amp_fp16" (autocast; fp16 adds a GradScaler)
     label_smoothing: float = 0.1      # CLIP-MoE uses 0.1 in both directions
     # The logit scale (multiplier, 1/temperature), frozen while training: "auto" keeps the model's own learned scale
     # (the official fixed 100 for real CLIP bases, whose learned scale is 100); a number fixes it; None trains it.
-    logit_scale: Union[float, str, None] = AUTO
+    logit_scale: float | str | None = AUTO
     balance_alpha: float = 0.01       # weight of the load-balancing loss of MoE layers (0 for dense models)
     checkpoint_every: int = 100       # steps between resumable checkpoints
     workers: int = 0                  # DataLoader worker processes
@@ -144,7 +144,7 @@ def load_state(path, device) -> dict:
     return _check_state(state, path)
 
 
-def read_metrics(path, up_to_step: Optional[int] = None) -> list:
+def read_metrics(path, up_to_step: int | None = None) -> list:
     """The records of a metrics.jsonl (those with step <= up_to_step). A torn last line (a run killed while writing
     it, always after its last checkpoint) is dropped; any other unreadable line is an error naming file and line."""
     path = Path(path)
@@ -192,7 +192,7 @@ def draw_seed(seed: int, rank: int, step: int, slot: int) -> int:
     return (((seed * 1_000_003 + rank) * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
 
 
-def resolve_logit_scale(cfg: TrainConfig, model) -> Optional[float]:
+def resolve_logit_scale(cfg: TrainConfig, model) -> float | None:
     """The fixed logit scale this run trains with ("auto": the model's own learned one); None: trained."""
     if cfg.logit_scale == AUTO:
         return float(model.logit_scale.detach().exp())
