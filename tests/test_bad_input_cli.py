@@ -70,6 +70,7 @@ def test_balance_alpha_nan(capsys, tmp_path):
     ("--workers", "-1", "an integer >= 0"),
     ("--clusters", "0", "an integer >= 1"),
     ("--dist-timeout", "0", "a finite number > 0"),
+    ("--device", "gpu", "auto, cpu, cuda or cuda:N"),
 ])
 def test_other_flag_values(capsys, tmp_path, flag, value, expected):
     err = refused(capsys, "upcycle", "--train-data", "synthetic:32", "--output-dir", str(tmp_path), flag, value)
@@ -98,7 +99,7 @@ def test_build_top_k_more_than_the_stages(capsys, tmp_path, finished_run):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_device_cuda_without_a_gpu(capsys, tmp_path):
     err = refused(capsys, *MCL, "--output-dir", str(tmp_path), "--device", "cuda")
-    assert "--device cuda: no CUDA GPU is available" in err
+    assert "argument --device: cuda: no CUDA GPU is available to torch here" in err
 
 
 def test_synthetic_size_not_a_number(capsys, tmp_path):

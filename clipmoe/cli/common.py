@@ -64,6 +64,20 @@ def logit_scale_arg(text: str):
     return _number(float, text, lambda v: math.isfinite(v) and v > 0, "'auto' or a finite number > 0")
 
 
+def device_arg(text: str) -> str:
+    """'auto', 'cpu', 'cuda' or 'cuda:N'; a CUDA device only where torch sees one."""
+    kind, _, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if kind == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available to torch here (use cpu or auto)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with defaults shown in --help and usage errors as one line (exit status 2)."""
 

@@ -31,6 +31,7 @@ from clipmoe.cli.common import (
     check_output_dir,
     check_resume,
     config_from_args,
+    device_arg,
     logit_scale_arg,
     non_negative_float,
     non_negative_int,
@@ -122,7 +123,7 @@ def add_folder_args(p, resumable=True):
                                 "changes results differs)")
     again.add_argument("--overwrite", action="store_true",
                        help="replace the outputs of an earlier run in a non-empty --output-dir")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto: cuda when available; cpu, cuda, cuda:N")
 
 
 def add_run_args(p):
@@ -158,8 +159,6 @@ def add_router_args(p):
 # ------------------------------------------------------------------------------------------------ checks, run folder
 def check_args(args) -> None:
     """The cross-flag checks of every pipeline command, before anything runs (single flags: argparse types)."""
-    if getattr(args, "device", "auto") == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available to torch here (use --device cpu or auto)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if hasattr(args, "batch_size") and args.batch_size % world_size:
         raise UsageError(f"--batch-size {args.batch_size}: must be divisible by the world size {world_size} "

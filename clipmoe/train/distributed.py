@@ -39,7 +39,9 @@ def init_distributed(device: str = "auto", timeout_seconds: float = DEFAULT_TIME
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
-        dev = torch.device(device)
+        dev = torch.device(device)  # cpu, or one chosen GPU (cuda:N) of a single-process run
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_seconds))
