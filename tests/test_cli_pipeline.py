@@ -2,6 +2,7 @@
 resumed to the same final checkpoint; clear errors on bad input."""
 import dataclasses
 import io
+import json
 import os
 import re
 import signal
@@ -168,3 +169,22 @@ def test_one_progress_bar_policy(monkeypatch):
     configure_logging(0)
     assert not progress_enabled()
     configure_logging(0)
+
+
+def test_skipped_samples_reach_the_metrics_and_the_summary(tmp_path, capsys):
+    from PIL import Image
+
+    from clipmoe.cli import main
+    rows = []
+    for i in range(120):
+        if i != 7:  # row 7 names an image that is not there
+            Image.new("RGB", (8, 8), (2 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png\ta square number {i}")
+    csv = tmp_path / "train.tsv"
+    csv.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["-q", "mcl", "--model", "clipmoe-tiny", "--train-data", str(csv), "--batch-size", "8", "--stages",
+                 "1", "--clusters", "1", "--warmup", "1", "--device", "cpu", "--output-dir", str(out)]) == 0
+    metrics = [json.loads(line) for line in (out / "mcl" / "stage_1" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 15 and metrics[-1]["skipped_samples"] == 1
+    assert "bad samples skipped or substituted: 1 in training reads, 1 in embedding reads" in capsys.readouterr().out
