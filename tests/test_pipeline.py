@@ -1,6 +1,9 @@
 """The DMU pipeline on a tiny real open_clip model: FFN-only MCL stages, assembly, router training, baselines,
 and a 2-process gloo MCL stage against one process with the same global batch."""
+import json
+import math
 import os
+import time
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from clipmoe.train.dmu import (
     run_mcl,
     train_router,
 )
-from clipmoe.train.loop import TrainConfig, train
+from clipmoe.train.loop import TrainConfig, read_metrics, train
 from tests.dist_utils import free_port
 from tests.tolerances import assert_close
 
@@ -53,11 +56,24 @@ def test_mcl_stage_changes_only_ffn_parameters(tmp_path):
     for name, p in model.named_parameters():
         if ".mlp." in name:
             changed_ffn += not torch.equal(p, before[name])
-        elif name == "logit_scale":
-            assert p.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())  # fixed temperature
-        else:
+        else:  # logit_scale included: "auto" keeps the model's own, frozen
             assert torch.equal(p, before[name]), f"{name} changed in an FFN-only stage"
     assert changed_ffn == sum(".mlp." in n for n in before)
+
+
+@pytest.mark.parametrize("logit_scale", [100.0, None])
+def test_logit_scale_number_fixes_it_and_none_trains_it(tmp_path, logit_scale):
+    model = tiny_model()
+    before = model.logit_scale.item()
+    cfg = small_cfg(logit_scale=logit_scale)
+    sampler = ClusterBatchSampler(None, 8, num_samples=48, world_size=1, rank=0)
+    summary = train(model, random_dataset(), sampler, contrastive_loss(cfg), cfg, tmp_path, trainable="all",
+                    info=CPU)
+    if logit_scale is None:
+        assert model.logit_scale.item() != before and summary["logit_scale"] is None
+    else:
+        assert model.logit_scale.item() == pytest.approx(math.log(logit_scale))
+        assert summary["logit_scale"] == logit_scale
 
 
 def test_assembly_puts_stage_j_ffn_into_expert_j():
@@ -141,3 +157,33 @@ def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
             assert_close(got[name][key], want[name][key], msg=f"{name}.{key}")
     assert any(not torch.equal(want[n]["c_fc.weight"], ffn["c_fc.weight"])
                for n, ffn in ffn_state_dicts(tiny_model()).items())  # the stage did train
+    # The logged losses are the global means: those of one process on the same global batches.
+    single_log, double_log = read_metrics(single / "metrics.jsonl"), read_metrics(double / "metrics.jsonl")
+    assert [r["step"] for r in double_log] == [r["step"] for r in single_log] == [1, 2, 3]
+    for key in ("loss", "clip_loss"):
+        assert_close(torch.tensor([r[key] for r in double_log]), torch.tensor([r[key] for r in single_log]),
+                     msg=key)
+
+
+def _timeout_worker(rank, world_size, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    init_distributed("cpu", timeout_seconds=2)
+    if rank == 1:  # a rank that stops answering
+        time.sleep(6)
+        os._exit(0)
+    start = time.time()
+    try:
+        torch.distributed.barrier()
+        outcome = "returned"
+    except RuntimeError as exc:
+        outcome = f"raised: {exc}"[:200]
+    with open(os.path.join(out_dir, "rank0.json"), "w") as f:
+        json.dump({"seconds": time.time() - start, "outcome": outcome}, f)
+    os._exit(0)  # no process-group teardown with a peer that is gone
+
+
+def test_dist_timeout_bounds_the_wait_for_a_stopped_rank(tmp_path):
+    mp.spawn(_timeout_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["outcome"].startswith("raised") and result["seconds"] < 5, result

@@ -4,28 +4,25 @@ Conventions (every command): each sub-parser sets `func`; bad input (an argument
 UsageError, ValueError or FileNotFoundError and is printed as one line naming it, exit status 2; anything else is a
 bug and keeps its traceback (exit 1). `-v`/`-q` set the `clipmoe` logger's level; defaults appear in `--help`.
 """
-import argparse
-import functools
 import sys
 
 import clipmoe
 from clipmoe.cli import demo, eval, pipeline, tools
-from clipmoe.cli.common import UsageError, configure_logging
+from clipmoe.cli.common import Parser, UsageError, configure_logging
 
 COMMAND_MODULES = (pipeline, eval, demo, tools)
 BAD_INPUT = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser_class = functools.partial(argparse.ArgumentParser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser = parser_class(prog="clipmoe", description=clipmoe.__doc__)
+def build_parser() -> Parser:
+    parser = Parser(prog="clipmoe", description=clipmoe.__doc__)
     parser.add_argument("--version", action="version", version=f"clipmoe {clipmoe.__version__}")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=0,
                            help="debug messages")
     verbosity.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
                            help="warnings and results only, no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=parser_class)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for module in COMMAND_MODULES:
         module.add_commands(sub)
     return parser

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import clipmoe
-from clipmoe.cli.common import positive_int
+from clipmoe.cli.common import device_arg, positive_int
 from clipmoe_kernels import BACKENDS
 
 
@@ -110,14 +110,15 @@ def add_commands(sub):
     p = sub.add_parser("check-upcycle", help="upcycle an open_clip model with copied experts, compare embeddings "
                                              "with the dense model and time the backends")
     p.add_argument("--model", default="ViT-B-32", help="open_clip model name")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (none: random "
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (unset: random "
                                                       "init)")
     p.add_argument("--num-experts", type=positive_int, default=4, help="experts per MoE layer")
     p.add_argument("--top-k", type=positive_int, default=2, help="experts per token")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images and texts per timed forward")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed forwards per backend; the median is "
                                                                    "reported")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and the model")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.set_defaults(func=write_check_upcycle)

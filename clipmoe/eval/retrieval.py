@@ -4,7 +4,6 @@ class prompts, and the evaluations built on them (metrics: clipmoe.eval.metrics)
 Feature extraction runs the model in eval mode under torch.no_grad (the model's previous mode is restored), in fp32
 unless the model is in another dtype; features are returned L2-normalised, as float32 on the CPU.
 """
-import sys
 from collections import Counter
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Sequence, Union
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from clipmoe.eval.metrics import retrieval_metrics, zero_shot_metrics
+from clipmoe.progress import progress_bar
 
 # Prompt templates for zero-shot classification of arbitrary class names (OpenAI-style photo templates; the CLIP
 # paper's ImageNet set has 80, this short set keeps CPU evaluation cheap).
@@ -34,11 +34,8 @@ ZERO_SHOT_TEMPLATES = (
 
 
 def _progress_bar(iterable, total: int, desc: str, progress: Optional[bool]):
-    from tqdm import tqdm
-
-    # progress=None: a bar only when stderr is a terminal (no bar lines in logs and captured output).
-    disable = not sys.stderr.isatty() if progress is None else not progress
-    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=disable, leave=False)
+    # progress=None: the package's policy (clipmoe.progress: a terminal and no -q); True/False force it.
+    return progress_bar(iterable, total=total, desc=desc, unit="batch", enabled=progress, leave=False)
 
 
 def _check_device(model: nn.Module, device) -> torch.device:

@@ -1,6 +1,7 @@
 """torch.distributed set-up for torchrun: nccl on GPUs, gloo on CPU; a no-op in a single process."""
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), if any."""
+# How long a collective waits for the other ranks before it fails (gloo's own default is 30 minutes): a rank that
+# died or stopped then ends the run with an error instead of a silent hang.
+DEFAULT_TIMEOUT_SECONDS = 600.0
+
+
+def init_distributed(device: str = "auto", timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), if any;
+    `timeout_seconds` bounds every collective's wait for the other ranks."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -32,9 +39,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
-        dev = torch.device(device)
+        dev = torch.device(device)  # cpu, or one chosen GPU (cuda:N) of a single-process run
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_seconds))
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank, world_size, local_rank, dev)
@@ -56,4 +66,4 @@ def all_gather_rows(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(info.world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])

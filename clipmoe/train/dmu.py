@@ -12,6 +12,7 @@ and "w/o MCL" (a 2-expert MoE of the base FFN and a directly fine-tuned FFN, the
 """
 import copy
 import json
+import logging
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,16 +21,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
-
 from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.fileio import atomic_torch_save, atomic_write
+from clipmoe.progress import progress_bar
 from clipmoe.train.cluster import accumulate_labels, cluster_stage
 from clipmoe.train.contrastive import ContrastiveLoss
 from clipmoe.train.distributed import DistInfo, all_gather_rows, barrier
-from clipmoe.train.loop import TrainConfig, train
+from clipmoe.train.loop import AUTO, TrainConfig, train
 from clipmoe.upcycle import dense_mlps, upcycle
 
+logger = logging.getLogger(__name__)
 FFN_FILE = "ffn.safetensors"
 MCL_RUN_FILE = "mcl_run.json"  # the record of one MCL run: its id and the labels / stages it finished
 START_FROM = ("base", "previous")
@@ -114,7 +115,10 @@ def recorded_stage_ffns(mcl_dir, model, num_experts: int | None = None) -> list:
 
 def load_ffns(path, model) -> Dict[str, Dict[str, torch.Tensor]]:
     """Read an ffn.safetensors written by `save_ffns`, split per MLP of `model` (validating the names)."""
-    flat = load_file(str(path))
+    try:
+        flat = load_file(str(path))
+    except Exception as exc:  # safetensors reports a truncated or foreign file without its name
+        raise ValueError(f"{path}: cannot be read as a safetensors file of FFN weights ({exc})") from exc
     ffns = {}
     for name, mlp in dense_mlps(model).items():
         keys = list(mlp.state_dict())
@@ -131,6 +135,8 @@ def build_clip_moe(base_model, stage_ffns: List[Dict[str, Dict[str, torch.Tensor
     the base FFN); routers randomly initialised. `base_model` is left untouched; moe_kwargs go to `upcycle`."""
     if not stage_ffns:
         raise ValueError("stage_ffns must hold at least one stage's FFNs")
+    if not 1 <= top_k <= len(stage_ffns):
+        raise ValueError(f"top_k must be in [1, {len(stage_ffns)}] (the number of experts = stages + 1), got {top_k}")
     model = copy.deepcopy(base_model)
     names = list(dense_mlps(model))
     for j, stage in enumerate(stage_ffns):
@@ -138,7 +144,7 @@ def build_clip_moe(base_model, stage_ffns: List[Dict[str, Dict[str, torch.Tensor
         if missing:
             raise ValueError(f"stage_ffns[{j}] lacks the FFN of {missing[0]} (and {len(missing) - 1} more)")
     experts = {name: [stage[name] for stage in stage_ffns] for name in names}
-    return upcycle(model, num_experts=len(stage_ffns), top_k=min(top_k, len(stage_ffns)), experts=experts,
+    return upcycle(model, num_experts=len(stage_ffns), top_k=top_k, experts=experts,
                    **moe_kwargs)
 
 
@@ -156,7 +162,7 @@ def embed_dataset(model, dataset, info: DistInfo, batch_size: int = 256, precisi
     autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if precision == "amp_bf16"
                 else torch.autocast(info.device.type, dtype=torch.float16) if precision == "amp_fp16"
                 else torch.autocast(info.device.type, enabled=False))
-    for image, text in tqdm(loader, desc=desc, disable=not info.is_main, dynamic_ncols=True):
+    for image, text in progress_bar(loader, desc=desc, enabled=None if info.is_main else False):
         with autocast:
             images.append(model.encode_image(image.to(info.device), normalize=True).float())
             texts.append(model.encode_text(text.to(info.device), normalize=True).float())
@@ -178,7 +184,23 @@ def per_rank_batch(cfg: TrainConfig, info: DistInfo) -> int:
 
 
 def contrastive_loss(cfg: TrainConfig) -> ContrastiveLoss:
-    return ContrastiveLoss(logit_scale=cfg.logit_scale, label_smoothing=cfg.label_smoothing)
+    # train() fixes the model's own scale (cfg.logit_scale "auto" or a number) and passes it to the loss per call.
+    fixed = None if cfg.logit_scale in (None, AUTO) else cfg.logit_scale
+    return ContrastiveLoss(logit_scale=fixed, label_smoothing=cfg.label_smoothing)
+
+
+def load_labels(path, num_samples: int) -> torch.Tensor:
+    """The accumulated cluster labels a resumed MCL run wrote (weights_only: no code runs from the file)."""
+    try:
+        labels = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot be read as cluster labels ({type(exc).__name__}); delete it or drop "
+                         f"--resume") from exc
+    if not (isinstance(labels, torch.Tensor) and labels.dtype == torch.long and labels.shape == (num_samples,)):
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{path}: expected the cluster labels of {num_samples} samples (int64 [{num_samples}]), got "
+                         f"{got}; delete it or drop --resume")
+    return labels
 
 
 def _log(out_dir: Path, record: dict, info: DistInfo):
@@ -228,7 +250,7 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
     for s in range(1, stages + 1):
         labels_path = out_dir / f"labels_{s - 1}.pt"
         if resume and s - 1 in record["labels"] and labels_path.exists():
-            labels = torch.load(labels_path, weights_only=True)
+            labels = load_labels(labels_path, len(dataset))
         else:
             image_features, text_features = embed_dataset(previous, embed_data or dataset, info, embed_batch_size, cfg.precision,
                                                           cfg.workers, desc=f"embed stage {s - 1}")
@@ -248,9 +270,10 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
             summary = {"stage": s, "clusters": int(labels.unique().numel()), **sampler.summary()}
             _log(out_dir, summary, info)
             if info.is_main:
-                print(f"MCL stage {s}: {summary['clusters']} accumulated clusters, {summary['num_kept_clusters']} "
-                      f"of them hold a global batch; {summary['num_dropped']} of {summary['num_samples']} samples "
-                      f"dropped this epoch ({small_cluster} policy)")
+                logger.info("MCL stage %d: %d accumulated clusters, %d of them hold a global batch; %d of %d "
+                            "samples dropped this epoch (%s policy)", s, summary["clusters"],
+                            summary["num_kept_clusters"], summary["num_dropped"], summary["num_samples"],
+                            small_cluster)
             resume_stage = resume and s in record["started"]  # never continue another run's train state
             mark("started", s)
             summary = train(model, dataset, sampler, contrastive_loss(cfg), cfg, stage_dir, trainable="ffn",

@@ -2,31 +2,43 @@
 warmup + cosine, optional autocast, DDP under torchrun, a progress bar, JSON-lines metrics, and resumable
 checkpoints written atomically.
 
-Resume contract: the batch order of an epoch is a function of (seed, epoch) only (the batch samplers' `set_epoch`),
-the DataLoader gets its own generator so creating it draws nothing from the global RNG, and a checkpoint stores the
-trainable tensors, optimizer, scheduler, step and RNG states. A run killed after a checkpoint and resumed therefore
-takes the same steps as an uninterrupted one (bit-exact in deterministic mode on CPU).
+Resume contract: the batch order of an epoch is a function of (seed, epoch) only (the batch samplers' `set_epoch`);
+each sample is read with the RNGs seeded from (seed, rank, step, slot in the batch), so random augmentation depends on
+which draw it is, not on the process or DataLoader worker that makes it; the DataLoader gets its own generator so
+creating it draws nothing from the global RNG; and a checkpoint stores the trainable tensors, optimizer, scheduler,
+step and RNG states. A run killed after a checkpoint and resumed therefore takes the same steps as an uninterrupted
+one, with any number of DataLoader workers (bit-exact in deterministic mode on CPU).
+
+The checkpoint (train_state.pt) holds only tensors, numbers, strings, lists and dicts: it is read with
+torch.load(weights_only=True), so a crafted file cannot run code.
 """
 import json
+import logging
 import math
+import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from clipmoe.fileio import atomic_torch_save
+from clipmoe.fileio import atomic_torch_save, atomic_write
 from clipmoe.moe_ffn import collect_aux_losses
+from clipmoe.progress import progress_bar
 from clipmoe.train.distributed import DistInfo
+
+logger = logging.getLogger(__name__)
 
 TRAINABLE = ("ffn", "router", "router_experts", "all")
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 STATE_FILE = "train_state.pt"
+STATE_KEYS = ("step", "trainable", "params", "optimizer", "scheduler", "scaler", "rng", "config")
 METRICS_FILE = "metrics.jsonl"
+AUTO = "auto"
 
 
 @dataclass
@@ -35,11 +47,13 @@ class TrainConfig:
     weight_decay: float = 0.2         # CLIP-MoE: 0.2 for MCL stages, 0.01 for router training
     warmup_steps: int = 200           # linear warm-up, then cosine decay to 0
     epochs: int = 1                   # CLIP-MoE: 1 epoch per stage
-    max_steps: Optional[int] = None   # stop after this many steps (overrides epochs when set)
+    max_steps: int | None = None   # stop after this many steps (overrides epochs when set)
     batch_size: int = 800             # global batch (split across ranks); CLIP-MoE: 100 per GPU x 8
     precision: str = "fp32"           # "fp32", "amp_bf16" or "amp_fp16" (autocast; fp16 adds a GradScaler)
     label_smoothing: float = 0.1      # CLIP-MoE uses 0.1 in both directions
-    logit_scale: Optional[float] = 100.0  # fixed temperature 1/100 (CLIP-MoE); None trains the model's own
+    # The logit scale (multiplier, 1/temperature), frozen while training: "auto" keeps the model's own learned scale
+    # (the official fixed 100 for real CLIP bases, whose learned scale is 100); a number fixes it; None trains it.
+    logit_scale: float | str | None = AUTO
     balance_alpha: float = 0.01       # weight of the load-balancing loss of MoE layers (0 for dense models)
     checkpoint_every: int = 100       # steps between resumable checkpoints
     workers: int = 0                  # DataLoader worker processes
@@ -52,6 +66,21 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be None or >= 1, got {self.max_steps}")
+        for name in ("warmup_steps", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "balance_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        scale = self.logit_scale
+        if not (scale is None or scale == AUTO or (isinstance(scale, (int, float)) and math.isfinite(scale)
+                                                     and scale > 0)):
+            raise ValueError(f"logit_scale must be 'auto', None or a finite number > 0, got {scale!r}")
 
 
 def is_trainable(name: str, which: str) -> bool:
@@ -97,6 +126,79 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _check_state(state, path: Path) -> dict:
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise ValueError(f"{path}: not a clipmoe train state (expected a dict with keys {list(STATE_KEYS)}); "
+                         f"delete it or drop --resume")
+    return state
+
+
+def load_state(path, device) -> dict:
+    """Read a train_state.pt: weights_only=True (no code runs from the file); a corrupt file names itself."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle garbage, objects weights_only refuses (code to run)
+        raise ValueError(f"{path}: cannot be read as a clipmoe train state ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); delete it or drop --resume") from exc
+    return _check_state(state, path)
+
+
+def read_metrics(path, up_to_step: int | None = None) -> list:
+    """The records of a metrics.jsonl (those with step <= up_to_step). A torn last line (a run killed while writing
+    it, always after its last checkpoint) is dropped; any other unreadable line is an error naming file and line."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if number == len(lines):
+                logger.warning("%s: dropping its torn last line %d (the run was killed while writing it)",
+                               path, number)
+                break
+            raise ValueError(f"{path}: line {number} is not a metrics record ({exc})") from exc
+        if up_to_step is None or step <= up_to_step:
+            records.append(record)
+    return records
+
+
+class SeededDraws(Dataset):
+    """`dataset[index]` for keys (draw_seed, index), read with torch's and Python's RNGs seeded from draw_seed and
+    restored afterwards: random transforms then give the same sample in any process or DataLoader worker."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        draw_seed, index = key
+        torch_state, python_state = torch.get_rng_state(), random.getstate()
+        torch.manual_seed(draw_seed)
+        random.seed(draw_seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(python_state)
+
+
+def draw_seed(seed: int, rank: int, step: int, slot: int) -> int:
+    """A distinct seed per sample draw: (run seed, rank, global step, slot in the rank's batch)."""
+    return (((seed * 1_000_003 + rank) * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
+
+
+def resolve_logit_scale(cfg: TrainConfig, model) -> float | None:
+    """The fixed logit scale this run trains with ("auto": the model's own learned one); None: trained."""
+    if cfg.logit_scale == AUTO:
+        return float(model.logit_scale.detach().exp())
+    return None if cfg.logit_scale is None else float(cfg.logit_scale)
+
+
 def _autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
@@ -109,7 +211,8 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
 
     `loss_fn(image_features, text_features, logit_scale)` is the contrastive loss (features L2-normalised, local to
     this rank; it gathers across ranks itself). MoE layers add `cfg.balance_alpha` x their mean balance loss.
-    Writes `out_dir/metrics.jsonl` and `out_dir/train_state.pt` (resumable); returns a summary dict.
+    Writes `out_dir/metrics.jsonl` (per step: the losses as means over ranks, the learning rate, and the bad samples
+    the dataset skipped so far) and `out_dir/train_state.pt` (resumable); returns a summary dict.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,12 +221,17 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     model.to(info.device)
-    if cfg.logit_scale is not None:
+    logit_scale = resolve_logit_scale(cfg, model)
+    if logit_scale is not None and cfg.logit_scale != AUTO:
         with torch.no_grad():
-            model.logit_scale.fill_(math.log(cfg.logit_scale))
+            model.logit_scale.fill_(math.log(logit_scale))
     trainable_names = set_trainable(model, trainable)
-    if cfg.logit_scale is not None:
+    if logit_scale is not None:
         model.logit_scale.requires_grad_(False)
+    if info.is_main:
+        logger.info("%s: logit scale %s (%s), label smoothing %g", desc,
+                    "trained" if logit_scale is None else f"{logit_scale:.4g}, fixed",
+                    {AUTO: "the model's own"}.get(cfg.logit_scale, "--logit-scale"), cfg.label_smoothing)
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
     if info.enabled:
@@ -138,9 +246,12 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "amp_fp16")
     is_moe = any(type(m).__name__ == "MoEFFN" for m in model.modules())
 
-    step = 0
+    def skipped_now():  # bad samples the dataset skipped or substituted in this process (all its workers)
+        return int(getattr(dataset, "num_skipped", 0))
+
+    step, skipped_before, skipped_at_start = 0, 0, skipped_now()
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location=info.device, weights_only=False)
+        state = load_state(state_path, info.device)
         if state["trainable"] != trainable_names:
             raise ValueError(f"{state_path}: checkpoint of other trainable parameters (another architecture or "
                              f"--trainable); delete it or drop --resume")
@@ -151,49 +262,62 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        step = state["step"]
+        step, skipped_before = state["step"], int(state.get("skipped_samples", 0))
         _set_rng_state(state["rng"])
         if metrics_path.exists() and info.is_main:  # drop lines logged after the checkpoint
-            lines = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            metrics_path.write_text("".join(ln + "\n" for ln in lines))
+            text = "".join(json.dumps(r) + "\n" for r in read_metrics(metrics_path, up_to_step=step))
+            atomic_write(metrics_path, lambda tmp: tmp.write_text(text))
     elif metrics_path.exists() and info.is_main:
         metrics_path.unlink()
+
+    def skipped_total():
+        return skipped_before + skipped_now() - skipped_at_start
 
     def save_state():
         if info.is_main:
             atomic_torch_save({"step": step, "trainable": trainable_names,
                                "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "scaler": scaler.state_dict(), "rng": _rng_state(), "config": asdict(cfg)},
+                               "scaler": scaler.state_dict(), "rng": _rng_state(), "config": asdict(cfg),
+                               "skipped_samples": skipped_total()},
                               state_path)
 
     net.train()
     start, last = time.time(), {}
-    progress = tqdm(total=total, initial=step, desc=desc, disable=not info.is_main, dynamic_ncols=True)
+    progress = progress_bar(total=total, initial=step, desc=desc, enabled=None if info.is_main else False)
+    draws = SeededDraws(dataset)
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
         batch_sampler.set_epoch(epoch)
-        batches = list(batch_sampler)[offset:]  # the epoch's plan, minus the batches done before a resume
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
+        plan = list(batch_sampler)[offset:]  # the epoch's plan, minus the batches done before a resume
+        batches = [[(draw_seed(cfg.seed, info.rank, step + b, j), i) for j, i in enumerate(batch)]
+                   for b, batch in enumerate(plan)]
+        loader = DataLoader(draws, batch_sampler=batches, num_workers=cfg.workers,
                             generator=torch.Generator().manual_seed(cfg.seed))
         for images, texts in loader:
             images, texts = images.to(info.device, non_blocking=True), texts.to(info.device, non_blocking=True)
             with _autocast(cfg.precision, info.device):
-                image_features, text_features, logit_scale = net(images, texts)[:3]
-                clip_loss = loss_fn(image_features, text_features, logit_scale)
+                image_features, text_features, scale = net(images, texts)[:3]
+                clip_loss = loss_fn(image_features, text_features, scale)
                 balance = collect_aux_losses(model).balance if is_moe else clip_loss.new_zeros(())
                 loss = clip_loss + cfg.balance_alpha * balance
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: non-finite loss {loss.item()} at step {step}")
+            # The logged losses are means over ranks (each rank's loss is its share of the global batch's).
+            logged = torch.stack([loss.detach(), clip_loss.detach(), balance.detach()]).float()
+            if info.enabled:
+                dist.all_reduce(logged)
+                logged /= info.world_size
+            mean_loss, mean_clip, mean_balance = logged.tolist()
+            if not math.isfinite(mean_loss):  # every rank sees the same mean: all stop together
+                raise FloatingPointError(f"{desc}: non-finite loss {mean_loss} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             step += 1
-            last = {"step": step, "epoch": epoch, "loss": loss.item(), "clip_loss": clip_loss.item(),
-                    "balance_loss": balance.item(), "lr": scheduler.get_last_lr()[0],
-                    "seconds": round(time.time() - start, 3)}
+            last = {"step": step, "epoch": epoch, "loss": mean_loss, "clip_loss": mean_clip,
+                    "balance_loss": mean_balance, "lr": scheduler.get_last_lr()[0],
+                    "skipped_samples": skipped_total(), "seconds": round(time.time() - start, 3)}
             if info.is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -204,4 +328,10 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
             if step >= total:
                 break
     progress.close()
-    return {"steps": step, "final": last, "seconds": time.time() - start, "trainable": len(trainable_names)}
+    summary = {"steps": step, "final": last, "seconds": time.time() - start, "trainable": len(trainable_names),
+               "logit_scale": logit_scale, "label_smoothing": cfg.label_smoothing,
+               "skipped_samples": skipped_total()}
+    if info.is_main:
+        logger.info("%s: %d steps, final loss %s, %d bad samples skipped", desc, step,
+                    f"{last['loss']:.4f}" if last else "-", summary["skipped_samples"])
+    return summary
