@@ -192,7 +192,7 @@ def adopt_moe_class(model: nn.Module) -> nn.Module:
             return model
         config_class = MOE_CLASSES[cls].config_class
         old = model.config
-        new = config_class.from_dict(old.to_dict())
+        new = config_class.from_dict({k: v for k, v in old.to_dict().items() if k != "model_type"})
         for sub in ("text_config", "vision_config"):  # keep the towers' config objects (the submodules hold them)
             if hasattr(old, sub):
                 setattr(new, sub, getattr(old, sub))
