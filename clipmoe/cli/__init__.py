@@ -9,10 +9,10 @@ import functools
 import sys
 
 import clipmoe
-from clipmoe.cli import demo, eval, pipeline, tools
+from clipmoe.cli import demo, encode, eval, pipeline, tools
 from clipmoe.cli.common import UsageError, configure_logging
 
-COMMAND_MODULES = (pipeline, eval, demo, tools)
+COMMAND_MODULES = (pipeline, eval, encode, demo, tools)
 BAD_INPUT = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
