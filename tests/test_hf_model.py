@@ -151,3 +151,19 @@ def test_conversion_errors():
     with pytest.raises(ValueError, match="not a CLIPMLP"):
         hf_model.CLIPMoEModel(hf_model.CLIPMoEConfig(**_config().to_dict(), moe_layers=["text_model.nope"]))
     assert clipmoe.upcycle  # the package API is unchanged
+
+
+def test_cli_eval_reads_a_transformers_folder(tmp_path):
+    from clipmoe.models import create_model
+    model = upcycle(create_model("clipmoe-tiny")[0], 4, 2)
+    save_checkpoint(model, tmp_path / "own", architecture="clipmoe-tiny")
+    assert cli_main(["convert", "--to-hf", str(tmp_path / "own"), str(tmp_path / "hf")]) == 0
+    results = []
+    for source in ("own", "hf"):
+        out = tmp_path / f"{source}.json"
+        assert cli_main(["eval", "--checkpoint", str(tmp_path / source), "--data", "synthetic:32", "--device", "cpu",
+                         "--output", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[1]["model"]["moe_layers"] == 4
+    assert results[1]["retrieval"] == pytest.approx(results[0]["retrieval"])
+    assert results[1]["zero_shot_mean_top1"] == pytest.approx(results[0]["zero_shot_mean_top1"])

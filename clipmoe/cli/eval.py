@@ -30,7 +30,8 @@ def add_commands(sub):
     p = sub.add_parser("eval", help="zero-shot retrieval / classification and routing statistics of a model",
                        description=__doc__)
     p.add_argument("--checkpoint", default=None,
-                   help="clipmoe checkpoint folder (or .safetensors), or a released CLIP-MoE .pt file")
+                   help="clipmoe checkpoint folder (or .safetensors), a released CLIP-MoE .pt file, or a "
+                        "transformers folder (e.g. from clipmoe convert --to-hf)")
     p.add_argument("--model", default=None,
                    help="open_clip model name (or clipmoe-tiny) to evaluate; with --checkpoint, only the name whose "
                         "transforms and tokenizer to use (default: read from the checkpoint's architecture)")
@@ -84,21 +85,16 @@ def _device(spec: str) -> torch.device:
 
 def load_eval_model(args, device):
     """(model on device, eval preprocess, tokenizer, description) from --checkpoint or --model/--pretrained."""
-    from clipmoe.data.datasets import make_transforms_and_tokenizer
-    from clipmoe.models import create_model, register_model_configs
+    from clipmoe.eval.encode import model_transforms
+    from clipmoe.inference import load_model
+    from clipmoe.models import create_model
 
     if args.checkpoint:
         if args.pretrained:
             raise ValueError("pass --checkpoint or --pretrained, not both")
-        from clipmoe.checkpoint import load_checkpoint
-        from clipmoe.released import load_clip_moe_checkpoint
         path = Path(args.checkpoint)
-        if path.suffix in (".pt", ".pth", ".bin"):
-            model = load_clip_moe_checkpoint(path).to(device)
-        else:
-            model = load_checkpoint(path, device=device)
-        register_model_configs()
-        preprocess, tokenizer = make_transforms_and_tokenizer(args.model if args.model else model)
+        model = load_model(path, device=device)  # released .pt, clipmoe checkpoint or transformers folder
+        preprocess, tokenizer = model_transforms(model, args.model)
         description = {"checkpoint": str(path)}
     elif args.model:
         model, _, preprocess, tokenizer = create_model(args.model, args.pretrained, device=device)

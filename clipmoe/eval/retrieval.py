@@ -20,6 +20,7 @@ from clipmoe.eval.metrics import (
     retrieval_metrics,
     zero_shot_metrics,
 )
+from clipmoe.inference import encoders
 
 # Prompt templates for zero-shot classification of arbitrary class names (OpenAI-style photo templates; the CLIP
 # paper's ImageNet set has 80, this short set keeps CPU evaluation cheap).
@@ -67,10 +68,10 @@ def _inference(model: nn.Module) -> Iterator[None]:
 
 
 def _encode(model: nn.Module, tower: str, x: torch.Tensor) -> torch.Tensor:
-    encode = getattr(model, f"encode_{tower}", None)
+    encode = dict(zip(("image", "text"), encoders(model), strict=True))[tower]
     if encode is None:
         raise TypeError(f"{type(model).__name__} has no encode_{tower} method (an open_clip CLIP-style model with "
-                        f"encode_image and encode_text is expected)")
+                        f"encode_image and encode_text, or a transformers CLIP model, is expected)")
     if tower == "image":
         param = next(model.parameters(), None)
         if param is not None and param.is_floating_point():
