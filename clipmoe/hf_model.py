@@ -18,6 +18,7 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from huggingface_hub.dataclasses import strict
 from transformers import (
     AutoConfig,
@@ -36,6 +37,10 @@ from clipmoe.config import MoEConfig
 from clipmoe.hf_compat import hf_activation_name
 from clipmoe.moe_ffn import MoEFFN
 from clipmoe.upcycle import activation_name, dense_mlp_parts
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"clipmoe.hf_model needs transformers >= 5 (its dataclass configs); found "
+                      f"{transformers.__version__}: pip install 'clipmoe[hf]'")
 
 UNUSED_POSITIONS = "long_clip_unused_positions"
 # open_clip activation names <-> transformers hidden_act values with the same function
