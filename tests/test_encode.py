@@ -140,6 +140,44 @@ def test_image_folder_and_captions_file_and_hf_folder(tiny, tmp_path):
         assert_close(torch.from_numpy(read_shards(out)["text"]), want_text)
 
 
+def test_parquet_metadata(tiny, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    model, ckpt, preprocess, tokenizer = tiny
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
+    out = tmp_path / "out"
+    assert cli_main(["encode", "--checkpoint", str(ckpt), "--data", str(tmp_path / "captions.txt"), "--output",
+                     str(out), "--metadata", "parquet", "--shard-size", "5", "--workers", "0", "--device", "cpu"]) == 0
+    tables = [pq.read_table(out / "metadata" / f"metadata_{k:05d}.parquet").to_pydict() for k in range(2)]
+    assert tables[0]["caption"] + tables[1]["caption"] == CAPTIONS
+    assert tables[1]["index"] == [5, 6, 7]
+    rows = np.concatenate([np.load(out / "text_emb" / f"text_emb_{k:05d}.npy") for k in range(2)])
+    assert rows.shape == (8, 64)
+
+
+@pytest.mark.gpu
+def test_encode_on_cuda_under_autocast(tiny, tmp_path):
+    """On CUDA (fp16 autocast, the default backend there): the 2x rule against plain torch in fp16 autocast."""
+    import copy
+    model, ckpt, preprocess, tokenizer = tiny
+    paths = write_images(tmp_path / "images", 12)
+    write_csv(tmp_path / "data.tsv", [[f"images/{p.name}", c] for p, c in zip(paths, CAPTIONS * 2, strict=False)])
+    out = tmp_path / "out"
+    assert cli_main(["encode", "--checkpoint", str(ckpt), "--data", str(tmp_path / "data.tsv"), "--output", str(out),
+                     "--dtype", "float32", "--workers", "2", "--device", "cuda"]) == 0
+    got = read_shards(out)
+    want_image, want_text = reference(model, preprocess, tokenizer, paths, (CAPTIONS * 2)[:12])
+    plain = copy.deepcopy(model).cuda()
+    for m in plain.modules():
+        if isinstance(m, clipmoe.MoEFFN):
+            m.backend = "torch"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]).cuda()
+        lowp_image = F.normalize(plain.encode_image(images).float(), dim=-1).half().cpu()
+        lowp_text = F.normalize(plain.encode_text(tokenizer((CAPTIONS * 2)[:12]).cuda()).float(), dim=-1).half().cpu()
+    assert_close_lowp(torch.from_numpy(got["image"]).half(), want_image.double(), lowp_image)
+    assert_close_lowp(torch.from_numpy(got["text"]).half(), want_text.double(), lowp_text)
+
+
 def _files(folder):
     """{relative path: bytes} of the shard files (not encode.json / args.json, which hold run times)."""
     return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
