@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from clipmoe.config import MoEConfig
 from clipmoe.fileio import atomic_write
-from clipmoe.hf_compat import is_hf_model
+from clipmoe.hf_compat import hf_architecture, hf_model_class, is_hf_model
 from clipmoe.longclip import LONG_CLIP_SHORT_POSITIONS, long_clip_class
 from clipmoe.moe_ffn import MoEFFN
 from clipmoe.upcycle import activation_name, dense_mlp_parts
@@ -55,11 +55,7 @@ def build_dense(arch: Mapping) -> nn.Module:
     """The dense model an architecture dict describes, randomly initialised on the CPU."""
     kind = arch.get("model_class")
     if isinstance(kind, str) and kind.startswith("transformers."):
-        import transformers
-        cls = getattr(transformers, kind.partition(".")[2], None)
-        if cls is None:
-            raise ValueError(f"architecture model_class {kind!r} is not a class of transformers "
-                             f"{transformers.__version__}")
+        cls = hf_model_class(kind.partition(".")[2])
         return cls(cls.config_class.from_dict(dict(arch["hf_config"])))
     import open_clip
     classes = {"CLIP": open_clip.CLIP, "CustomTextCLIP": open_clip.CustomTextCLIP, "LongCLIP": long_clip_class()}
@@ -183,7 +179,7 @@ def _architecture_of(model: nn.Module, architecture) -> dict:
     if architecture is None:
         architecture = getattr(model, "clipmoe_architecture", None)
     if architecture is None and is_hf_model(model):
-        architecture = {"model_class": f"transformers.{type(model).__name__}", "hf_config": model.config.to_dict()}
+        architecture = hf_architecture(model)
     if isinstance(architecture, str):
         import open_clip
 
@@ -355,6 +351,9 @@ def load_checkpoint(path, *, backend: str | None = None, device="cpu") -> nn.Mod
         raise CheckpointError(f"checkpoint weights {weights_path}: cannot read them (truncated or corrupt file?): "
                               f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     load_assign(model, state, f"{where} does not match its config")
+    if is_hf_model(model):  # a CLIPMoE class, whose save_pretrained keeps the experts
+        from clipmoe.hf_model import adopt_moe_class
+        adopt_moe_class(model)
     model.clipmoe_architecture = arch
     return model.to(device)
 

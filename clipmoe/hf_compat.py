@@ -46,3 +46,26 @@ def hf_mlp_parts(module: nn.Module):
 def is_hf_model(model: nn.Module) -> bool:
     """Whether `model` is a transformers PreTrainedModel (by its config attribute and class hierarchy names)."""
     return any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__)
+
+
+# Fields of clipmoe.hf_model's CLIPMoE configs that name the MoE layers (installed by set_moe_layers on loading).
+HF_MOE_LAYER_FIELDS = ("moe", "moe_layers")
+
+
+def hf_architecture(model: nn.Module) -> dict:
+    """clipmoe's architecture dict of a transformers model: its class (clipmoe.hf_model's CLIPMoE classes by their
+    own name) and its config without the MoE layers, which the checkpoint names itself."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in HF_MOE_LAYER_FIELDS}
+    return {"model_class": f"transformers.{type(model).__name__}", "hf_config": config}
+
+
+def hf_model_class(name: str):
+    """A transformers model class by name, or one of clipmoe.hf_model's CLIPMoE classes."""
+    import transformers
+
+    from clipmoe import hf_model
+    cls = getattr(transformers, name, None) or getattr(hf_model, name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"architecture model_class 'transformers.{name}' is not a class of transformers "
+                         f"{transformers.__version__} or of clipmoe.hf_model")
+    return cls

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from clipmoe.config import MoEConfig
-from clipmoe.hf_compat import hf_activation_name, hf_mlp_parts
+from clipmoe.hf_compat import hf_activation_name, hf_mlp_parts, is_hf_model
 from clipmoe.moe_ffn import MoEFFN
 
 
@@ -96,6 +96,8 @@ def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2,
         activation: override the activation; by default it is read from each MLP (QuickGELU for OpenAI models).
         dropout: expert dropout; by default that of the MLP (0 for open_clip's native MLP).
         renormalize, backend: as in MoEFFN.
+    A transformers CLIPModel / CLIPVisionModel / CLIPTextModel becomes, in place, clipmoe.hf_model's CLIPMoEModel /
+    CLIPMoEVisionModel / CLIPMoETextModel (a subclass), so `save_pretrained` keeps the experts.
     Routers are randomly initialised (nn.Linear init). With all experts equal to the dense MLP and renormalize=True,
     the upcycled model computes the same function as the dense one (up to rounding).
     """
@@ -138,6 +140,9 @@ def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2,
     for name, moe in moes.items():
         parent, child = _parent(model, name)
         setattr(parent, child, moe)
+    if is_hf_model(model):  # its CLIPMoE class, so that save_pretrained keeps the experts (clipmoe.hf_model)
+        from clipmoe.hf_model import adopt_moe_class
+        adopt_moe_class(model)
     return model
 
 

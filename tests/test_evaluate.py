@@ -393,3 +393,99 @@ def test_eval_cli_errors(capsys):
     assert cli_main(["eval", "--model", "clipmoe-tiny", "--data", "synthetic:8", "--routing-plot", "x.png",
                      "--device", "cpu"]) == 2
     assert "no MoE layer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- tie rules and clip_benchmark output
+def clip_benchmark_reference(images, texts, text_to_image, ks):
+    """clip_benchmark's zeroshot_retrieval metrics, written from its description: scores = texts @ images.T, a
+    boolean positive-pair matrix, torch.topk per k, a query is a hit when a positive is among its top k."""
+    scores = texts @ images.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(text_to_image)), text_to_image] = True
+
+    def recall(scores, positive, k):
+        onehot = F.one_hot(scores.topk(k, dim=1).indices, num_classes=scores.shape[1])
+        return (onehot * positive[:, None, :]).sum(dim=(1, 2)) / positive.sum(dim=1)
+
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = (recall(scores, positive, k) > 0).float().mean().item()
+        out[f"text_retrieval_recall@{k}"] = (recall(scores.T, positive.T, k) > 0).float().mean().item()
+    return out
+
+
+def test_both_tie_rules_on_tied_data():
+    # images 0 and 1 are duplicates; captions 0 and 1 are the same text (of images 0 and 1); 5 images, 7 captions
+    torch.manual_seed(2)
+    base = F.normalize(torch.randn(4, 8), dim=-1)
+    images = torch.stack([base[0], base[0], base[1], base[2], base[3]])
+    text_to_image = torch.tensor([0, 1, 2, 2, 3, 4, 4])
+    texts = F.normalize(torch.stack([base[0], base[0], base[1], base[1] + 0.3 * base[2], base[2], base[3],
+                                     base[3] + 0.5 * base[1]]), dim=-1)
+    strict = ev.retrieval_metrics(images, texts, text_to_image, ks=(1, 2, 5))
+    ties_broken = ev.retrieval_metrics(images, texts, text_to_image, ks=(1, 2, 5), ties="sort")
+    # strict: images 0 and 1 tie with each other's caption at the top -> i2t misses at 1; captions 0 and 1 score
+    # images 0 and 1 equally -> t2i misses at 1
+    assert strict["i2t_R@1"] == pytest.approx(300 / 5) and strict["t2i_R@1"] == pytest.approx(500 / 7)
+    assert strict["i2t_R@2"] == 100.0 and strict["t2i_R@2"] == 100.0
+    # sort: each tie goes to one side, so exactly one of images 0, 1 (and one of captions 0, 1) is a hit at 1
+    assert ties_broken["i2t_R@1"] == pytest.approx(400 / 5) and ties_broken["t2i_R@1"] == pytest.approx(600 / 7)
+    assert {k: v for k, v in ties_broken.items() if not k.endswith("@1")} == {
+        k: v for k, v in strict.items() if not k.endswith("@1")}
+    # clip_benchmark's names and fractions, equal to its algorithm on the same embeddings
+    got = ev.clip_benchmark_retrieval(images, texts, text_to_image, ks=(1, 2, 5))
+    want = clip_benchmark_reference(images, texts, text_to_image, ks=(1, 2, 5))
+    assert got == pytest.approx(want, abs=1e-7)
+    assert got["text_retrieval_recall@1"] == pytest.approx(ties_broken["i2t_R@1"] / 100)
+    # without ties the two rules agree to the last digit
+    images, texts = F.normalize(torch.randn(20, 8), dim=-1), F.normalize(torch.randn(40, 8), dim=-1)
+    t2i = torch.arange(20).repeat(2)
+    assert ev.retrieval_metrics(images, texts, t2i) == ev.retrieval_metrics(images, texts, t2i, ties="sort")
+    assert ev.clip_benchmark_retrieval(images, texts, t2i) == pytest.approx(clip_benchmark_reference(
+        images, texts, t2i, (1, 5, 10)), abs=1e-7)
+    with pytest.raises(ValueError, match="ties"):
+        ev.retrieval_metrics(images, texts, t2i, ties="random")
+
+
+def test_zero_shot_tie_rules_and_mean_per_class_recall():
+    classes = torch.eye(3)
+    images = torch.tensor([[0.9, 0.1, 0.0],   # label 0: right
+                           [0.5, 0.5, 0.0],   # label 1: tied with class 0 (argmax and topk: see below)
+                           [0.1, 0.8, 0.1],   # label 1: right
+                           [0.2, 0.7, 0.1],   # label 2: wrong (class 1)
+                           [0.0, 0.0, 1.0]])  # label 2: right
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    assert ev.zero_shot_metrics(images, classes, labels, ks=(1,)) == {"top1": 60.0}  # the tie is a miss
+    top1 = (images @ classes.T).topk(1, dim=1).indices[:, 0]  # whichever side torch.topk puts the tie on
+    want = 100 * (top1 == labels).double().mean().item()
+    assert ev.zero_shot_metrics(images, classes, labels, ks=(1,), ties="sort") == {"top1": pytest.approx(want)}
+    # argmax takes the first maximal class (0) for the tie: recalls 1 (class 0), 1/2 (class 1), 1/2 (class 2)
+    assert ev.mean_per_class_recall(images, classes, labels) == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
+    got = ev.clip_benchmark_zero_shot(images, classes, labels)
+    assert set(got) == {"acc1", "acc5", "mean_per_class_recall"} and got["acc5"] == 1.0
+    assert got["acc1"] == pytest.approx(want / 100) and got["mean_per_class_recall"] == pytest.approx(2 / 3)
+
+
+def test_coco_captions_file_and_clip_benchmark_protocol(tiny, tmp_path, capsys):
+    write_pngs(tmp_path / "val2017", 3)
+    document = {"images": [{"id": 30, "file_name": "img2.png"}, {"id": 10, "file_name": "img0.png"},
+                           {"id": 20, "file_name": "img1.png"}],
+                "annotations": [{"image_id": 10, "id": i, "caption": f"zero {i}"} for i in range(7)]
+                + [{"image_id": 30, "id": 7, "caption": "two"}, {"image_id": 20, "id": 8, "caption": "one "}]}
+    ann = tmp_path / "captions_val2017.json"
+    ann.write_text(json.dumps(document))
+    data = eval_sets.retrieval_json(ann, tmp_path / "val2017")
+    assert isinstance(data, eval_sets.CocoCaptions)
+    assert [os.path.basename(p) for p in data.paths] == ["img0.png", "img1.png", "img2.png"]  # by image id
+    assert data.captions == [f"zero {i}" for i in range(5)] + ["one", "two"]  # the first 5, in file order
+    assert data.text_to_image.tolist() == [0, 0, 0, 0, 0, 1, 2]
+    assert len(eval_sets.retrieval_json(ann, tmp_path / "val2017", max_captions=10).captions) == 9
+    out = tmp_path / "cb.json"
+    assert cli_main(["eval", "--model", "clipmoe-tiny", "--data", str(ann), "--image-root", str(tmp_path / "val2017"),
+                     "--device", "cpu", "--protocol", "clip_benchmark", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "clip_benchmark" and result["num_texts"] == 7
+    assert set(result["retrieval"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert all(0.0 <= v <= 1.0 for v in result["retrieval"].values())
+    assert result["retrieval"]["text_retrieval_recall@5"] == 1.0
+    assert "image->text" in capsys.readouterr().out

@@ -7,10 +7,10 @@ bug and keeps its traceback (exit 1). `-v`/`-q` set the `clipmoe` logger's level
 import sys
 
 import clipmoe
-from clipmoe.cli import demo, eval, pipeline, tools
+from clipmoe.cli import demo, encode, eval, pipeline, tools
 from clipmoe.cli.common import Parser, UsageError, configure_logging
 
-COMMAND_MODULES = (pipeline, eval, demo, tools)
+COMMAND_MODULES = (pipeline, eval, encode, demo, tools)
 BAD_INPUT = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from clipmoe.data.eval_sets import ImageFiles, KarpathyRetrieval, dedup_images, group_captions
+from clipmoe.data.eval_sets import ImageFiles, dedup_images, group_captions, retrieval_json
 from clipmoe.eval import (
+    PROTOCOLS,
     ZERO_SHOT_TEMPLATES,
     class_embeddings,
     collect_routing,
@@ -17,9 +18,8 @@ from clipmoe.eval import (
     embed_images,
     evaluate_synthetic,
     plot_routing_heatmap,
-    retrieval_metrics,
+    protocol_metrics,
     routing_statistics,
-    zero_shot_metrics,
 )
 from clipmoe.moe_ffn import MoEFFN
 
@@ -30,15 +30,17 @@ def add_commands(sub):
     p = sub.add_parser("eval", help="zero-shot retrieval / classification and routing statistics of a model",
                        description=__doc__)
     p.add_argument("--checkpoint", default=None,
-                   help="clipmoe checkpoint folder (or .safetensors), or a released CLIP-MoE .pt file")
+                   help="clipmoe checkpoint folder (or .safetensors), a released CLIP-MoE .pt file, or a "
+                        "transformers folder (e.g. from clipmoe convert --to-hf)")
     p.add_argument("--model", default=None,
                    help="open_clip model name (or clipmoe-tiny) to evaluate; with --checkpoint, only the name whose "
                         "transforms and tokenizer to use (default: read from the checkpoint's architecture)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path for --model")
     p.add_argument("--data", required=True,
                    help="'synthetic[:N]' (the test split of clipmoe's synthetic data; N default "
-                        f"{SYNTHETIC_EVAL_SIZE}), a CSV/TSV file, webdataset shards ('d/{{000..009}}.tar'), or a "
-                        "Karpathy-style COCO/Flickr30k JSON (with --image-root)")
+                        f"{SYNTHETIC_EVAL_SIZE}), a CSV/TSV file, webdataset shards ('d/{{000..009}}.tar'), a "
+                        "Karpathy-style COCO/Flickr30k JSON or a COCO captions file such as captions_val2017.json "
+                        "(with --image-root)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset (0)")
     p.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths (rows sharing a path are "
                                                              "one image with several captions)")
@@ -50,7 +52,11 @@ def add_commands(sub):
                                                       "of relative paths; default: the CSV's folder)")
     p.add_argument("--split", default="test", help="Karpathy split ('test', 'val', ... or 'all'); default test")
     p.add_argument("--max-captions", type=int, default=None,
-                   help="Karpathy JSON: first N captions per image (COCO 5k protocol: 5)")
+                   help="first N captions per image (COCO 5k protocol: 5); default: all for a Karpathy JSON, 5 for "
+                        "a COCO captions file")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="clipmoe",
+                   help="clipmoe: exact score ties count against the model, percent; clip_benchmark: sorting breaks "
+                        "ties, clip_benchmark's metric names and fractions, mean per-class recall")
     p.add_argument("--template", action="append", default=None,
                    help="zero-shot prompt template with {} for the class name (repeatable; default: "
                         f"{len(ZERO_SHOT_TEMPLATES)} OpenAI-style photo templates)")
@@ -79,21 +85,16 @@ def _device(spec: str) -> torch.device:
 
 def load_eval_model(args, device):
     """(model on device, eval preprocess, tokenizer, description) from --checkpoint or --model/--pretrained."""
-    from clipmoe.data.datasets import make_transforms_and_tokenizer
-    from clipmoe.models import create_model, register_model_configs
+    from clipmoe.eval.encode import model_transforms
+    from clipmoe.inference import load_model
+    from clipmoe.models import create_model
 
     if args.checkpoint:
         if args.pretrained:
             raise ValueError("pass --checkpoint or --pretrained, not both")
-        from clipmoe.checkpoint import load_checkpoint
-        from clipmoe.released import load_clip_moe_checkpoint
         path = Path(args.checkpoint)
-        if path.suffix in (".pt", ".pth", ".bin"):
-            model = load_clip_moe_checkpoint(path).to(device)
-        else:
-            model = load_checkpoint(path, device=device)
-        register_model_configs()
-        preprocess, tokenizer = make_transforms_and_tokenizer(args.model if args.model else model)
+        model = load_model(path, device=device)  # released .pt, clipmoe checkpoint or transformers folder
+        preprocess, tokenizer = model_transforms(model, args.model)
         description = {"checkpoint": str(path)}
     elif args.model:
         model, _, preprocess, tokenizer = create_model(args.model, args.pretrained, device=device)
@@ -150,11 +151,11 @@ def read_csv_eval(path, img_key: str, caption_key: str, label_key=None, sep: str
             "text_to_image": torch.tensor([index[r[0]] for r in with_caption], dtype=torch.long), "labels": labels}
 
 
-def _retrieval_on_subset(image_features, text_features, text_to_image):
-    """retrieval_metrics over the images that have at least one caption."""
+def _retrieval_on_subset(image_features, text_features, text_to_image, protocol):
+    """The protocol's retrieval metrics over the images that have at least one caption."""
     has_caption = torch.bincount(text_to_image, minlength=image_features.shape[0]) > 0
     new_index = torch.cumsum(has_caption.long(), 0) - 1
-    return retrieval_metrics(image_features[has_caption], text_features, new_index[text_to_image])
+    return protocol_metrics(protocol)[0](image_features[has_caption], text_features, new_index[text_to_image])
 
 
 def _evaluate_files(model, images: ImageFiles, captions, text_to_image, labels, args, tokenizer, device) -> dict:
@@ -162,7 +163,7 @@ def _evaluate_files(model, images: ImageFiles, captions, text_to_image, labels, 
     image_features = embed_images(model, images, device, args.batch_size, args.workers, progress=args.progress)
     if captions:
         text_features = embed_captions(model, tokenizer, captions, device, args.batch_size, args.progress)
-        result["retrieval"] = _retrieval_on_subset(image_features, text_features, text_to_image)
+        result["retrieval"] = _retrieval_on_subset(image_features, text_features, text_to_image, args.protocol)
     if labels is not None:
         labelled = [i for i, label in enumerate(labels) if label]
         if not labelled:
@@ -176,7 +177,8 @@ def _evaluate_files(model, images: ImageFiles, captions, text_to_image, labels, 
                                       args.batch_size, progress=args.progress)
         targets = torch.tensor([names.index(labels[i]) for i in labelled])
         result["zero_shot"] = {args.csv_label_key: {
-            **zero_shot_metrics(image_features[labelled], classifier, targets), "num_classes": len(names),
+            **protocol_metrics(args.protocol)[1](image_features[labelled], classifier, targets),
+            "num_classes": len(names),
             "num_images": len(labelled), "num_templates": len(templates)}}
     return result
 
@@ -188,7 +190,8 @@ def run_eval(args, model, preprocess, tokenizer, device) -> dict:
         from clipmoe.data.synthetic import SyntheticShapes
         n = int(spec.partition(":")[2] or SYNTHETIC_EVAL_SIZE)
         data = SyntheticShapes(n, split="test", seed=args.data_seed, preprocess=preprocess, tokenizer=tokenizer)
-        result = evaluate_synthetic(model, data, tokenizer, device, args.batch_size, progress=args.progress)
+        result = evaluate_synthetic(model, data, tokenizer, device, args.batch_size, progress=args.progress,
+                                    protocol=args.protocol)
         result["num_images"] = result["num_texts"] = result.pop("num_samples")
         return result
     if ".tar" in spec:
@@ -202,9 +205,9 @@ def run_eval(args, model, preprocess, tokenizer, device) -> dict:
                                 f"or a Karpathy JSON)")
     if spec.endswith(".json"):
         if not args.image_root:
-            raise ValueError("--data is a Karpathy JSON: pass --image-root (the folder of its images)")
-        data = KarpathyRetrieval(spec, args.image_root, split=args.split, preprocess=preprocess,
-                                 max_captions=args.max_captions)
+            raise ValueError("--data is a JSON annotation file: pass --image-root (the folder of its images)")
+        data = retrieval_json(spec, args.image_root, split=args.split, preprocess=preprocess,
+                              max_captions=args.max_captions)
         return _evaluate_files(model, data, data.captions, data.text_to_image, None, args, tokenizer, device)
     table = read_csv_eval(spec, args.csv_img_key, args.csv_caption_key, args.csv_label_key, args.csv_separator,
                           args.image_root)
@@ -217,18 +220,27 @@ def _print_summary(results: dict):
     print(f"{results['data']}: {results['num_images']} images, {results['num_texts']} captions")
     if "retrieval" in results:
         r = results["retrieval"]
+        if results.get("protocol") == "clip_benchmark":  # printed in clipmoe's names, in percent
+            r = {f"{'i2t' if key.startswith('text') else 't2i'}_R@{key.rpartition('@')[2]}": 100 * value
+                 for key, value in r.items()}
         for direction in ("i2t", "t2i"):
             cells = "  ".join(f"{key.split('_')[1]} {value:6.2f}" for key, value in r.items()
                               if key.startswith(direction))
             print(f"  {'image->text' if direction == 'i2t' else 'text->image'}  {cells}")
-        if results.get("num_shared_captions"):
+        if results.get("num_shared_captions") and results.get("protocol") != "clip_benchmark":
             ceiling = 100 * (1 - results["num_shared_captions"] / results["num_images"])
             print(f"  ({results['num_shared_captions']} images share their caption with another image: their "
                   f"image->text R@1 is a tie, counted as a miss; R@1 ceiling {ceiling:.2f})")
     for name, z in results.get("zero_shot", {}).items():
+        if "acc1" in z:
+            print(f"  zero-shot {name:<10} acc1 {z['acc1']:.4f}  acc5 {z['acc5']:.4f}  mean per-class recall "
+                  f"{z['mean_per_class_recall']:.4f}")
+            continue
         print(f"  zero-shot {name:<10} top-1 {z['top1']:6.2f}  top-5 {z['top5']:6.2f}")
     if "zero_shot_mean_top1" in results:
-        print(f"  zero-shot mean top-1 {results['zero_shot_mean_top1']:.2f}")
+        mean = results["zero_shot_mean_top1"]
+        print(f"  zero-shot mean top-1 {mean:.4f}" if results.get("protocol") == "clip_benchmark" else
+              f"  zero-shot mean top-1 {mean:.2f}")
     for tower, data in results.get("routing", {}).get("towers", {}).items():
         low = min(min(layer["first_choice_share"]) for layer in data["layers"].values())
         print(f"  routing {tower}: {data['num_layers']} MoE layers, mean balance loss "
@@ -243,7 +255,7 @@ def cmd_eval(args) -> int:
     if args.routing_plot and not has_moe:
         raise ValueError("--routing-plot: the model has no MoE layer")
     with collect_routing(model) as routing:
-        results = {"model": description, "data": args.data, "device": str(device)}
+        results = {"model": description, "data": args.data, "device": str(device), "protocol": args.protocol}
         results.update(run_eval(args, model, preprocess, tokenizer, device))
     if has_moe:
         results["routing"] = routing_statistics(model, routing)

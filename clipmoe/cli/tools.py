@@ -1,5 +1,5 @@
 """Tool commands of `clipmoe`: check-upcycle (upcycle with copied experts, compare and time the backends) and
-convert (released CLIP-MoE .pt <-> clipmoe checkpoint)."""
+convert (released CLIP-MoE .pt, clipmoe checkpoint, transformers folder)."""
 import json
 import os
 import statistics
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import clipmoe
-from clipmoe.cli.common import device_arg, positive_int
+from clipmoe.cli.common import UsageError, device_arg, positive_int
 from clipmoe_kernels import BACKENDS
 
 
@@ -67,25 +67,41 @@ def check_upcycle(args) -> dict:
 
 
 def convert(args) -> int:
-    """Released CLIP-MoE .pt -> clipmoe's safetensors + JSON checkpoint, or back with --to-released."""
-    from clipmoe.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
-    from clipmoe.released import export_clip_moe_checkpoint, load_clip_moe_checkpoint
-    sources = checkpoint_files(args.src) if args.to_released else (Path(args.src),)
-    targets = (Path(args.dst),) + (() if args.to_released else checkpoint_files(args.dst, for_writing=True))
-    for target in targets:
-        if any(_same_file(target, source) for source in sources + (Path(args.src),)):
-            raise ValueError(f"convert: the destination {args.dst} is (or holds) its source {args.src}; writing it "
-                             f"would destroy the file being converted: choose another destination")
-    if args.to_released:
-        model = load_checkpoint(args.src)
+    """A released CLIP-MoE .pt, a clipmoe checkpoint or a transformers folder (read by its kind) -> a clipmoe
+    checkpoint, or with --to-released a released .pt, or with --to-hf a transformers folder (save_pretrained)."""
+    from clipmoe.checkpoint import save_checkpoint
+    from clipmoe.hf_compat import is_hf_model
+    from clipmoe.inference import load_model
+    from clipmoe.released import export_clip_moe_checkpoint
+    if args.to_released and args.to_hf:
+        raise UsageError("pass --to-released or --to-hf, not both")
+    check_not_own_source(Path(args.src), Path(args.dst))
+    model = load_model(args.src, top_k=args.top_k)
+    if args.to_hf or args.to_released:
+        from clipmoe import hf_model  # only these directions need transformers
+    if args.to_hf:
+        model = model if is_hf_model(model) else hf_model.open_clip_to_hf(model)
+        model.save_pretrained(args.dst)
+        out = args.dst
+    elif args.to_released:
+        model = hf_model.hf_to_open_clip(model) if is_hf_model(model) else model
         out = export_clip_moe_checkpoint(model, args.dst)
     else:
-        model = load_clip_moe_checkpoint(args.src, top_k=args.top_k)
         out = save_checkpoint(model, args.dst)
     moes = [m for m in model.modules() if isinstance(m, clipmoe.MoEFFN)]
-    print(f"wrote {out} ({len(moes)} MoE layers, {moes[0].num_experts} experts, top-{moes[0].top_k}, text context "
-          f"{getattr(model, 'context_length', '?')})")
+    experts = f"{moes[0].num_experts} experts, top-{moes[0].top_k}" if moes else "dense"
+    print(f"wrote {out} ({type(model).__name__}, {len(moes)} MoE layers, {experts})")
     return 0
+
+
+def check_not_own_source(src: Path, dst: Path) -> None:
+    """Refuse a destination that is, holds or lies in its source: writing it would destroy the file being converted."""
+    sources = [src] + (sorted(src.iterdir()) if src.is_dir() else [])
+    targets = [dst] + (sorted(dst.iterdir()) if dst.is_dir() else [])
+    if any(_same_file(t, s) for t in targets for s in sources) or (src.is_dir() and dst.resolve().is_relative_to(
+            src.resolve())):
+        raise ValueError(f"convert: the destination {dst} is (or holds) its source {src}; writing it would destroy "
+                         f"the file being converted: choose another destination")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -127,6 +143,7 @@ def add_commands(sub):
     p.add_argument("src", help="released .pt file (with --to-released: a clipmoe checkpoint folder or .safetensors)")
     p.add_argument("dst", help="output folder or X.safetensors (or, with --to-released, the .pt file to write)")
     p.add_argument("--to-released", action="store_true", help="write the released OpenAI-CLIP key format")
+    p.add_argument("--to-hf", action="store_true", help="write a transformers folder (CLIPMoEModel.save_pretrained)")
     p.add_argument("--top-k", type=positive_int, default=2, help="top-k to record for a released file (not stored "
                                                                  "in it)")
     p.set_defaults(func=convert)

@@ -6,11 +6,11 @@ from clipmoe.data.datasets import (
                                    collate_skip_none,
                                    make_transforms_and_tokenizer,
 )
-from clipmoe.data.eval_sets import ImageFiles, KarpathyRetrieval
+from clipmoe.data.eval_sets import CocoCaptions, ImageFiles, KarpathyRetrieval
 from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.data.synthetic import SyntheticShapes, WordTokenizer
 from clipmoe.data.webdataset import WebDatasetCaptions
 
-__all__ = ["ClusterBatchSampler", "CsvCaptionDataset", "ImageFiles", "InMemoryCaptionDataset", "KarpathyRetrieval",
-           "SyntheticShapes", "WebDatasetCaptions", "WordTokenizer", "collate_skip_none",
+__all__ = ["ClusterBatchSampler", "CocoCaptions", "CsvCaptionDataset", "ImageFiles", "InMemoryCaptionDataset",
+           "KarpathyRetrieval", "SyntheticShapes", "WebDatasetCaptions", "WordTokenizer", "collate_skip_none",
            "make_transforms_and_tokenizer"]

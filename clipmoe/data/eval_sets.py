@@ -1,4 +1,5 @@
-"""Image datasets of evaluation: image files (or bytes) and Karpathy-style COCO / Flickr30k retrieval splits."""
+"""Image datasets of evaluation: image files (or bytes), Karpathy-style COCO / Flickr30k retrieval splits and COCO
+caption annotation files (captions_val2017.json)."""
 import hashlib
 import os
 from typing import Callable, Dict, Optional, Sequence, Union
@@ -100,6 +101,86 @@ class KarpathyRetrieval(ImageFiles):
         super().__init__(paths, preprocess)
         self.paths, self.captions = paths, captions
         self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+
+
+COCO_MAX_CAPTIONS = 5  # the CLIP-MoE and Long-CLIP COCO scripts keep each image's first 5 captions
+
+
+class CocoCaptions(ImageFiles):
+    """The images of a COCO caption annotation file (e.g. captions_val2017.json) with their captions, in the order
+    torchvision's CocoCaptions gives them, which the CLIP-MoE and Long-CLIP COCO evaluations use: images by increasing
+    id, each image's captions in file order, the first `max_captions` kept (default 5; None keeps all).
+
+    The file: {"images": [{"id": 139, "file_name": "000000000139.jpg", ...}, ...],
+    "annotations": [{"image_id": 139, "id": ..., "caption": "A woman ..."}, ...]}; the image path is
+    image_root/file_name. Items: (image, index). Attributes as KarpathyRetrieval's (paths, captions,
+    text_to_image, num_without_captions).
+    """
+
+    def __init__(self, json_path, image_root, preprocess: Optional[Callable] = None, *,
+                 max_captions: Optional[int] = COCO_MAX_CAPTIONS, check_files: bool = True, document=None):
+        import json
+
+        json_path = os.fspath(json_path)
+        if document is None:
+            with open(json_path, encoding="utf-8") as f:
+                document = json.load(f)
+        images, annotations = document.get("images"), document.get("annotations")
+        if not isinstance(images, list) or not isinstance(annotations, list):
+            raise ValueError(f"{json_path}: expected a COCO captions file with \"images\" and \"annotations\" lists")
+        by_image: Dict = {}
+        for i, ann in enumerate(annotations):
+            if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+                raise ValueError(f"{json_path}: annotations[{i}] has no \"image_id\" and \"caption\"")
+            if ann["caption"].strip():
+                by_image.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+        files = {}
+        for i, entry in enumerate(images):
+            if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
+                raise ValueError(f"{json_path}: images[{i}] has no \"id\" and \"file_name\"")
+            files[entry["id"]] = entry["file_name"]
+        paths, captions, text_to_image = [], [], []
+        self.num_without_captions = 0
+        for image_id in sorted(files):
+            texts = by_image.get(image_id, [])[:max_captions]
+            if not texts:
+                self.num_without_captions += 1
+                continue
+            text_to_image.extend([len(paths)] * len(texts))
+            captions.extend(texts)
+            paths.append(os.path.join(os.fspath(image_root), files[image_id]))
+        if not paths:
+            raise ValueError(f"{json_path}: no image with a caption")
+        if check_files:
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"{json_path}: {len(missing)} of {len(paths)} images not found under "
+                                        f"{image_root}, e.g. {missing[0]}")
+        super().__init__(paths, preprocess)
+        self.paths, self.captions = paths, captions
+        self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+
+
+def retrieval_json(json_path, image_root, *, split="test", preprocess=None, max_captions=None):
+    """A COCO caption annotation file (it has "annotations": CocoCaptions, max_captions default 5) or a
+    Karpathy-style JSON (KarpathyRetrieval of `split`, all captions by default)."""
+    import json
+
+    json_path = os.fspath(json_path)
+    if not os.path.isfile(json_path):
+        raise FileNotFoundError(f"{json_path}: JSON file not found")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"{image_root}: image root folder not found")
+    with open(json_path, encoding="utf-8") as f:
+        try:
+            document = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{json_path}: not valid JSON ({exc})") from exc
+    if isinstance(document, dict) and "annotations" in document:
+        return CocoCaptions(json_path, image_root, preprocess,
+                            max_captions=COCO_MAX_CAPTIONS if max_captions is None else max_captions,
+                            document=document)
+    return KarpathyRetrieval(json_path, image_root, split=split, preprocess=preprocess, max_captions=max_captions)
 
 
 def group_captions(keys: Sequence, captions: Sequence[str]):

@@ -13,7 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clipmoe.eval.metrics import retrieval_metrics, zero_shot_metrics
+from clipmoe.eval.metrics import (
+    clip_benchmark_retrieval,
+    clip_benchmark_zero_shot,
+    retrieval_metrics,
+    zero_shot_metrics,
+)
+from clipmoe.inference import encoders
 from clipmoe.progress import progress_bar
 
 # Prompt templates for zero-shot classification of arbitrary class names (OpenAI-style photo templates; the CLIP
@@ -59,10 +65,10 @@ def _inference(model: nn.Module) -> Iterator[None]:
 
 
 def _encode(model: nn.Module, tower: str, x: torch.Tensor) -> torch.Tensor:
-    encode = getattr(model, f"encode_{tower}", None)
+    encode = dict(zip(("image", "text"), encoders(model), strict=True))[tower]
     if encode is None:
         raise TypeError(f"{type(model).__name__} has no encode_{tower} method (an open_clip CLIP-style model with "
-                        f"encode_image and encode_text is expected)")
+                        f"encode_image and encode_text, or a transformers CLIP model, is expected)")
     if tower == "image":
         param = next(model.parameters(), None)
         if param is not None and param.is_floating_point():
@@ -155,8 +161,21 @@ def class_embeddings(model: nn.Module, tokenizer, prompts_per_class: Sequence[Se
 
 
 # ------------------------------------------------------------------------------------------------------ evaluations
+PROTOCOLS = ("clipmoe", "clip_benchmark")
+
+
+def protocol_metrics(protocol: str):
+    """(retrieval metric function, zero-shot metric function, zero-shot top-1 key) of a protocol: "clipmoe" (ties
+    count against the model, percent) or "clip_benchmark" (sorting breaks ties, its names, fractions)."""
+    if protocol == "clipmoe":
+        return retrieval_metrics, zero_shot_metrics, "top1"
+    if protocol == "clip_benchmark":
+        return clip_benchmark_retrieval, clip_benchmark_zero_shot, "acc1"
+    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
 def evaluate_synthetic(model: nn.Module, dataset, tokenizer, device="cpu", batch_size: int = 256, *,
-                       progress: Optional[bool] = None) -> dict:
+                       progress: Optional[bool] = None, protocol: str = "clipmoe") -> dict:
     """Retrieval and per-attribute zero-shot classification on a `clipmoe.synthetic.SyntheticShapes` split (the
     test split, built with the model's eval preprocess and its tokenizer).
 
@@ -166,8 +185,9 @@ def evaluate_synthetic(model: nn.Module, dataset, tokenizer, device="cpu", batch
     "zero_shot_mean_top1": mean top-1 over the attributes, "num_samples": N, "num_shared_captions": the number of
     images whose caption another image of the split has too}. Identical captions have identical features, so under
     the tie rule (module docstring) those images are always image->text misses at k = 1: image->text R@1 is at most
-    100 * (N - num_shared_captions) / N, for any model.
+    100 * (N - num_shared_captions) / N, for any model. protocol="clip_benchmark": its metrics (protocol_metrics).
     """
+    retrieval_fn, zero_shot_fn, top1 = protocol_metrics(protocol)
     device = _check_device(model, device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_pairs)
     images, texts = [], []
@@ -176,13 +196,13 @@ def evaluate_synthetic(model: nn.Module, dataset, tokenizer, device="cpu", batch
             images.append(_encode(model, "image", image.to(device)).cpu())
             texts.append(_encode(model, "text", tokens.to(device)).cpu())
     images, texts = torch.cat(images), torch.cat(texts)
-    retrieval = retrieval_metrics(images, texts, torch.arange(images.shape[0]))
+    retrieval = retrieval_fn(images, texts, torch.arange(images.shape[0]))
     zero_shot = {}
     for j, attribute in enumerate(dataset.attributes):
         classifier = class_embeddings(model, tokenizer, dataset.zero_shot_prompts(attribute), device, batch_size,
                                       progress=progress)
-        zero_shot[attribute] = zero_shot_metrics(images, classifier, dataset.labels[:, j])
-    mean_top1 = sum(r["top1"] for r in zero_shot.values()) / len(zero_shot)
+        zero_shot[attribute] = zero_shot_fn(images, classifier, dataset.labels[:, j])
+    mean_top1 = sum(r[top1] for r in zero_shot.values()) / len(zero_shot)
     caption_counts = Counter(dataset.captions)
     shared = sum(caption_counts[c] > 1 for c in dataset.captions)
     return {"retrieval": retrieval, "zero_shot": zero_shot, "zero_shot_mean_top1": mean_top1,
