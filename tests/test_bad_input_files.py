@@ -386,7 +386,7 @@ def _mcl(out, stages, resume=False):
 def _build(tmp_path, mcl, *flags):
     from clipmoe.cli import main
     return main(["build", "--model", "clipmoe-tiny", "--mcl-dir", str(mcl), "--output-dir", str(tmp_path / "built"),
-                 "--device", "cpu", "--top-k", "1", *flags])
+                 "--device", "cpu", "--top-k", "1", "--overwrite", *flags])
 
 
 def _experts_equal_stage_files(tmp_path, mcl, n):

@@ -122,10 +122,23 @@ def config_from_args(config_class, flags: Sequence[ConfigFlag], args, *, prefix:
 
 
 # ------------------------------------------------------------------------------------------------- logging, progress
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (not the stream of the first call): a program
+    that calls main() several times, or replaces sys.stderr, never logs into a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def configure_logging(verbosity: int) -> None:
     """-q: warnings only; default: info; -v: debug. Messages go to stderr under the `clipmoe` logger."""
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s" if verbosity <= 0 else "%(name)s: %(message)s"))
     logger.handlers[:] = [handler]
     logger.setLevel(level)

@@ -75,7 +75,7 @@ def convert(args) -> int:
     from clipmoe.released import export_clip_moe_checkpoint
     if args.to_released and args.to_hf:
         raise UsageError("pass --to-released or --to-hf, not both")
-    check_not_own_source(Path(args.src), Path(args.dst))
+    check_not_own_source(Path(args.src), Path(args.dst), own_format_out=not (args.to_hf or args.to_released))
     model = load_model(args.src, top_k=args.top_k)
     if args.to_hf or args.to_released:
         from clipmoe import hf_model  # only these directions need transformers
@@ -94,12 +94,15 @@ def convert(args) -> int:
     return 0
 
 
-def check_not_own_source(src: Path, dst: Path) -> None:
-    """Refuse a destination that is, holds or lies in its source: writing it would destroy the file being converted."""
-    sources = [src] + (sorted(src.iterdir()) if src.is_dir() else [])
-    targets = [dst] + (sorted(dst.iterdir()) if dst.is_dir() else [])
-    if any(_same_file(t, s) for t in targets for s in sources) or (src.is_dir() and dst.resolve().is_relative_to(
-            src.resolve())):
+def check_not_own_source(src: Path, dst: Path, *, own_format_out: bool) -> None:
+    """Refuse a destination that is or holds its source (a clipmoe checkpoint is a pair of files; a folder holds
+    files): writing it would destroy the file being converted."""
+    from clipmoe.checkpoint import checkpoint_files
+    sources = [src, *(sorted(src.iterdir()) if src.is_dir() else ()),
+               *(checkpoint_files(src) if src.suffix in (".safetensors", ".json") or src.is_dir() else ())]
+    targets = [dst, *(checkpoint_files(dst, for_writing=True) if own_format_out else ()),
+               *(sorted(dst.iterdir()) if dst.is_dir() else ())]
+    if any(_same_file(t, s) for t in targets for s in sources):
         raise ValueError(f"convert: the destination {dst} is (or holds) its source {src}; writing it would destroy "
                          f"the file being converted: choose another destination")
 
