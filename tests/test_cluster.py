@@ -1,8 +1,5 @@
 """k-means vs a brute-force reference, chunking invariance, mixed-radix labels, and 2-process gloo k-means that must
 match one process on the concatenated shards."""
-import datetime
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +13,7 @@ from clipmoe.train.cluster import (
     kmeans,
     max_stages,
 )
-from tests.dist_utils import free_port
+from tests.dist_utils import run_gloo
 
 
 def _blobs(n, k, d, *, spread=0.05, seed=0, dtype=torch.float64):
@@ -183,7 +180,6 @@ WORLD = 2
 SHARD_SIZES = (301, 212)  # unequal shards
 
 
-
 def _global_data():
     x, _ = _blobs(sum(SHARD_SIZES), 4, 10, spread=0.3, seed=9, dtype=torch.float32)  # overlapping: many updates
     text, _ = _blobs(sum(SHARD_SIZES), 3, 10, spread=0.1, seed=10, dtype=torch.float32)
@@ -196,26 +192,17 @@ _RUNS = {  # name -> kmeans options (init_size < N exercises the gathered init s
 }
 
 
-def _worker(rank, port, out_dir):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        x, text = _global_data()
-        start = sum(SHARD_SIZES[:rank])
-        rows = slice(start, start + SHARD_SIZES[rank])
-        result = {name: kmeans(x[rows], 4, **kw) for name, kw in _RUNS.items()}
-        result["stage"] = cluster_stage(x[rows], text[rows], k=3, seed=5)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    x, text = _global_data()
+    start = sum(SHARD_SIZES[:rank])
+    rows = slice(start, start + SHARD_SIZES[rank])
+    result = {name: kmeans(x[rows], 4, **kw) for name, kw in _RUNS.items()}
+    result["stage"] = cluster_stage(x[rows], text[rows], k=3, seed=5)
+    return result
 
 
 def test_two_process_gloo_matches_single_process(tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_gloo(_worker, WORLD, tmp_path)
     x, text = _global_data()
     for name, kw in _RUNS.items():
         ref_c, ref_labels = kmeans(x, 4, **kw)

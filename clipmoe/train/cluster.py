@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from clipmoe.runtime import rank_world
+
 # Rows per chunk: 32768 fp32 rows of 768 features = 96 MiB per chunk, small next to the model, large enough that the
 # per-chunk GEMM is efficient.
 DEFAULT_CHUNK_SIZE = 32768
@@ -56,14 +58,11 @@ def _prep(rows: torch.Tensor, device, dtype, normalize: bool) -> torch.Tensor:
 
 def _world(distributed: Optional[bool], group) -> Tuple[int, int]:
     """(rank, world size) of the run; (0, 1) when it is a single-process run."""
-    initialised = dist.is_available() and dist.is_initialized()
-    if distributed is None:
-        distributed = initialised
-    if not distributed:
+    if distributed is False:
         return 0, 1
-    if not initialised:
+    if distributed and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("distributed=True but torch.distributed is not initialised")
-    return dist.get_rank(group), dist.get_world_size(group)
+    return rank_world(group)
 
 
 def _all_reduce(tensor: torch.Tensor, world: int, group) -> torch.Tensor:

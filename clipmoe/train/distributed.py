@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from clipmoe.runtime import rank_world
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -36,7 +38,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
+        rank, world_size = rank_world()
     return DistInfo(rank, world_size, local_rank, dev)
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.fileio import atomic_torch_save, atomic_write
+from clipmoe.runtime import autocast
 from clipmoe.train.cluster import accumulate_labels, cluster_stage
 from clipmoe.train.contrastive import ContrastiveLoss
 from clipmoe.train.distributed import DistInfo, all_gather_rows, barrier
@@ -85,11 +86,8 @@ def embed_dataset(model, dataset, info: DistInfo, batch_size: int = 256, precisi
     indices = list(range(info.rank, n, info.world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers)
     images, texts = [], []
-    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if precision == "amp_bf16"
-                else torch.autocast(info.device.type, dtype=torch.float16) if precision == "amp_fp16"
-                else torch.autocast(info.device.type, enabled=False))
     for image, text in tqdm(loader, desc=desc, disable=not info.is_main, dynamic_ncols=True):
-        with autocast:
+        with autocast(precision, info.device):
             images.append(model.encode_image(image.to(info.device), normalize=True).float())
             texts.append(model.encode_text(text.to(info.device), normalize=True).float())
     model.train(was_training)

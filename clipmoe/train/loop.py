@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from clipmoe.fileio import atomic_torch_save
 from clipmoe.moe_ffn import collect_aux_losses
+from clipmoe.runtime import PRECISIONS, autocast
 from clipmoe.train.distributed import DistInfo
 
 TRAINABLE = ("ffn", "router", "router_experts", "all")
-PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 
@@ -95,12 +95,6 @@ def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
 
 
 def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, trainable: str, info: DistInfo,
@@ -178,7 +172,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
                             generator=torch.Generator().manual_seed(cfg.seed))
         for images, texts in loader:
             images, texts = images.to(info.device, non_blocking=True), texts.to(info.device, non_blocking=True)
-            with _autocast(cfg.precision, info.device):
+            with autocast(cfg.precision, info.device):
                 image_features, text_features, logit_scale = net(images, texts)[:3]
                 clip_loss = loss_fn(image_features, text_features, logit_scale)
                 balance = collect_aux_losses(model).balance if is_moe else clip_loss.new_zeros(())
