@@ -125,6 +125,47 @@ def test_bad_input(call, err, match):
         call()
 
 
+# --------------------------------------------------------------------------------------------- vs scikit-learn
+def _agreement(a, b):
+    """Share of rows on which label vectors a and b agree under the best renaming of b's labels (greedy by size)."""
+    pairs, counts = torch.unique(torch.stack([a, b], dim=1), dim=0, return_counts=True)
+    used_a, used_b, agree = set(), set(), 0
+    for i in counts.argsort(descending=True).tolist():
+        la, lb = pairs[i].tolist()
+        if la not in used_a and lb not in used_b:
+            used_a.add(la), used_b.add(lb)
+            agree += int(counts[i])
+    return agree / a.numel()
+
+
+def _inertia(x, centroids, labels):
+    return float(((x - centroids.to(x.dtype)[labels]) ** 2).sum())
+
+
+def test_lloyd_matches_sklearn_from_the_same_init():
+    from sklearn.cluster import KMeans
+    x, _ = _blobs(3000, 5, 16, spread=0.3, seed=11)  # overlapping blobs: a dozen updates
+    init, _ = kmeans(x, 5, iters=0, seed=4)
+    centroids, labels = kmeans(x, 5, tol=0.0, seed=4)
+    ref = KMeans(5, init=init.numpy(), n_init=1, tol=0.0, algorithm="lloyd").fit(x.numpy())
+    assert ref.n_iter_ > 3  # the data make Lloyd work
+    assert torch.equal(labels, torch.from_numpy(ref.labels_).long())
+    torch.testing.assert_close(centroids, torch.from_numpy(ref.cluster_centers_), atol=1e-10, rtol=1e-10)
+    assert _inertia(x, centroids, labels) == pytest.approx(ref.inertia_, rel=1e-9)
+
+
+@pytest.mark.parametrize("spread, min_agreement", [(0.1, 1.0), (0.3, 0.99)])  # separable blobs; overlapping ones
+def test_same_clusters_as_sklearn_kmeans(spread, min_agreement):
+    """Each with its own k-means++ init: the same clusters (overlapping blobs: local optima may differ at a few
+    boundary rows) and the same inertia within 1 %."""
+    from sklearn.cluster import KMeans
+    x, _ = _blobs(4000, 5, 32, spread=spread, seed=12, dtype=torch.float32)
+    centroids, labels = kmeans(x, 5, seed=0)
+    ref = KMeans(5, n_init=1, random_state=0).fit(x.numpy())
+    assert _agreement(labels, torch.from_numpy(ref.labels_).long()) >= min_agreement
+    assert _inertia(x.double(), centroids, labels) == pytest.approx(ref.inertia_, rel=0.01)
+
+
 # --------------------------------------------------------------------------------------------- labels
 def test_joint_labels():
     text, image = torch.tensor([0, 2, 1, 2]), torch.tensor([1, 0, 2, 2])
