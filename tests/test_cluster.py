@@ -58,7 +58,7 @@ def test_assign_equals_brute_force_argmin(chunk_size):
     assert torch.equal(assign(x, c, chunk_size), _brute_labels(F.normalize(x, dim=1), c))
 
 
-@pytest.mark.parametrize("k, d", [(2, 8), (5, 16), (9, 32)])
+@pytest.mark.parametrize("k, d", [(2, 8), (5, 16), (9, 32), (20, 24)])  # k = 20: one GEMM instead of k GEMVs
 def test_kmeans_matches_brute_force_lloyd_on_blobs(k, d):
     x, truth = _blobs(600, k, d, seed=k)
     init, _ = kmeans(x, k, iters=0, seed=3)

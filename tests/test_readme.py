@@ -83,4 +83,4 @@ def test_readme_example_runs(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": f"readme_{name}"}
     exec(compile(example.prelude, f"<prelude of README.md:{line}>", "exec"), namespace)
-    exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    exec(compile("\n" * line + code, "README.md", "exec"), namespace)  # tracebacks give README line numbers
