@@ -78,7 +78,7 @@ def test_readme_example_runs(name, tmp_path, monkeypatch):
     if example.skip:
         pytest.skip(f"README.md:{line}: {example.skip}")
     for old, new in example.replace:
-        assert old in code, f"README.md:{line}: {old!r} is gone; update EXAMPLES[{name!r}]"
+        assert old in code, f"README.md:{line}: {old!r} is gone; update EXAMPLES[{name!r}] ({example.why})"
         code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": f"readme_{name}"}
