@@ -12,9 +12,11 @@ import clipmoe
 import clipmoe_kernels
 from bench import configs
 from bench.utils import relative_error, time_provider
+from clipmoe.runtime import autocast
 
 VARIANTS = ("dense", "moe_naive", "moe_torch", "moe_triton")
 TASKS = ("infer_image", "infer_text", "train_step")
+PRECISION = {"cpu": "fp32", "cuda": "amp_bf16"}
 CHECK_RTOL = {"cpu": 1e-4, "cuda": 2e-2}  # fp32 on CPU; bf16 autocast on CUDA
 
 
@@ -37,7 +39,7 @@ def models():
 
 
 def _autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    return autocast(PRECISION[device], device)
 
 
 def _select(models, variant):

@@ -1,8 +1,5 @@
 """k-means vs a brute-force reference, chunking invariance, mixed-radix labels, and 2-process gloo k-means that must
 match one process on the concatenated shards."""
-import datetime
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +13,7 @@ from clipmoe.train.cluster import (
     kmeans,
     max_stages,
 )
-from tests.dist_utils import free_port
+from tests.dist_utils import run_gloo
 
 
 def _blobs(n, k, d, *, spread=0.05, seed=0, dtype=torch.float64):
@@ -61,7 +58,7 @@ def test_assign_equals_brute_force_argmin(chunk_size):
     assert torch.equal(assign(x, c, chunk_size), _brute_labels(F.normalize(x, dim=1), c))
 
 
-@pytest.mark.parametrize("k, d", [(2, 8), (5, 16), (9, 32)])
+@pytest.mark.parametrize("k, d", [(2, 8), (5, 16), (9, 32), (20, 24)])  # k = 20: one GEMM instead of k GEMVs
 def test_kmeans_matches_brute_force_lloyd_on_blobs(k, d):
     x, truth = _blobs(600, k, d, seed=k)
     init, _ = kmeans(x, k, iters=0, seed=3)
@@ -128,6 +125,47 @@ def test_bad_input(call, err, match):
         call()
 
 
+# --------------------------------------------------------------------------------------------- vs scikit-learn
+def _agreement(a, b):
+    """Share of rows on which label vectors a and b agree under the best renaming of b's labels (greedy by size)."""
+    pairs, counts = torch.unique(torch.stack([a, b], dim=1), dim=0, return_counts=True)
+    used_a, used_b, agree = set(), set(), 0
+    for i in counts.argsort(descending=True).tolist():
+        la, lb = pairs[i].tolist()
+        if la not in used_a and lb not in used_b:
+            used_a.add(la), used_b.add(lb)
+            agree += int(counts[i])
+    return agree / a.numel()
+
+
+def _inertia(x, centroids, labels):
+    return float(((x - centroids.to(x.dtype)[labels]) ** 2).sum())
+
+
+def test_lloyd_matches_sklearn_from_the_same_init():
+    from sklearn.cluster import KMeans
+    x, _ = _blobs(3000, 5, 16, spread=0.3, seed=11)  # overlapping blobs: a dozen updates
+    init, _ = kmeans(x, 5, iters=0, seed=4)
+    centroids, labels = kmeans(x, 5, tol=0.0, seed=4)
+    ref = KMeans(5, init=init.numpy(), n_init=1, tol=0.0, algorithm="lloyd").fit(x.numpy())
+    assert ref.n_iter_ > 3  # the data make Lloyd work
+    assert torch.equal(labels, torch.from_numpy(ref.labels_).long())
+    torch.testing.assert_close(centroids, torch.from_numpy(ref.cluster_centers_), atol=1e-10, rtol=1e-10)
+    assert _inertia(x, centroids, labels) == pytest.approx(ref.inertia_, rel=1e-9)
+
+
+@pytest.mark.parametrize("spread, min_agreement", [(0.1, 1.0), (0.3, 0.99)])  # separable blobs; overlapping ones
+def test_same_clusters_as_sklearn_kmeans(spread, min_agreement):
+    """Each with its own k-means++ init: the same clusters (overlapping blobs: local optima may differ at a few
+    boundary rows) and the same inertia within 1 %."""
+    from sklearn.cluster import KMeans
+    x, _ = _blobs(4000, 5, 32, spread=spread, seed=12, dtype=torch.float32)
+    centroids, labels = kmeans(x, 5, seed=0)
+    ref = KMeans(5, n_init=1, random_state=0).fit(x.numpy())
+    assert _agreement(labels, torch.from_numpy(ref.labels_).long()) >= min_agreement
+    assert _inertia(x.double(), centroids, labels) == pytest.approx(ref.inertia_, rel=0.01)
+
+
 # --------------------------------------------------------------------------------------------- labels
 def test_joint_labels():
     text, image = torch.tensor([0, 2, 1, 2]), torch.tensor([1, 0, 2, 2])
@@ -183,7 +221,6 @@ WORLD = 2
 SHARD_SIZES = (301, 212)  # unequal shards
 
 
-
 def _global_data():
     x, _ = _blobs(sum(SHARD_SIZES), 4, 10, spread=0.3, seed=9, dtype=torch.float32)  # overlapping: many updates
     text, _ = _blobs(sum(SHARD_SIZES), 3, 10, spread=0.1, seed=10, dtype=torch.float32)
@@ -196,26 +233,17 @@ _RUNS = {  # name -> kmeans options (init_size < N exercises the gathered init s
 }
 
 
-def _worker(rank, port, out_dir):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        x, text = _global_data()
-        start = sum(SHARD_SIZES[:rank])
-        rows = slice(start, start + SHARD_SIZES[rank])
-        result = {name: kmeans(x[rows], 4, **kw) for name, kw in _RUNS.items()}
-        result["stage"] = cluster_stage(x[rows], text[rows], k=3, seed=5)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    x, text = _global_data()
+    start = sum(SHARD_SIZES[:rank])
+    rows = slice(start, start + SHARD_SIZES[rank])
+    result = {name: kmeans(x[rows], 4, **kw) for name, kw in _RUNS.items()}
+    result["stage"] = cluster_stage(x[rows], text[rows], k=3, seed=5)
+    return result
 
 
 def test_two_process_gloo_matches_single_process(tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_gloo(_worker, WORLD, tmp_path)
     x, text = _global_data()
     for name, kw in _RUNS.items():
         ref_c, ref_labels = kmeans(x, 4, **kw)

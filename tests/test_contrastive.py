@@ -1,8 +1,6 @@
 """Contrastive loss: open_clip ClipLoss equivalence, label smoothing by hand, and a real 2-process gloo run that must
 match one process on the global batch (loss, feature gradients, DDP parameter gradients)."""
-import datetime
 import math
-import os
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from clipmoe.train.contrastive import (
     ContrastiveLoss,
     clip_contrastive_loss,
 )
-from tests.dist_utils import free_port
+from tests.dist_utils import run_gloo
 from tests.tolerances import assert_close
 
 WORLD = 2
@@ -43,7 +41,7 @@ def test_matches_open_clip(n, d, dtype):
     assert_close(ours, ref)
     ours.backward()
     ref.backward()
-    for a, b in zip(inputs, ref_inputs):
+    for a, b in zip(inputs, ref_inputs, strict=True):
         assert_close(a.grad, b.grad)
 
 
@@ -107,13 +105,24 @@ def _global_inputs():
     return _features(WORLD * LOCAL_BATCH, DIM, seed=3)
 
 
+REFERENCE_CASES = {  # name -> (ContrastiveLoss options, logit_scale, logit_bias)
+    "plain": (dict(), 10.0, None),
+    "official": (dict(logit_scale=FIXED_LOGIT_SCALE, label_smoothing=0.1), None, None),
+}
+DIST_CASES = {  # name -> (options, logit_scale, logit_bias, reference case)
+    "plain_local": (dict(), 10.0, None, "plain"),
+    "plain_global": (dict(local_loss=False), 10.0, None, "plain"),
+    "official": (dict(logit_scale=FIXED_LOGIT_SCALE, label_smoothing=0.1), None, None, "official"),
+}
+
+
 def _single_process_reference():
     """Loss, feature gradients and tower parameter gradients of one process on the global batch."""
     img, txt = (t.clone().requires_grad_() for t in _global_inputs())
     out = {}
-    for name, kw in {"plain": {}, "official": dict(logit_scale=FIXED_LOGIT_SCALE, label_smoothing=0.1)}.items():
+    for name, (kw, scale, bias) in REFERENCE_CASES.items():
         img.grad = txt.grad = None
-        loss = ContrastiveLoss(**kw)(img, txt, None if kw else 10.0)
+        loss = ContrastiveLoss(**kw)(img, txt, scale, logit_bias=bias)
         loss.backward()
         out[name] = (loss.detach(), img.grad.clone(), txt.grad.clone())
     tower = _Tower()
@@ -123,49 +132,35 @@ def _single_process_reference():
     return out
 
 
-def _worker(rank, port, out_dir):
-    import torch.distributed as dist
+def _worker(rank):
     from open_clip.loss import ClipLoss
     from torch.nn.parallel import DistributedDataParallel
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        g_img, g_txt = _global_inputs()
-        result = {}
-        cases = {
-            "plain_local": (dict(), 10.0),
-            "plain_global": (dict(local_loss=False), 10.0),
-            "official": (dict(logit_scale=FIXED_LOGIT_SCALE, label_smoothing=0.1), None),
-        }
-        for name, (kw, scale) in cases.items():
-            img, txt = g_img[rows].clone().requires_grad_(), g_txt[rows].clone().requires_grad_()
-            loss = ContrastiveLoss(**kw)(img, txt, scale)
-            loss.backward()
-            result[name] = (loss.detach(), img.grad.clone(), txt.grad.clone())
-        result["open_clip"] = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)(
-            g_img[rows], g_txt[rows], 10.0)
-        # DDP: averaged parameter gradients must equal one process on the global batch.
-        tower = DistributedDataParallel(_Tower())
-        ContrastiveLoss(logit_scale=FIXED_LOGIT_SCALE, label_smoothing=0.1)(*tower(g_img[rows], g_txt[rows])).backward()
-        result["tower_grads"] = {k.removeprefix("module."): p.grad.clone() for k, p in tower.named_parameters()}
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    g_img, g_txt = _global_inputs()
+    result = {}
+    for name, (kw, scale, bias, _) in DIST_CASES.items():
+        img, txt = g_img[rows].clone().requires_grad_(), g_txt[rows].clone().requires_grad_()
+        loss = ContrastiveLoss(**kw)(img, txt, scale, logit_bias=bias)
+        loss.backward()
+        result[name] = (loss.detach(), img.grad.clone(), txt.grad.clone())
+    result["open_clip"] = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)(
+        g_img[rows], g_txt[rows], 10.0)
+    # DDP: averaged parameter gradients must equal one process on the global batch.
+    tower = DistributedDataParallel(_Tower())
+    ContrastiveLoss(logit_scale=FIXED_LOGIT_SCALE, label_smoothing=0.1)(*tower(g_img[rows], g_txt[rows])).backward()
+    result["tower_grads"] = {k.removeprefix("module."): p.grad.clone() for k, p in tower.named_parameters()}
+    return result
 
 
 def test_two_process_gloo_matches_single_process(tmp_path):
-    import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_gloo(_worker, WORLD, tmp_path)
     ref = _single_process_reference()
     for r, res in enumerate(results):
         rows = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
-        for name, ref_name in [("plain_local", "plain"), ("plain_global", "plain"), ("official", "official")]:
+        for name, (kw, _, _, ref_name) in DIST_CASES.items():
             loss, g_img, g_txt = res[name]
             ref_loss, ref_img, ref_txt = ref[ref_name]
-            if name == "plain_global":  # every rank computes the whole global loss
+            if kw.get("local_loss") is False:  # every rank computes the whole global loss
                 assert_close(loss, ref_loss, msg=f"rank {r} {name} loss")
             # The gradient reaching rank r's rows sums every rank's loss: W × the single-process gradient
             # (DDP's averaging divides by W again, see tower_grads).

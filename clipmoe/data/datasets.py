@@ -55,8 +55,7 @@ from multiprocessing.context import get_spawning_popen
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Dataset, default_collate
 
 from clipmoe.fileio import read_text
 
@@ -127,12 +126,6 @@ def to_tensor(image) -> torch.Tensor:
 
 def tokenize(tokenizer: Tokenizer, caption: str):
     return caption if tokenizer is None else tokenizer([caption])[0]
-
-
-def rank_world() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def check_fraction(max_bad_fraction: float) -> float:

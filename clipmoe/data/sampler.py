@@ -27,8 +27,9 @@ import warnings
 from typing import Dict, Iterator, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from clipmoe.runtime import rank_world
 
 SMALL_CLUSTER_POLICIES = ("drop", "remainder")
 ORDERS = ("round_robin", "shuffle")
@@ -57,11 +58,9 @@ class ClusterBatchSampler(Sampler[List[int]]):
             raise ValueError(f"small_cluster must be one of {SMALL_CLUSTER_POLICIES}, got {small_cluster!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        initialised = dist.is_available() and dist.is_initialized()
-        if world_size is None:
-            world_size = dist.get_world_size() if initialised else 1
-        if rank is None:
-            rank = dist.get_rank() if initialised else 0
+        default_rank, default_world = rank_world()
+        world_size = default_world if world_size is None else world_size
+        rank = default_rank if rank is None else rank
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:

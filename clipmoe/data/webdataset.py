@@ -21,10 +21,10 @@ from clipmoe.data.datasets import (
     Tokenizer,
     check_fraction,
     decode_image,
-    rank_world,
     to_tensor,
     tokenize,
 )
+from clipmoe.runtime import rank_world
 
 
 # ------------------------------------------------------------------------------------------------------- webdataset

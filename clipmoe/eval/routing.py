@@ -3,7 +3,7 @@
 Routing analysis, `collect_routing` / `routing_statistics` / `plot_routing_heatmap`: per tower ("visual" for modules
 whose name starts with "visual." or "vision_model.", else "text"), per MoE layer (module name) and per expert, the
 share of the routed tokens whose j-th choice is that expert (j = 1..k: first choice, second choice, ...), the mean
-router probability, and the balance losses of the layer (docs algorithm.md §2c) over the same tokens. Every token
+router probability, and the balance losses of the layer (docs/method.md, section 4) over the same tokens. Every token
 that passes a layer counts, padding tokens and the ViT class token included (the model routes them too).
 """
 import os

@@ -6,6 +6,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from clipmoe.runtime import rank_world
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -46,7 +48,7 @@ def init_distributed(device: str = "auto", timeout_seconds: float = DEFAULT_TIME
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_seconds))
     if dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
+        rank, world_size = rank_world()
     return DistInfo(rank, world_size, local_rank, dev)
 
 

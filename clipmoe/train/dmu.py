@@ -21,9 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
+
 from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.fileio import atomic_torch_save, atomic_write
 from clipmoe.progress import progress_bar
+from clipmoe.runtime import autocast
 from clipmoe.train.cluster import accumulate_labels, cluster_stage
 from clipmoe.train.contrastive import ContrastiveLoss
 from clipmoe.train.distributed import DistInfo, all_gather_rows, barrier
@@ -159,11 +161,8 @@ def embed_dataset(model, dataset, info: DistInfo, batch_size: int = 256, precisi
     indices = list(range(info.rank, n, info.world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers)
     images, texts = [], []
-    autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if precision == "amp_bf16"
-                else torch.autocast(info.device.type, dtype=torch.float16) if precision == "amp_fp16"
-                else torch.autocast(info.device.type, enabled=False))
     for image, text in progress_bar(loader, desc=desc, enabled=None if info.is_main else False):
-        with autocast:
+        with autocast(precision, info.device):
             images.append(model.encode_image(image.to(info.device), normalize=True).float())
             texts.append(model.encode_text(text.to(info.device), normalize=True).float())
     model.train(was_training)

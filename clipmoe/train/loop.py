@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from clipmoe.fileio import atomic_torch_save, atomic_write
 from clipmoe.moe_ffn import collect_aux_losses
 from clipmoe.progress import progress_bar
+from clipmoe.runtime import PRECISIONS, autocast
 from clipmoe.train.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE = ("ffn", "router", "router_experts", "all")
-PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 STATE_FILE = "train_state.pt"
 STATE_KEYS = ("step", "trainable", "params", "optimizer", "scheduler", "scaler", "rng", "config")
 METRICS_FILE = "metrics.jsonl"
@@ -199,12 +199,6 @@ def resolve_logit_scale(cfg: TrainConfig, model) -> float | None:
     return None if cfg.logit_scale is None else float(cfg.logit_scale)
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
-
-
 def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, trainable: str, info: DistInfo,
           resume: bool = False, desc: str = "train") -> dict:
     """Train `model` in place on `dataset` with `batch_sampler` (this rank's batches, with `set_epoch`).
@@ -296,7 +290,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
                             generator=torch.Generator().manual_seed(cfg.seed))
         for images, texts in loader:
             images, texts = images.to(info.device, non_blocking=True), texts.to(info.device, non_blocking=True)
-            with _autocast(cfg.precision, info.device):
+            with autocast(cfg.precision, info.device):
                 image_features, text_features, scale = net(images, texts)[:3]
                 clip_loss = loss_fn(image_features, text_features, scale)
                 balance = collect_aux_losses(model).balance if is_moe else clip_loss.new_zeros(())
