@@ -33,6 +33,7 @@ demo: install
 	$(BIN)/clipmoe demo
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -q
 
 BENCH_JSON ?= bench/results/$(shell date +%Y-%m-%d)-$(shell uname -n | cut -c1-12).json

@@ -45,7 +45,7 @@ def _extensions():
         )]
     reason = ("CLIPMOE_SKIP_CUDA_BUILD=1" if _flag("CLIPMOE_SKIP_CUDA_BUILD")
               else "torch is a CPU build" if not torch.version.cuda else "nvcc not found (set CUDA_HOME)")
-    warnings.warn(f"clipmoe: building the CPU ops only ({reason})")
+    warnings.warn(f"clipmoe: building the CPU ops only ({reason})", stacklevel=2)
     return [CppExtension("clipmoe_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})]
 
 

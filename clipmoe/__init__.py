@@ -24,7 +24,8 @@ from clipmoe_kernels import available_ops
 
 __version__ = "0.2.0"
 
-__all__ = ["AuxLosses", "CheckpointError", "MoEAux", "MoEConfig", "MoEFFN", "__version__", "available_ops", "balance_loss",
-           "collect_aux_losses", "collect_routing", "dense_mlps", "evaluate_retrieval", "evaluate_synthetic",
-           "export_clip_moe_checkpoint", "load_checkpoint", "load_clip_moe_checkpoint", "retrieval_metrics",
-           "router_z_loss", "routing_statistics", "save_checkpoint", "upcycle", "upcycle_from_config", "zero_shot_metrics"]
+__all__ = ["AuxLosses", "CheckpointError", "MoEAux", "MoEConfig", "MoEFFN", "__version__", "available_ops",
+           "balance_loss", "collect_aux_losses", "collect_routing", "dense_mlps", "evaluate_retrieval",
+           "evaluate_synthetic", "export_clip_moe_checkpoint", "load_checkpoint", "load_clip_moe_checkpoint",
+           "retrieval_metrics", "router_z_loss", "routing_statistics", "save_checkpoint", "upcycle",
+           "upcycle_from_config", "zero_shot_metrics"]

@@ -5,7 +5,6 @@ called as `mlp(hidden_states)` on the layer_norm2 output with (N, L, D) input; M
 drops in as `layer.mlp`. Everything here works on class names: importing this module never imports transformers,
 which stays an optional extra (`pip install clipmoe[hf]`).
 """
-from typing import Optional
 
 import torch.nn as nn
 
@@ -27,7 +26,7 @@ HF_ACTIVATIONS = {
 }
 
 
-def hf_activation_name(act: nn.Module) -> Optional[str]:
+def hf_activation_name(act: nn.Module) -> str | None:
     """MoEFFN's name for a transformers activation module, or None when it is not one MoEFFN computes."""
     return HF_ACTIVATIONS.get(type(act).__name__)
 

@@ -1,6 +1,5 @@
 """Long-CLIP text positions: the text tower of the released CLIP-MoE models (248 positions in two tables,
 `positional_embedding` for positions < 20 and `positional_embedding_res` for the rest; docs/checkpoints.md)."""
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -40,7 +39,7 @@ def long_clip_class():
             self.short_positions = short_positions
             self.positional_embedding_res = nn.Parameter(self.positional_embedding.detach().clone())
 
-        def text_positions(self, length: Optional[int] = None) -> torch.Tensor:
+        def text_positions(self, length: int | None = None) -> torch.Tensor:
             """[length, width]: the positions added to the first `length` token embeddings."""
             length = self.context_length if length is None else length
             short = min(self.short_positions, length)

@@ -17,18 +17,13 @@ and every other key unchanged.
 """
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn as nn
 
-from clipmoe.checkpoint import (
-    CheckpointError,
-    build_dense,
-    load_assign,
-    set_moe_layers,
-)
+from clipmoe.checkpoint import CheckpointError, build_dense, load_assign, set_moe_layers
 from clipmoe.config import MoEConfig
 from clipmoe.fileio import atomic_write
 from clipmoe.longclip import LONG_CLIP_SHORT_POSITIONS
@@ -176,7 +171,7 @@ def _released_to_clipmoe(state, where: str):
                                   f"[{len(by_index)} experts, width]")
         reference = by_index[0]
         for j, params in by_index.items():
-            for (layer, param), slot in _EXPERT_SLOTS.items():
+            for layer, param in _EXPERT_SLOTS:
                 name = f"{block}.experts.{j}.{layer}.{param}"
                 if (layer, param) not in params:
                     raise CheckpointError(f"{where}: missing key {name}")

@@ -6,7 +6,7 @@ timm's `Mlp(fc1, act, fc2)` (timm vision trunks) and Hugging Face transformers' 
 left alone; MLPs with an inner norm (open_clip's scale_fc=True, timm's Mlp(norm_layer=...)) are refused, since an
 expert (linear, activation, linear) cannot represent them.
 """
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -81,8 +81,8 @@ def _parent(model: nn.Module, name: str):
 
 
 def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2,
-            experts: Optional[Mapping[str, Sequence[Mapping[str, torch.Tensor]]]] = None, *,
-            activation: Optional[str] = None, dropout: Optional[float] = None, renormalize: bool = True,
+            experts: Mapping[str, Sequence[Mapping[str, torch.Tensor]]] | None = None, *,
+            activation: str | None = None, dropout: float | None = None, renormalize: bool = True,
             backend: str = "auto") -> nn.Module:
     """Replace, in place, every dense MLP of `model` (both towers) by an MoEFFN; returns `model`.
 

@@ -7,11 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipmoe.train.contrastive import (
-    FIXED_LOGIT_SCALE,
-    ContrastiveLoss,
-    clip_contrastive_loss,
-)
+from clipmoe.train.contrastive import FIXED_LOGIT_SCALE, ContrastiveLoss, clip_contrastive_loss
 from tests.dist_utils import run_gloo
 from tests.tolerances import assert_close
 

@@ -6,14 +6,7 @@ import sys
 import pytest
 import torch
 
-from clipmoe import (
-    MoEFFN,
-    collect_aux_losses,
-    dense_mlps,
-    load_checkpoint,
-    save_checkpoint,
-    upcycle,
-)
+from clipmoe import MoEFFN, collect_aux_losses, dense_mlps, load_checkpoint, save_checkpoint, upcycle
 from tests.tolerances import UPCYCLE_RTOL, relative_error
 
 transformers = pytest.importorskip("transformers")
@@ -63,7 +56,7 @@ def test_clip_model_copied_experts_keep_features(hidden_act, activation):
     moes = [model.get_submodule(name) for name in names]
     assert all(isinstance(m, MoEFFN) and m.activation == activation and m.dropout == 0.0 for m in moes)
     assert not dense_mlps(model)
-    for got, want in zip(_clip_features(model, pixel_values, input_ids), dense):
+    for got, want in zip(_clip_features(model, pixel_values, input_ids), dense, strict=True):
         assert relative_error(got, want) <= UPCYCLE_RTOL
 
 
@@ -122,7 +115,7 @@ def test_own_checkpoint_format_for_hf_model(tmp_path):
     assert loaded.vision_model.encoder.layers[1].mlp.activation == "gelu"
     pixel_values, input_ids = _inputs()
     for got, want in zip(_clip_features(loaded, pixel_values, input_ids), _clip_features(model, pixel_values,
-                                                                                         input_ids)):
+                                                                                         input_ids), strict=True):
         assert torch.equal(got, want)
 
 

@@ -27,7 +27,7 @@ def _global_steps(samplers):
     equal local batch sizes at every step."""
     per_rank = [list(s) for s in samplers]
     assert len({len(p) for p in per_rank}) == 1
-    assert all(len(p) == len(s) for p, s in zip(per_rank, samplers))
+    assert all(len(p) == len(s) for p, s in zip(per_rank, samplers, strict=True))
     steps = []
     for t in range(len(per_rank[0])):
         assert len({len(p[t]) for p in per_rank}) == 1, f"step {t}: local batch sizes differ across ranks"

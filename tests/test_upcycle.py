@@ -42,7 +42,7 @@ def test_vit_b32_copied_experts_keep_embeddings(num_experts, top_k):
     moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
     assert len(moes) == n_mlps and not dense_mlps(model)
     assert all(m.num_experts == num_experts and m.activation == "gelu" for m in moes)
-    for got, want in zip(_embeddings(model, images, texts), dense):
+    for got, want in zip(_embeddings(model, images, texts), dense, strict=True):
         assert relative_error(got, want) <= UPCYCLE_RTOL
 
 
@@ -56,7 +56,7 @@ def test_tiny_native_and_timm_towers_keep_embeddings():
         assert moe.activation == ("quick_gelu" if quick_gelu else "gelu")
         if timm_trunk:
             assert isinstance(model.visual.trunk.blocks[0].mlp, MoEFFN)
-        for got, want in zip(_embeddings(model, images, texts), dense):
+        for got, want in zip(_embeddings(model, images, texts), dense, strict=True):
             assert relative_error(got, want) <= UPCYCLE_RTOL
 
 
@@ -72,7 +72,7 @@ def test_forward_train_step_and_state_dict_round_trip():
     other = upcycle(_tiny_clip(), 4, 2)  # other random weights and routers
     other.load_state_dict(model.state_dict())
     model.eval(), other.eval()
-    for got, want in zip(_embeddings(other, images, texts), _embeddings(model, images, texts)):
+    for got, want in zip(_embeddings(other, images, texts), _embeddings(model, images, texts), strict=True):
         assert torch.equal(got, want)
 
 

@@ -35,10 +35,10 @@ Bad input:
     "skip" (default) returns None, so the DataLoader needs `collate_fn=collate_skip_none`, which drops it (the batch
     is one smaller); "substitute" returns the next readable sample (index+1, ...; with `with_index` its own index),
     which keeps batches full (needed when every rank must have the same batch size, e.g. all-gathered losses);
-    "raise" raises at once. Each distinct bad sample is logged once per process (logger "clipmoe.data.datasets") and counted;
-    once a process has seen more than max_bad_fraction·N distinct bad samples the read raises (FileNotFoundError if
-    the file is missing, else ValueError) naming the file. With DataLoader workers each worker checks the samples it
-    read, so the limit trips later (up to num_workers times more bad samples).
+    "raise" raises at once. Each distinct bad sample is logged once per process (logger "clipmoe.data.datasets")
+    and counted; once a process has seen more than max_bad_fraction·N distinct bad samples the read raises
+    (FileNotFoundError if the file is missing, else ValueError) naming the file. With DataLoader workers each
+    worker checks the samples it read, so the limit trips later (up to num_workers times more bad samples).
   - webdataset: bad samples are skipped; at the end of every shard, if more than max_bad_fraction of the samples
     read so far by this process were bad, iteration raises ValueError naming the shard and an example. A shard that
     cannot be opened or is not a valid tar is logged and skipped; an iteration that yields no sample at all raises.
@@ -50,9 +50,8 @@ import io
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.context import get_spawning_popen
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -67,8 +66,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # hand-made file with one broken row (>= 1 in 100) still fails loudly.
 DEFAULT_MAX_BAD_FRACTION = 0.01
 
-Preprocess = Optional[Callable]
-Tokenizer = Optional[Callable]
+Preprocess = Callable | None
+Tokenizer = Callable | None
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -161,7 +160,7 @@ def read_csv_rows(path, sep: str) -> Iterator[tuple[int, list[str]]]:
             yield line, row
 
 
-def collate_skip_none(batch: List):
+def collate_skip_none(batch: list):
     """DataLoader collate_fn that drops the None items of skipped samples; returns None if all were skipped."""
     batch = [item for item in batch if item is not None]
     return default_collate(batch) if batch else None
@@ -169,7 +168,7 @@ def collate_skip_none(batch: List):
 
 # ---------------------------------------------------------------------------------------------- transforms, tokenizer
 def make_transforms_and_tokenizer(model_name_or_model, *, is_train: bool = False, image_size=None,
-                                  context_length: Optional[int] = None) -> Tuple[Callable, Callable]:
+                                  context_length: int | None = None) -> tuple[Callable, Callable]:
     """open_clip's image transform and tokenizer for a model.
 
     Args:
@@ -239,7 +238,7 @@ class MapCaptionDataset(Dataset):
         self.with_index, self.on_error = with_index, on_error
         self.max_bad_fraction = check_fraction(max_bad_fraction)
         self._skipped = SharedCounter()
-        self.bad_samples: Dict[int, str] = {}  # index -> reason, for the samples this process found bad
+        self.bad_samples: dict[int, str] = {}  # index -> reason, for the samples this process found bad
 
     @property
     def num_skipped(self) -> int:
@@ -302,9 +301,9 @@ class CsvCaptionDataset(MapCaptionDataset):
     `num_skipped`, `bad_samples`.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], preprocess: Preprocess = None, tokenizer: Tokenizer = None, *,
+    def __init__(self, path: str | os.PathLike, preprocess: Preprocess = None, tokenizer: Tokenizer = None, *,
                  img_key: str = "filepath", caption_key: str = "title", sep: str = "\t",
-                 root: Optional[Union[str, os.PathLike]] = None, with_index: bool = False, on_error: str = "skip",
+                 root: str | os.PathLike | None = None, with_index: bool = False, on_error: str = "skip",
                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, check_files: bool = False):
         self._init_common(preprocess, tokenizer, with_index, on_error, max_bad_fraction)
         path = os.fspath(path)
@@ -312,9 +311,9 @@ class CsvCaptionDataset(MapCaptionDataset):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: CSV file not found")
         root = os.path.dirname(os.path.abspath(path)) if root is None else os.fspath(root)
-        self.paths: List[str] = []
-        self.captions: List[str] = []
-        self.lines: List[int] = []
+        self.paths: list[str] = []
+        self.captions: list[str] = []
+        self.lines: list[int] = []
         rows = read_csv_rows(path, sep)
         header = next(rows, (1, None))[1]
         if header is None:
@@ -378,7 +377,7 @@ class InMemoryCaptionDataset(MapCaptionDataset):
     """
 
     def __init__(self, images: Sequence[bytes], captions: Sequence[str], preprocess: Preprocess = None,
-                 tokenizer: Tokenizer = None, *, names: Optional[Sequence[str]] = None, source: str = "<memory>",
+                 tokenizer: Tokenizer = None, *, names: Sequence[str] | None = None, source: str = "<memory>",
                  with_index: bool = False, on_error: str = "skip",
                  max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         if len(images) != len(captions):

@@ -2,7 +2,7 @@
 caption annotation files (captions_val2017.json)."""
 import hashlib
 import os
-from typing import Callable, Dict, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -15,8 +15,8 @@ class ImageFiles(Dataset):
     """Images read from files (or held as encoded bytes), items (image, index); a bad image raises, naming it
     (evaluation must see every image). preprocess: PIL -> tensor; None: float [3, H, W] in [0, 1]."""
 
-    def __init__(self, sources: Sequence[Union[str, bytes]], preprocess: Optional[Callable] = None,
-                 names: Optional[Sequence[str]] = None):
+    def __init__(self, sources: Sequence[str | bytes], preprocess: Callable | None = None,
+                 names: Sequence[str] | None = None):
         self.sources, self.preprocess = list(sources), preprocess
         self.names = list(names) if names is not None else [s if isinstance(s, str) else f"image {i}"
                                                             for i, s in enumerate(self.sources)]
@@ -50,8 +50,8 @@ class KarpathyRetrieval(ImageFiles):
     num_without_captions (images of the split dropped because they have no caption).
     """
 
-    def __init__(self, json_path, image_root, split: Optional[Union[str, Sequence[str]]] = "test",
-                 preprocess: Optional[Callable] = None, *, max_captions: Optional[int] = None,
+    def __init__(self, json_path, image_root, split: str | Sequence[str] | None = "test",
+                 preprocess: Callable | None = None, *, max_captions: int | None = None,
                  check_files: bool = True):
         import json
 
@@ -117,8 +117,8 @@ class CocoCaptions(ImageFiles):
     text_to_image, num_without_captions).
     """
 
-    def __init__(self, json_path, image_root, preprocess: Optional[Callable] = None, *,
-                 max_captions: Optional[int] = COCO_MAX_CAPTIONS, check_files: bool = True, document=None):
+    def __init__(self, json_path, image_root, preprocess: Callable | None = None, *,
+                 max_captions: int | None = COCO_MAX_CAPTIONS, check_files: bool = True, document=None):
         import json
 
         json_path = os.fspath(json_path)
@@ -128,7 +128,7 @@ class CocoCaptions(ImageFiles):
         images, annotations = document.get("images"), document.get("annotations")
         if not isinstance(images, list) or not isinstance(annotations, list):
             raise ValueError(f"{json_path}: expected a COCO captions file with \"images\" and \"annotations\" lists")
-        by_image: Dict = {}
+        by_image: dict = {}
         for i, ann in enumerate(annotations):
             if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
                 raise ValueError(f"{json_path}: annotations[{i}] has no \"image_id\" and \"caption\"")
@@ -185,7 +185,7 @@ def retrieval_json(json_path, image_root, *, split="test", preprocess=None, max_
 
 def group_captions(keys: Sequence, captions: Sequence[str]):
     """Rows (image key, caption) -> (unique keys in first-seen order, text_to_image [N_txt] long)."""
-    first: Dict = {}
+    first: dict = {}
     text_to_image = [first.setdefault(k, len(first)) for k in keys]
     return list(first), torch.tensor(text_to_image, dtype=torch.long)
 

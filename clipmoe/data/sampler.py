@@ -24,7 +24,7 @@ With labels=None (all samples in one cluster) this is plain shuffled batching wi
 batch with "remainder"): the direct fine-tune baseline.
 """
 import warnings
-from typing import Dict, Iterator, List, Optional
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -35,7 +35,7 @@ SMALL_CLUSTER_POLICIES = ("drop", "remainder")
 ORDERS = ("round_robin", "shuffle")
 
 
-class ClusterBatchSampler(Sampler[List[int]]):
+class ClusterBatchSampler(Sampler[list[int]]):
     """Yields this rank's lists of dataset indices; use as DataLoader(dataset, batch_sampler=sampler).
 
     Args:
@@ -49,8 +49,8 @@ class ClusterBatchSampler(Sampler[List[int]]):
         order: "round_robin" or "shuffle" (module docstring, step 3).
     """
 
-    def __init__(self, labels=None, batch_size: int = 1, *, num_samples: Optional[int] = None,
-                 world_size: Optional[int] = None, rank: Optional[int] = None, seed: int = 0,
+    def __init__(self, labels=None, batch_size: int = 1, *, num_samples: int | None = None,
+                 world_size: int | None = None, rank: int | None = None, seed: int = 0,
                  small_cluster: str = "drop", order: str = "round_robin"):
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"batch_size (per rank) must be a positive int, got {batch_size!r}")
@@ -113,7 +113,7 @@ class ClusterBatchSampler(Sampler[List[int]]):
         self.num_batches = sum(len(s) for s in self._cluster_batches)
         if self.num_samples and self.num_batches == 0:
             warnings.warn(f"ClusterBatchSampler: every cluster is smaller than the global batch "
-                          f"({self.global_batch_size}); the epoch is empty")
+                          f"({self.global_batch_size}); the epoch is empty", stacklevel=2)
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
@@ -121,7 +121,7 @@ class ClusterBatchSampler(Sampler[List[int]]):
     def __len__(self) -> int:
         return self.num_batches
 
-    def summary(self) -> Dict[str, object]:
+    def summary(self) -> dict[str, object]:
         """Counts for logs: samples kept/dropped, clusters kept/dropped (no batch at all), batches per epoch."""
         kept_clusters = sum(1 for s in self._cluster_batches if s)
         return {
@@ -138,11 +138,11 @@ class ClusterBatchSampler(Sampler[List[int]]):
             "order": self.order,
         }
 
-    def global_batches(self) -> List[List[int]]:
+    def global_batches(self) -> list[list[int]]:
         """The epoch's plan: every global batch (all ranks, rank order) as a list of dataset indices."""
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         per_cluster = []
-        for start, n, sizes in zip(self._starts, self._cluster_sizes, self._cluster_batches):
+        for start, n, sizes in zip(self._starts, self._cluster_sizes, self._cluster_batches, strict=True):
             group = self._sorted_indices[start:start + n][torch.randperm(n, generator=gen)]
             batches, pos = [], 0
             for local in sizes:
@@ -159,7 +159,7 @@ class ClusterBatchSampler(Sampler[List[int]]):
             round_ += 1
         return plan
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches():
             local = len(batch) // self.world_size
             yield batch[self.rank * local:(self.rank + 1) * local]

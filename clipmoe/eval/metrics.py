@@ -28,7 +28,7 @@ metric names, as fractions in [0, 1] ("image_retrieval_recall@k" is text→image
 image→text; "acc1", "acc5", "mean_per_class_recall").
 """
 import math
-from typing import Callable, Dict, List, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ import torch
 SCORE_CHUNK_ELEMENTS = 1 << 24
 TIES = ("count", "sort")  # module docstring
 
-def _check_ks(ks: Sequence[int]) -> List[int]:
+def _check_ks(ks: Sequence[int]) -> list[int]:
     ks = list(ks)
     if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of ints >= 1, got {ks!r}")
@@ -72,7 +72,7 @@ def _answer_ranks(queries: torch.Tensor, gallery: torch.Tensor, is_answer: Calla
 
 
 def _topk_hits(queries: torch.Tensor, gallery: torch.Tensor, is_answer: Callable[[int, int], torch.Tensor],
-               ks: Sequence[int]) -> Dict[int, torch.Tensor]:
+               ks: Sequence[int]) -> dict[int, torch.Tensor]:
     """Per k, bool [N_queries]: whether a right item is among the k that torch.topk picks (ties: its order)."""
     rows = max(1, SCORE_CHUNK_ELEMENTS // gallery.shape[0])
     hits = {k: [] for k in ks}
@@ -109,7 +109,7 @@ def _index_vector(name: str, values, length_name: str, length: int, upper: int, 
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
-                      ks: Sequence[int] = (1, 5, 10), *, ties: str = "count") -> Dict[str, float]:
+                      ks: Sequence[int] = (1, 5, 10), *, ties: str = "count") -> dict[str, float]:
     """Image→text and text→image Recall@k, in percent.
 
     Args:
@@ -151,7 +151,7 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 def zero_shot_metrics(image_features: torch.Tensor, class_embeddings: torch.Tensor, labels: torch.Tensor,
-                      ks: Sequence[int] = (1, 5), *, ties: str = "count") -> Dict[str, float]:
+                      ks: Sequence[int] = (1, 5), *, ties: str = "count") -> dict[str, float]:
     """Top-k zero-shot classification accuracy, in percent.
 
     Args:
@@ -196,7 +196,7 @@ def mean_per_class_recall(image_features: torch.Tensor, class_embeddings: torch.
 
 
 def clip_benchmark_retrieval(image_features, text_features, text_to_image, ks: Sequence[int] = (1, 5, 10)
-                             ) -> Dict[str, float]:
+                             ) -> dict[str, float]:
     """Retrieval as clip_benchmark reports it: ties="sort", its names, fractions in [0, 1]."""
     got = retrieval_metrics(image_features, text_features, text_to_image, ks, ties="sort")
     out = {f"image_retrieval_recall@{k}": got[f"t2i_R@{k}"] / 100.0 for k in ks}
@@ -204,7 +204,7 @@ def clip_benchmark_retrieval(image_features, text_features, text_to_image, ks: S
     return out
 
 
-def clip_benchmark_zero_shot(image_features, class_embeddings, labels) -> Dict[str, float]:
+def clip_benchmark_zero_shot(image_features, class_embeddings, labels) -> dict[str, float]:
     """Zero-shot classification as clip_benchmark reports it: acc1, acc5 (ties="sort") and mean_per_class_recall,
     fractions in [0, 1]."""
     got = zero_shot_metrics(image_features, class_embeddings, labels, (1, 5), ties="sort")

@@ -5,8 +5,8 @@ Feature extraction runs the model in eval mode under torch.no_grad (the model's 
 unless the model is in another dtype; features are returned L2-normalised, as float32 on the CPU.
 """
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ ZERO_SHOT_TEMPLATES = (
 
 
 
-def _progress_bar(iterable, total: int, desc: str, progress: Optional[bool]):
+def _progress_bar(iterable, total: int, desc: str, progress: bool | None):
     # progress=None: the package's policy (clipmoe.progress: a terminal and no -q); True/False force it.
     return progress_bar(iterable, total=total, desc=desc, unit="batch", enabled=progress, leave=False)
 
@@ -94,7 +94,7 @@ def _collate_pairs(batch):
 
 
 def embed_images(model: nn.Module, dataset, device="cpu", batch_size: int = 256, num_workers: int = 0, *,
-                 progress: Optional[bool] = None) -> torch.Tensor:
+                 progress: bool | None = None) -> torch.Tensor:
     """L2-normalised image features [N, D] (float32, CPU) of a map-style dataset whose items are (image, ...)
     tuples (item[0] is taken) or image tensors. The model must already be on `device`. progress: a tqdm bar
     (None: only when stderr is a terminal)."""
@@ -109,7 +109,7 @@ def embed_images(model: nn.Module, dataset, device="cpu", batch_size: int = 256,
 
 
 def embed_texts(model: nn.Module, tokens: torch.Tensor, device="cpu", batch_size: int = 256, *,
-                progress: Optional[bool] = None) -> torch.Tensor:
+                progress: bool | None = None) -> torch.Tensor:
     """L2-normalised text features [N, D] (float32, CPU) of token ids [N, L]; the model must be on `device`."""
     device = _check_device(model, device)
     tokens = torch.as_tensor(tokens)
@@ -137,7 +137,7 @@ def embed_captions(model, tokenizer, captions: Sequence[str], device, batch_size
 
 
 def class_embeddings(model: nn.Module, tokenizer, prompts_per_class: Sequence[Sequence[str]], device="cpu",
-                     batch_size: int = 256, *, progress: Optional[bool] = None) -> torch.Tensor:
+                     batch_size: int = 256, *, progress: bool | None = None) -> torch.Tensor:
     """Zero-shot classifier [C, D]: per class, its prompts encoded and L2-normalised, averaged, re-normalised.
 
     Args:
@@ -175,7 +175,7 @@ def protocol_metrics(protocol: str):
 
 
 def evaluate_synthetic(model: nn.Module, dataset, tokenizer, device="cpu", batch_size: int = 256, *,
-                       progress: Optional[bool] = None, protocol: str = "clipmoe") -> dict:
+                       progress: bool | None = None, protocol: str = "clipmoe") -> dict:
     """Retrieval and per-attribute zero-shot classification on a `clipmoe.synthetic.SyntheticShapes` split (the
     test split, built with the model's eval preprocess and its tokenizer).
 
@@ -209,9 +209,9 @@ def evaluate_synthetic(model: nn.Module, dataset, tokenizer, device="cpu", batch
             "num_samples": images.shape[0], "num_shared_captions": shared}
 
 
-def evaluate_retrieval(model: nn.Module, images_dataset, captions: Union[Sequence[str], torch.Tensor],
+def evaluate_retrieval(model: nn.Module, images_dataset, captions: Sequence[str] | torch.Tensor,
                        text_to_image, tokenizer, device="cpu", batch_size: int = 256, *, num_workers: int = 0,
-                       progress: Optional[bool] = None) -> Dict[str, float]:
+                       progress: bool | None = None) -> dict[str, float]:
     """retrieval_metrics of a model on an image dataset (items (image, ...), e.g. KarpathyRetrieval) and its
     captions (strings, tokenised with `tokenizer`, or token ids [N_txt, L]) with text_to_image [N_txt]."""
     image_features = embed_images(model, images_dataset, device, batch_size, num_workers, progress=progress)

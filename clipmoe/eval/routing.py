@@ -7,8 +7,8 @@ router probability, and the balance losses of the layer (docs/method.md, section
 that passes a layer counts, padding tokens and the ViT class token included (the model routes them too).
 """
 import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ class RoutingCollector:
 
     def __init__(self, source: str = "collected"):
         self.source = source
-        self.layers: Dict[str, dict] = {}
+        self.layers: dict[str, dict] = {}
 
     def add(self, name: str, module: MoEFFN) -> None:
         """Add the routing of `module`'s last forward (its `aux`) under layer `name`."""
@@ -57,7 +57,7 @@ class RoutingCollector:
         if not self.layers:
             raise ValueError("no MoEFFN forward was recorded (does the model have MoE layers, and did it run "
                              "inside collect_routing?)")
-        towers: Dict[str, dict] = {}
+        towers: dict[str, dict] = {}
         for name, layer in self.layers.items():
             counts = layer["counts"].double().cpu()
             share = counts / layer["tokens"]                       # [k, E]; each row sums to 1
@@ -105,7 +105,7 @@ def collect_routing(model: nn.Module) -> Iterator[RoutingCollector]:
             handle.remove()
 
 
-def routing_statistics(model: nn.Module, collector: Optional[RoutingCollector] = None) -> dict:
+def routing_statistics(model: nn.Module, collector: RoutingCollector | None = None) -> dict:
     """Per tower, MoE layer and expert: the share of tokens routed to the expert as j-th choice, and per layer the
     balance losses. JSON-serialisable.
 
@@ -142,7 +142,7 @@ def _layer_label(name: str, tower: str) -> str:
     return name.replace("transformer.resblocks.", "block ").replace("encoder.layers.", "block ")
 
 
-def plot_routing_heatmap(stats: Mapping, path, *, choices: Optional[int] = None, title: Optional[str] = None):
+def plot_routing_heatmap(stats: Mapping, path, *, choices: int | None = None, title: str | None = None):
     """Heatmaps of `routing_statistics` (like the CLIP-MoE paper's routing figure): one column of panels per tower,
     one row per routing choice (first choice, second choice, ... up to `choices`, default all k); each panel is
     layers x experts, the cell the share of the layer's tokens whose j-th choice is that expert. Writes a PNG (Agg,
