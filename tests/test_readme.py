@@ -48,6 +48,15 @@ EXAMPLES = {
         marker='CLIPModel.from_pretrained("openai/clip-vit-base-patch32")',
         skip="downloads weights from the Hugging Face hub; tests/test_hf_compat.py upcycles random-init "
              "CLIPModel, CLIPVisionModel and CLIPTextModel"),
+    "hf_round_trip": Example(
+        marker='model.save_pretrained("hf_moe/")',
+        prelude="import clipmoe\nfrom transformers import CLIPConfig, CLIPModel\n"
+                "config = CLIPConfig(text_config={'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 1,"
+                " 'num_attention_heads': 2, 'vocab_size': 100, 'max_position_embeddings': 16},"
+                " vision_config={'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 1,"
+                " 'num_attention_heads': 2, 'image_size': 16, 'patch_size': 8}, projection_dim=16)\n"
+                "model = clipmoe.upcycle(CLIPModel(config).eval(), num_experts=2, top_k=1)\n",
+        why="the block before it downloads a model: the same calls on a tiny random-init CLIPModel"),
     "api": Example(marker='create_model("clipmoe-tiny")   # clipmoe'),
 }
 
