@@ -243,9 +243,11 @@ def build_indexes(shards: Sequence[str], image_exts=IMAGE_EXTS, caption_ext: str
         parts: list[dict[int, dict] | None] = [None] * world
         dist.all_gather_object(parts, built)
         built = {k: v for part in parts for k, v in part.items()}
-    if missing and int(os.environ.get("LOCAL_RANK", rank)) == 0:
+    if missing and int(os.environ.get("LOCAL_RANK", rank)) == 0:  # one writer per node: nodes may not share disks
         for k in missing:
             save_index(shards[k], built[k], index_dir)
+    if missing and world > 1:
+        dist.barrier()  # the others wait for the files (read later to name bad samples)
     for k in missing:
         indexes[k] = {**{name: built[k][name] for name in OFFSET_FIELDS}, "meta": built[k]["meta"]}
     if missing and rank == 0:
