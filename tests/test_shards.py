@@ -5,17 +5,22 @@ data as a TSV, and a kill-and-resume that ends where an uninterrupted run ends."
 import io
 import json
 import os
+import signal
+import subprocess
 import tarfile
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from clipmoe.data import shards
 from clipmoe.data.shards import INDEX_SUFFIX, ShardCaptionDataset
 from clipmoe.data.synthetic import SyntheticShapes
 from clipmoe.data.webdataset import WebDatasetCaptions
 from tests.dist_utils import free_port
+from tests.test_cli_pipeline import clipmoe_cmd, run
 
 
 def write_shards(directory, n=40, per_shard=10, seed=0, ext="png"):
@@ -190,3 +195,80 @@ def test_index_build_is_split_over_ranks(tmp_path):
     keys = [f"{i:09d}" for i in range(40)]
     assert ranks[0]["keys"] == ranks[1]["keys"] == [single.key(i) for i in range(40)] == keys
     assert ranks[0]["caption"] == ranks[1]["caption"] == single[33][1]
+
+
+# ------------------------------------------------------------------------------------------------- MCL on shards
+MCL = ["mcl", "--model", "clipmoe-tiny", "--batch-size", "16", "--stages", "2", "--max-steps", "12", "--warmup", "2",
+       "--lr", "1e-4", "--checkpoint-every", "2", "--deterministic", "--device", "cpu", "--small-cluster", "remainder"]
+
+
+def run_outputs(mcl_dir):
+    """What an MCL run leaves that must not depend on the data's format: labels, FFNs, metrics (less timings)."""
+    out = {}
+    for path in sorted(mcl_dir.rglob("*")):
+        name = str(path.relative_to(mcl_dir))
+        if path.suffix == ".pt" and path.name.startswith("labels"):
+            out[name] = torch.load(path, weights_only=True)
+        elif path.suffix == ".safetensors":
+            out[name] = load_file(path)
+        elif path.suffix == ".jsonl":
+            out[name] = [without_timings(json.loads(line)) for line in path.read_text().splitlines()]
+    return out
+
+
+def without_timings(record):
+    if isinstance(record, dict):
+        return {k: without_timings(v) for k, v in record.items() if k != "seconds"}
+    return record
+
+
+def assert_same_outputs(got, want):
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if isinstance(value, dict):
+            assert value.keys() == got[name].keys(), name
+            assert all(torch.equal(got[name][k], v) for k, v in value.items()), name
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(got[name], value), name
+        else:
+            assert got[name] == value, name
+
+
+@pytest.fixture(scope="module")
+def mcl_data(tmp_path_factory):
+    """The same 256 samples as a TSV of PNG files and as 4 webdataset shards, and an MCL run on the shards."""
+    root = tmp_path_factory.mktemp("mcl")
+    ds = SyntheticShapes(256, seed=0)
+    tsv = ds.write_csv(root / "csv", ext="png")
+    pattern = ds.write_webdataset(root / "wds", samples_per_shard=64, ext="png")
+    whole = run(*MCL, "--train-data", pattern, "--output-dir", str(root / "shards"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    return {"tsv": tsv, "shards": pattern, "outputs": run_outputs(root / "shards" / "mcl")}
+
+
+def test_mcl_on_shards_equals_mcl_on_the_same_data_as_tsv(mcl_data, tmp_path):
+    result = run(*MCL, "--train-data", mcl_data["tsv"], "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    want = run_outputs(tmp_path / "mcl")
+    assert {"labels_0.pt", "labels_1.pt", "stage_2/ffn.safetensors", "stage_2/metrics.jsonl"} <= want.keys()
+    assert_same_outputs(mcl_data["outputs"], want)
+
+
+def test_mcl_on_shards_killed_mid_stage_resumes_to_the_same_result(mcl_data, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [*MCL, "--train-data", mcl_data["shards"], "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(clipmoe_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "mcl" / "stage_2" / "train_state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the run ended before stage 2 wrote a checkpoint"
+    assert not (tmp_path / "mcl" / "stage_2" / "ffn.safetensors").exists(), "killed too late: stage 2 had finished"
+    resumed = run(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got, want = run_outputs(tmp_path / "mcl"), dict(mcl_data["outputs"])
+    # pipeline.jsonl is an append-only log: a resumed stage logs its cluster summary once more (as for TSV data).
+    del got["pipeline.jsonl"], want["pipeline.jsonl"]
+    assert_same_outputs(got, want)
