@@ -105,6 +105,19 @@ def test_index_goes_to_a_cache_folder_when_it_cannot_be_written_beside_the_shard
     assert os.path.isfile(paths[1] + INDEX_SUFFIX)  # the writable place is still used for the others
 
 
+def test_the_stream_is_split_by_webdataset_node_then_worker(tmp_path, monkeypatch):
+    ds, pattern, _ = write_shards(tmp_path / "wds", n=40, per_shard=10)
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets; webdataset's split_by_node reads it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    captions = [c for _, c in WebDatasetCaptions(pattern)]
+    assert captions == ds.captions[10:20] + ds.captions[30:40]  # shards 1 and 3
+    shuffled = [c for _, c in WebDatasetCaptions(pattern, shuffle_shards=True, shuffle_buffer=8, seed=3)]
+    shard_of = {c: i // 10 for i, c in enumerate(ds.captions)}
+    picked = sorted({shard_of[c] for c in shuffled})  # two whole shards of the seeded shard order, samples shuffled
+    assert len(picked) == 2 and sorted(shuffled) == sorted(c for c in ds.captions if shard_of[c] in picked)
+    assert shuffled != [c for c in ds.captions if shard_of[c] in picked]
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 def test_bad_samples_are_counted_while_indexing_and_on_access(tmp_path, caplog):
     ds = SyntheticShapes(10, seed=1)
