@@ -5,8 +5,9 @@ gloo, CPU), plus the offset index (build time, bytes) and the k-means on one ran
     PYTHONPATH=$PWD python bench/scale_mcl.py                       # 1k, 4k, 16k samples; 1 and 2 ranks
     PYTHONPATH=$PWD python bench/scale_mcl.py --sizes 1000 4000 --ranks 1 --code /path/to/other/checkout
 
-Memory growth per sample = the slope of peak RSS (max over ranks) between the smallest and the largest size, i.e.
-what the data adds per sample on top of the fixed cost (torch, the model). Writes bench/results/scale-<date>.json
+Memory growth per sample = the least-squares slope of peak RSS (max over ranks) against the number of samples, i.e.
+what the data adds per sample on top of the fixed cost (torch, the model); `--render FILE.json` recomputes it and
+rewrites the .md of an earlier run. Writes bench/results/scale-<date>.json
 and .md. The model is clipmoe-tiny (the cost measured is the data pipeline's, not the model's).
 """
 import argparse
@@ -136,21 +137,39 @@ def kmeans_cost(rows: int, dim: int = 768, k: int = 3) -> dict:
             "features_mb": round(2 * image.numel() * image.element_size() / 2 ** 20, 1)}
 
 
+def growth(runs) -> dict:
+    """Memory growth per sample per rank (KiB): the least-squares slope of peak RSS (max over ranks) against the
+    samples, per rank count (allocator noise of a few tens of MiB per run makes a two-point slope unreliable)."""
+    out = {}
+    for ranks in sorted({r["ranks"] for r in runs}):
+        points = [(r["samples"], max(r["peak_rss_mb_per_rank"])) for r in runs if r["ranks"] == ranks]
+        if len({n for n, _ in points}) < 2:
+            continue
+        mean_n = sum(n for n, _ in points) / len(points)
+        mean_m = sum(m for _, m in points) / len(points)
+        slope = (sum((n - mean_n) * (m - mean_m) for n, m in points) /
+                 sum((n - mean_n) ** 2 for n, _ in points))  # MiB per sample
+        out[str(ranks)] = round(slope * 1024, 2)
+    return out
+
+
 def markdown(record: dict) -> str:
     lines = [f"Machine: {record['machine']}; git {record['git']}; {record['date']}", "",
              f"`clipmoe mcl {' '.join(MCL_ARGS[1:])}` on synthetic 224-px JPEG shards (about 40 KiB per image, "
              f"1000 samples per shard), "
-             f"index built in the run (cold); smallest of {record['runs'][0]['repeats']} runs; code: "
+             f"the shard index (where the code has one) built in the run; smallest of {record['runs'][0]['repeats']} runs; code: "
              f"{record['code']}", "",
              "| samples | ranks | wall s | peak RSS MiB per rank (max) |", "|---:|---:|---:|---:|"]
     for row in record["runs"]:
         lines.append(f"| {row['samples']} | {row['ranks']} | {row['wall_s']} | {max(row['peak_rss_mb_per_rank'])} |")
-    lines += ["", "| ranks | memory growth per sample per rank (KiB) |", "|---:|---:|"]
-    for ranks, growth in record["growth_kib_per_sample"].items():
-        lines.append(f"| {ranks} | {growth} |")
-    lines += ["", "Offset index (one process, cold build then cached load):", "",
-              "| samples | build s | load s | index on disk | index in memory | shards |",
-              "|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| ranks | memory growth per sample per rank (KiB; least-squares slope over the sizes) |",
+              "|---:|---:|"]
+    for ranks, kib in record["growth_kib_per_sample"].items():
+        lines.append(f"| {ranks} | {kib} |")
+    if record["index"]:
+        lines += ["", "Offset index (one process, cold build then cached load):", "",
+                  "| samples | build s | load s | index on disk | index in memory | shards |",
+                  "|---:|---:|---:|---:|---:|---:|"]
     for row in record["index"]:
         lines.append(f"| {row['samples']} | {row['build_s']} | {row['load_s']} | {row['index_disk_bytes']} B | "
                      f"{row['index_memory_bytes']} B | {row['shard_bytes'] / 2 ** 20:.0f} MiB |")
@@ -174,7 +193,15 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per case; the smallest peak is reported")
     parser.add_argument("--kmeans-rows", type=int, default=150_000, help="0 skips the k-means row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"scale-{date.today().isoformat()}"))
+    parser.add_argument("--render", default=None, help="only recompute and rewrite the .md of this .json")
     args = parser.parse_args()
+    if args.render:
+        record = json.loads(Path(args.render).read_text())
+        record["growth_kib_per_sample"] = growth(record["runs"])
+        Path(args.render).write_text(json.dumps(record, indent=1) + "\n")
+        Path(args.render).with_suffix(".md").write_text(markdown(record))
+        print(markdown(record))
+        return 0
     sys.path.insert(0, str(ROOT))
     work = Path(args.work or tempfile.mkdtemp(prefix="clipmoe-scale-"))
     import platform
@@ -196,12 +223,7 @@ def main() -> int:
         if args.code == str(ROOT):
             record["index"].append(index_cost(pattern, directory))
             print(json.dumps(record["index"][-1]), flush=True)
-    record["growth_kib_per_sample"] = {}
-    small, large = min(args.sizes), max(args.sizes)
-    for ranks in args.ranks:
-        peak = {r["samples"]: max(r["peak_rss_mb_per_rank"]) for r in record["runs"] if r["ranks"] == ranks}
-        if large > small:
-            record["growth_kib_per_sample"][ranks] = round((peak[large] - peak[small]) * 1024 / (large - small), 2)
+    record["growth_kib_per_sample"] = growth(record["runs"])
     if args.kmeans_rows and args.code == str(ROOT):
         record["kmeans"] = kmeans_cost(args.kmeans_rows)
     Path(args.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
