@@ -156,9 +156,8 @@ def growth(runs) -> dict:
 def markdown(record: dict) -> str:
     lines = [f"Machine: {record['machine']}; git {record['git']}; {record['date']}", "",
              f"`clipmoe mcl {' '.join(MCL_ARGS[1:])}` on synthetic 224-px JPEG shards (about 40 KiB per image, "
-             f"1000 samples per shard), "
-             f"the shard index (where the code has one) built in the run; smallest of {record['runs'][0]['repeats']} runs; code: "
-             f"{record['code']}", "",
+             f"1000 samples per shard), the shard index (where the code has one) built in the run; smallest of "
+             f"{record['runs'][0]['repeats']} runs; code: {record['code']}", "",
              "| samples | ranks | wall s | peak RSS MiB per rank (max) |", "|---:|---:|---:|---:|"]
     for row in record["runs"]:
         lines.append(f"| {row['samples']} | {row['ranks']} | {row['wall_s']} | {max(row['peak_rss_mb_per_rank'])} |")
