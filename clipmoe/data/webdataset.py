@@ -144,9 +144,9 @@ class WebDatasetCaptions(IterableDataset):
             return
         self.num_bad_shards += 1
         if self.num_bad_shards > self.max_bad_fraction * done:
-            raise ValueError(f"{end.url}: cannot read the whole shard ({_reason(end.error)}); {self.num_bad_shards} of {done} "
-                             f"shards read so far are damaged, more than max_bad_fraction={self.max_bad_fraction} "
-                             f"(truncated or not a tar file: re-fetch it or leave it out)")
+            raise ValueError(f"{end.url}: cannot read the whole shard ({_reason(end.error)}); {self.num_bad_shards} "
+                             f"of {done} shards read so far are damaged, more than max_bad_fraction="
+                             f"{self.max_bad_fraction} (truncated or not a tar file: re-fetch it or leave it out)")
 
     def _samples(self, urls: Sequence[str]):
         """Decoded (name, PIL image, caption) with the bad-sample and damaged-shard accounting."""
