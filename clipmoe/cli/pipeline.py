@@ -102,7 +102,8 @@ OUTPUTS = {"mcl": ("mcl",), "build": ("clip_moe",), "train-router": ("router", "
 def add_data_args(p):
     p.add_argument("--train-data", required=True,
                    help="a CSV/TSV file (image path + caption columns), webdataset shards ('data/{000..009}.tar', "
-                        "read once into memory), or 'synthetic[:N]' (clipmoe's synthetic attribute dataset)")
+                        "read by index from a cached per-shard offset index), or 'synthetic[:N]' (clipmoe's synthetic "
+                        "attribute dataset)")
     p.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths (open_clip convention)")
     p.add_argument("--csv-caption-key", default="title", help="CSV column of captions")
     p.add_argument("--csv-separator", default="\t", help="CSV separator (one character)")
@@ -261,14 +262,14 @@ def train_config(args, prefix="", balance_alpha=0.0) -> TrainConfig:
 def open_dataset(args, preprocess, tokenizer):
     """The training data named by --train-data, as a map-style dataset of (image, tokens)."""
     from clipmoe.data.datasets import CsvCaptionDataset
+    from clipmoe.data.shards import ShardCaptionDataset
     from clipmoe.data.synthetic import SyntheticShapes
-    from clipmoe.data.webdataset import WebDatasetCaptions
     spec = args.train_data
     if spec == "synthetic" or spec.startswith("synthetic:"):
         n = int(spec.partition(":")[2] or SYNTHETIC_DEFAULT_SIZE)
         return SyntheticShapes(n, split="train", seed=args.data_seed, preprocess=preprocess, tokenizer=tokenizer)
-    if ".tar" in spec:
-        return WebDatasetCaptions(spec, preprocess, tokenizer).to_indexed()
+    if ".tar" in spec:  # read by index from the shards (an offset index is built once and cached beside them)
+        return ShardCaptionDataset(spec, preprocess, tokenizer, on_error="substitute")
     if not Path(spec).exists():
         raise FileNotFoundError(f"--train-data {spec}: no such file (expected a CSV/TSV file, .tar shards or "
                                 f"'synthetic[:N]')")

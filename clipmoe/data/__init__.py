@@ -8,9 +8,10 @@ from clipmoe.data.datasets import (
 )
 from clipmoe.data.eval_sets import CocoCaptions, ImageFiles, KarpathyRetrieval
 from clipmoe.data.sampler import ClusterBatchSampler
+from clipmoe.data.shards import ShardCaptionDataset
 from clipmoe.data.synthetic import SyntheticShapes, WordTokenizer
 from clipmoe.data.webdataset import WebDatasetCaptions
 
 __all__ = ["ClusterBatchSampler", "CocoCaptions", "CsvCaptionDataset", "ImageFiles", "InMemoryCaptionDataset",
-           "KarpathyRetrieval", "SyntheticShapes", "WebDatasetCaptions", "WordTokenizer", "collate_skip_none",
-           "make_transforms_and_tokenizer"]
+           "KarpathyRetrieval", "ShardCaptionDataset", "SyntheticShapes", "WebDatasetCaptions", "WordTokenizer",
+           "collate_skip_none", "make_transforms_and_tokenizer"]

@@ -19,8 +19,9 @@ Fixed order with indices (the MCL pipeline embeds the whole training set, cluste
 indices): the map-style datasets have `__len__`/`__getitem__` and `with_index`. A webdataset stream has no stable
 indices, so `WebDatasetCaptions.to_indexed()` reads every shard once, in the given order, and materialises the
 samples into a map-style dataset: in memory (`InMemoryCaptionDataset`, the encoded image bytes, fine for data that
-fits in RAM) or, with `cache_dir`, as image files plus a TSV on disk (a `CsvCaptionDataset`). Large shard sets
-should be converted to a TSV once, offline, and used through `CsvCaptionDataset`.
+fits in RAM) or, with `cache_dir`, as image files plus a TSV on disk (a `CsvCaptionDataset`). Large shard sets are
+read by index instead: `clipmoe.data.shards.ShardCaptionDataset` keeps a small cached offset index per shard and
+decodes each sample on access (what the training commands use for `.tar` data).
 
 Bad input:
 - Structural problems raise at construction with the file and the problem named: a missing CSV or shard

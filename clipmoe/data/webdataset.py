@@ -3,12 +3,10 @@ sample contract and the bad-input rules."""
 import csv
 import logging
 import os
-import random
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch.utils.data import IterableDataset, get_worker_info
-
-logger = logging.getLogger(__name__)
 
 from clipmoe.data.datasets import (
     DEFAULT_MAX_BAD_FRACTION,
@@ -26,15 +24,17 @@ from clipmoe.data.datasets import (
 )
 from clipmoe.runtime import rank_world
 
+logger = logging.getLogger(__name__)
+
 
 # ------------------------------------------------------------------------------------------------------- webdataset
-def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Shard spec -> list of shards: brace patterns ("d/{000..009}.tar") and "::"-separated lists are expanded."""
     import braceexpand
 
     if isinstance(urls, (str, os.PathLike)):
         urls = os.fspath(urls).split("::")
-    out: List[str] = []
+    out: list[str] = []
     for url in urls:
         out.extend(braceexpand.braceexpand(os.fspath(url)))
     return out
@@ -42,6 +42,12 @@ def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
 
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:") or url.startswith("file://")
+
+
+class ShardEnd(NamedTuple):
+    """Marks the end of a shard in the raw sample stream; error: what stopped reading it early, or None."""
+    url: str
+    error: Exception | None
 
 
 class WebDatasetCaptions(IterableDataset):
@@ -59,13 +65,17 @@ class WebDatasetCaptions(IterableDataset):
         max_bad_fraction: tolerated share of bad samples (checked at each shard end; module docstring).
         image_exts, caption_ext: member extensions that hold the image (first present wins) and the caption.
 
-    Iteration order without shuffles: shards in the given order, samples in tar order; with several ranks or
-    DataLoader workers each consumer reads every (world·workers)-th shard, so use at least that many shards (a
-    consumer without a shard yields nothing; a warning says so). Items carry no index: see `to_indexed()`.
+    Iteration order without shuffles: shards in the given order, samples in tar order. Shards are split with
+    webdataset's `split_by_node` then `split_by_worker` (rank r, worker j of w reads shards[r::world][j::w]), so use
+    at least world·workers shards (a consumer without a shard yields nothing; a warning says so); the shuffles are
+    webdataset's `shuffle`, seeded. A shard that cannot be read to its end (truncated, not a tar) is logged and
+    counted in `num_bad_shards`; its lost samples cannot be counted, so more than max_bad_fraction of the shards read
+    so far damaged raises ValueError. Items carry no index: see `clipmoe.data.shards.ShardCaptionDataset` (random
+    access by index from a small on-disk index, for large shard sets) and `to_indexed()` (small sets, in memory).
     """
 
-    def __init__(self, urls: Union[str, Sequence[str]], preprocess: Preprocess = None, tokenizer: Tokenizer = None,
-                 *, num_samples: Optional[int] = None, shuffle_shards: bool = False, shuffle_buffer: int = 0,
+    def __init__(self, urls: str | Sequence[str], preprocess: Preprocess = None, tokenizer: Tokenizer = None,
+                 *, num_samples: int | None = None, shuffle_shards: bool = False, shuffle_buffer: int = 0,
                  seed: int = 0, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
                  image_exts: Sequence[str] = IMAGE_EXTS, caption_ext: str = "txt"):
         self.urls = expand_urls(urls)
@@ -99,11 +109,12 @@ class WebDatasetCaptions(IterableDataset):
 
     def _raw_samples(self, urls: Sequence[str]):
         """Yield (url, key, image bytes, caption) per sample; bad samples are yielded with image None and the reason
-        in place of the caption; None is yielded after each shard."""
+        in place of the caption; after each shard, ShardEnd(url, error) with the error that stopped reading it
+        (None when the whole shard was read)."""
         import webdataset as wds
 
         for url in urls:
-            errors: List[Exception] = []
+            errors: list[Exception] = []
 
             def handler(exc, errors=errors):
                 errors.append(exc)
@@ -115,7 +126,7 @@ class WebDatasetCaptions(IterableDataset):
                 caption = raw.get(self.caption_ext)
                 if image is None or caption is None:
                     have = sorted(k for k in raw if not k.startswith("__"))
-                    need = f"an image ({'/'.join(self.image_exts)})" if image is None else f"a .{self.caption_ext}"
+                    need = f"image ({'/'.join(self.image_exts)})" if image is None else f".{self.caption_ext}"
                     yield url, key, None, f"no {need} member (has {have})"
                     continue
                 caption = caption.decode("utf-8", errors="replace").strip()
@@ -124,16 +135,27 @@ class WebDatasetCaptions(IterableDataset):
                     continue
                 yield url, key, image, caption
             if errors:
-                self.num_bad_shards += 1
-                logger.warning("%s: cannot read shard, skipping the rest of it: %s", url, errors[0])
-            yield None
+                logger.warning("%s: cannot read the whole shard, skipping the rest of it: %s", url, _reason(errors[0]))
+            yield ShardEnd(url, errors[0] if errors else None)
+
+    def _check_shards(self, end: "ShardEnd", done: int) -> None:
+        """Count a damaged shard (its lost samples cannot be counted) against max_bad_fraction of the shards."""
+        if end.error is None:
+            return
+        self.num_bad_shards += 1
+        if self.num_bad_shards > self.max_bad_fraction * done:
+            raise ValueError(f"{end.url}: cannot read the whole shard ({_reason(end.error)}); {self.num_bad_shards} "
+                             f"of {done} shards read so far are damaged, more than max_bad_fraction="
+                             f"{self.max_bad_fraction} (truncated or not a tar file: re-fetch it or leave it out)")
 
     def _samples(self, urls: Sequence[str]):
-        """Decoded (name, PIL image, caption) with the bad-sample accounting."""
-        seen = bad = 0
+        """Decoded (name, PIL image, caption) with the bad-sample and damaged-shard accounting."""
+        seen = bad = shards = 0
         example = last_url = ""
         for raw in self._raw_samples(urls):
-            if raw is None:  # end of a shard
+            if isinstance(raw, ShardEnd):
+                shards += 1
+                self._check_shards(raw, shards)
                 if bad > self.max_bad_fraction * seen:
                     raise ValueError(f"{last_url}: {bad} of {seen} samples read so far are bad, more than "
                                      f"max_bad_fraction={self.max_bad_fraction}; e.g. {example}")
@@ -153,42 +175,44 @@ class WebDatasetCaptions(IterableDataset):
             raise ValueError(f"{', '.join(urls[:3])}{' ...' if len(urls) > 3 else ''}: no readable image-caption "
                              f"samples ({bad} bad of {seen}; {self.num_bad_shards} unreadable shard(s))")
 
-    def _my_urls(self) -> List[str]:
-        urls = list(self.urls)
-        if self.shuffle_shards:
-            random.Random(self.seed + self.epoch).shuffle(urls)
+    def _consumer(self):
+        """(this consumer's id, consumers) with consumers = ranks x DataLoader workers."""
         rank, world = rank_world()
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        consumers, me = world * workers, rank * workers + worker
-        if len(urls) < consumers:
-            logger.warning("%d shards for %d consumers (ranks x workers): consumer %d may get none", len(urls),
+        return rank * workers + worker, world * workers
+
+    def _my_urls(self) -> list[str]:
+        """This consumer's shards: webdataset's shard shuffle (seed + epoch, the same on every rank), then its split
+        by node (rank) and by DataLoader worker."""
+        import webdataset as wds
+
+        urls = iter(self.urls)
+        if self.shuffle_shards:
+            urls = wds.shuffle(len(self.urls), len(self.urls), seed=self.seed + self.epoch)(urls)
+        mine = list(wds.split_by_worker(wds.split_by_node(urls)))
+        me, consumers = self._consumer()
+        if len(self.urls) < consumers:
+            logger.warning("%d shards for %d consumers (ranks x workers): consumer %d may get none", len(self.urls),
                            consumers, me)
-        return urls[me::consumers]
+        return mine
 
     def __iter__(self):
-        rank, _ = rank_world()
-        info = get_worker_info()
-        consumer = rank * (info.num_workers if info else 1) + (info.id if info else 0)
-        rng = random.Random((self.seed + self.epoch) * 1_000_003 + consumer)
-        buffer: List = []
-        for name, image, caption in self._samples(self._my_urls()):
-            image = to_tensor(image) if self.preprocess is None else self.preprocess(image)
-            item = (image, tokenize(self.tokenizer, caption))
-            if self.shuffle_buffer <= 0:
-                yield item
-                continue
-            buffer.append(item)
-            if len(buffer) >= self.shuffle_buffer:
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
+        import webdataset as wds
 
-    def to_indexed(self, cache_dir: Optional[Union[str, os.PathLike]] = None, *, max_samples: Optional[int] = None,
+        items = ((to_tensor(image) if self.preprocess is None else self.preprocess(image),
+                  tokenize(self.tokenizer, caption)) for _, image, caption in self._samples(self._my_urls()))
+        if self.shuffle_buffer <= 0:
+            yield from items
+            return
+        me, _ = self._consumer()
+        seed = (self.seed + self.epoch) * 1_000_003 + me
+        yield from wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=seed)(items)
+
+    def to_indexed(self, cache_dir: str | os.PathLike | None = None, *, max_samples: int | None = None,
                    with_index: bool = False, on_error: str = "skip"):
-        """Read all shards once, in the given order, into a map-style dataset with fixed indices.
+        """Read all shards once, in the given order, into a map-style dataset with fixed indices (for small shard
+        sets: for large ones use clipmoe.data.shards.ShardCaptionDataset, which reads samples from the shards).
 
         Bad samples are skipped (and counted in num_skipped) here, so index i is the i-th good sample in shard
         order. Holds every encoded image in memory unless cache_dir is given.
@@ -200,13 +224,14 @@ class WebDatasetCaptions(IterableDataset):
             max_samples: stop after this many good samples.
             with_index, on_error: passed to the returned dataset.
         """
-        images: List[bytes] = []
-        captions: List[str] = []
-        names: List[str] = []
-        exts: List[str] = []
+        images: list[bytes] = []
+        captions: list[str] = []
+        names: list[str] = []
+        exts: list[str] = []
         seen = bad = 0
         for raw in self._raw_samples(self.urls):
-            if raw is None:
+            if isinstance(raw, ShardEnd):
+                self._check_shards(raw, len(self.urls))  # all shards are read: the limit is over all of them
                 continue
             url, key, image, caption = raw
             seen += 1
@@ -245,7 +270,7 @@ class WebDatasetCaptions(IterableDataset):
         with open(tsv + ".tmp", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, delimiter="\t")
             writer.writerow(["filepath", "title", "source"])
-            for i, (data, caption, name, ext) in enumerate(zip(images, captions, names, exts)):
+            for i, (data, caption, name, ext) in enumerate(zip(images, captions, names, exts, strict=True)):
                 rel = os.path.join("images", f"{i:09d}.{ext}")
                 with open(os.path.join(cache_dir, rel), "wb") as img_f:
                     img_f.write(data)
@@ -253,6 +278,11 @@ class WebDatasetCaptions(IterableDataset):
         os.replace(tsv + ".tmp", tsv)
         return CsvCaptionDataset(tsv, self.preprocess, self.tokenizer, with_index=with_index, on_error=on_error,
                                  max_bad_fraction=self.max_bad_fraction)
+
+
+def _reason(error: Exception) -> str:
+    """webdataset appends the stream and url to its exceptions' args: keep the message."""
+    return error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
 
 
 def _image_ext(data: bytes) -> str:

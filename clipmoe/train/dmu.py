@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.fileio import atomic_torch_save, atomic_write
@@ -150,29 +150,59 @@ def build_clip_moe(base_model, stage_ffns: List[Dict[str, Dict[str, torch.Tensor
                    **moe_kwargs)
 
 
+def rank_block(n: int, info: DistInfo) -> range:
+    """The contiguous block of dataset indices that this rank embeds: blocks in rank order tile [0, n)."""
+    return range(n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size)
+
+
 @torch.no_grad()
 def embed_dataset(model, dataset, info: DistInfo, batch_size: int = 256, precision: str = "fp32",
-                  workers: int = 0, desc: str = "embed"):
-    """L2-normalised image and text embeddings [N, D] of the whole dataset, in dataset order (each rank embeds
-    indices rank, rank+W, ...; the rows are then gathered). Returned on the model's device, fp32."""
+                  workers: int = 0, desc: str = "embed", *, dtype: torch.dtype = torch.float16,
+                  gather: bool = True):
+    """L2-normalised image and text embeddings of the dataset, each [rows, D] of `dtype` on the model's device.
+
+    Each rank embeds its block `rank_block(len(dataset), info)`. gather=False returns this rank's rows (for
+    clustering in place); gather=True all rows in dataset order on every rank. fp16 halves the memory of the
+    features; the k-means upcasts per chunk (its inertia stays within 1 % of fp32 features: tests/test_multinode.py).
+    """
+    n = len(dataset)
+    if n < info.world_size:
+        raise ValueError(f"{desc}: {n} samples for {info.world_size} ranks; every rank needs at least one")
     was_training = model.training
     model.eval()
-    n = len(dataset)
-    indices = list(range(info.rank, n, info.world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers)
-    images, texts = [], []
+    block = rank_block(n, info)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=block, num_workers=workers)
+    image_features = text_features = None
+    done = 0
     for image, text in progress_bar(loader, desc=desc, enabled=None if info.is_main else False):
         with autocast(precision, info.device):
-            images.append(model.encode_image(image.to(info.device), normalize=True).float())
-            texts.append(model.encode_text(text.to(info.device), normalize=True).float())
+            image_rows = model.encode_image(image.to(info.device), normalize=True)
+            text_rows = model.encode_text(text.to(info.device), normalize=True)
+        if image_features is None:  # filled in place: no list of batches and no concatenated copy
+            image_features = torch.empty(len(block), image_rows.shape[1], dtype=dtype, device=info.device)
+            text_features = torch.empty(len(block), text_rows.shape[1], dtype=dtype, device=info.device)
+        image_features[done:done + len(image_rows)] = image_rows
+        text_features[done:done + len(text_rows)] = text_rows
+        done += len(image_rows)
     model.train(was_training)
-    own = torch.tensor(indices, dtype=torch.long, device=info.device)
-    image_features, text_features = torch.cat(images), torch.cat(texts)
-    if info.enabled:  # rows arrive rank by rank; put them back in dataset order
-        order = all_gather_rows(own, info).argsort()
-        image_features = all_gather_rows(image_features, info)[order]
-        text_features = all_gather_rows(text_features, info)[order]
+    if done != len(block):
+        raise RuntimeError(f"{desc}: the data loader returned {done} of {len(block)} samples (a collate_fn that "
+                           f"drops bad samples? use on_error='substitute')")
+    if gather:
+        image_features, text_features = all_gather_rows(image_features, info), all_gather_rows(text_features, info)
     return image_features, text_features
+
+
+def cluster_dataset(model, dataset, info: DistInfo, *, clusters: int, seed: int, batch_size: int = 256,
+                    precision: str = "fp32", workers: int = 0, desc: str = "embed") -> torch.Tensor:
+    """One MCL clustering of the whole dataset with `model`: every rank embeds its block (fp16), the k-means runs
+    distributed over the blocks in place (no rank holds all features), and the joint labels [N] int64 are gathered
+    to every rank on the CPU, in dataset order."""
+    image_features, text_features = embed_dataset(model, dataset, info, batch_size, precision, workers, desc=desc,
+                                                  gather=False)
+    labels = cluster_stage(image_features, text_features, k=clusters, seed=seed, distributed=info.enabled)
+    del image_features, text_features
+    return all_gather_rows(labels, info).cpu()
 
 
 def per_rank_batch(cfg: TrainConfig, info: DistInfo) -> int:
@@ -251,10 +281,9 @@ def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, s
         if resume and s - 1 in record["labels"] and labels_path.exists():
             labels = load_labels(labels_path, len(dataset))
         else:
-            image_features, text_features = embed_dataset(previous, embed_data or dataset, info, embed_batch_size, cfg.precision,
-                                                          cfg.workers, desc=f"embed stage {s - 1}")
-            stage_labels = cluster_stage(image_features, text_features, k=clusters, seed=cfg.seed + s,
-                                         distributed=False).cpu()
+            stage_labels = cluster_dataset(previous, embed_data or dataset, info, clusters=clusters, seed=cfg.seed + s,
+                                           batch_size=embed_batch_size, precision=cfg.precision, workers=cfg.workers,
+                                           desc=f"embed stage {s - 1}")
             labels = accumulate_labels(labels, stage_labels, clusters * clusters)
             if info.is_main:
                 atomic_torch_save(labels, labels_path)
