@@ -98,7 +98,7 @@ def _grouped_down_fwd_kernel(
 _grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
-@triton.jit(do_not_specialize=["ROWS_BUCKET"])
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "NUM_N_ALLOC"])
 def _grouped_down_bwd_kernel(
     dy_ptr,              # [T, D] token order, any strides
     h_ptr,               # [TK, F] expert-sorted pre-activation (saved by grouped_up)
@@ -106,12 +106,12 @@ def _grouped_down_bwd_kernel(
     b2_ptr,              # [E, D]
     topk_weights_ptr,    # [TK] fp32, flat order
     dh_ptr,              # [TK, F] out, expert-sorted (written when COMPUTE_DH)
-    ds_ptr,              # [num_n_alloc, TK] fp32 out: per-N-tile partials of ds, flat order (when COMPUTE_DS)
+    ds_ptr,              # [NUM_N_ALLOC, TK] fp32 out: per-N-tile partials of ds, flat order (when COMPUTE_DS)
     sorted_to_flat_ptr,  # [TK] int32
     expert_offsets_ptr,  # [E+1] int32
     tile_expert_ptr,     # [num_tiles] int32, -1 = unused
     tile_row_start_ptr,  # [num_tiles] int32
-    D, F, ROWS_BUCKET,
+    D, F, ROWS_BUCKET, NUM_N_ALLOC,
     stride_dyt, stride_dyd, stride_hm, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_dhm,
     stride_dsn,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DS: tl.constexpr,
@@ -148,6 +148,11 @@ def _grouped_down_bwd_kernel(
                 b2v = tl.load(b2_ptr + e * stride_b2e + offs_d * stride_b2d, mask=d_mask, other=0.0).to(tl.float32)
                 ds += tl.sum(dyv * b2v[None, :], axis=1)
         tl.store(ds_ptr + pid_n.to(tl.int64) * stride_dsn + flat, ds, mask=row_mask)
+        if pid_n == 0:
+            # The buffer has NUM_N_ALLOC rows (for the narrowest candidate BLOCK_N); rows this launch's BLOCK_N does
+            # not reach are zeroed here, so no earlier launch (an autotune candidate) can leave partials behind.
+            for n in range(tl.num_programs(1), NUM_N_ALLOC):
+                tl.store(ds_ptr + flat + n * stride_dsn, 0.0, mask=row_mask)  # n·stride < NUM_N_ALLOC·TK < 2^31
     if COMPUTE_DH:
         s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
         dh = g * da * s[:, None]
@@ -203,17 +208,18 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
     E, D, F = w2.shape
     dh = h.new_empty((tk if compute_dh else 0, F))
     dh_arg = dh if compute_dh else h  # never written when COMPUTE_DH is False
-    # One row of partials per BLOCK_N columns of F, sized for the narrowest BLOCK_N the launch may pick; rows a wider
-    # config does not reach stay zero (hence zeros, not empty).
+    # One row of partials per BLOCK_N columns of F, sized for the narrowest BLOCK_N the launch may pick; the kernel
+    # writes every row (zeros past its own BLOCK_N), so the buffer needs no fill and autotune candidates that ran
+    # before the chosen one on the same buffer leave nothing behind.
     num_n_alloc = cdiv(F, min_block_n(h.device)) if compute_ds else 1
-    partials = h.new_zeros((num_n_alloc, tk), dtype=torch.float32)
+    partials = h.new_empty((num_n_alloc, tk), dtype=torch.float32)
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
         return (num_tiles, cdiv(F, block_n))
 
     args = (dy, h, w2, b2, topk_weights, dh_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
-            tile_row_start, D, F, rows_bucket(tk, E), dy.stride(0), dy.stride(1), h.stride(0), w2.stride(0),
+            tile_row_start, D, F, rows_bucket(tk, E), num_n_alloc, dy.stride(0), dy.stride(1), h.stride(0), w2.stride(0),
             w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), partials.stride(0))
     meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds,
                 INPUT_PRECISION=dot_precision(h.dtype), BLOCK_M=block_m_for(h.device))

@@ -3,39 +3,12 @@ import pytest
 import torch
 
 from clipmoe import MoEFFN, balance_loss, collect_aux_losses, router_z_loss
-from clipmoe_kernels import (ACTIVATIONS, expert_ffn_naive, expert_ffn_torch, select_backend, topk_routing_ref)
+from clipmoe_kernels import expert_ffn_naive, expert_ffn_torch, select_backend, topk_routing_ref
+from tests.moe_cases import expert_reference, per_token_reference
 from tests.tolerances import assert_close, assert_close_lowp
 
 EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch}
 BACKENDS = list(EXPERT_FFNS)
-
-
-def per_token_reference(x, router_w, w1, b1, w2, b2, top_k, activation, renormalize=True):
-    """Readable oracle: route each token on its own, then sum its k experts one by one."""
-    act = ACTIVATIONS[activation]
-    ys = []
-    for t in range(x.shape[0]):
-        probs = torch.softmax(x[t] @ router_w.T, dim=-1)
-        weights, ids = torch.topk(probs, top_k)
-        if renormalize:
-            weights = weights / weights.sum()
-        y = torch.zeros_like(x[t])
-        for w, e in zip(weights, ids.tolist()):
-            y = y + w * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e])
-        ys.append(y)
-    return torch.stack(ys) if ys else x.new_zeros(x.shape)
-
-
-def expert_reference(x, topk_ids, topk_weights, w1, b1, w2, b2, activation):
-    """Per-(token, slot) loop with given routing, in the dtype of its inputs."""
-    act = ACTIVATIONS[activation]
-    rows = []
-    for t in range(x.shape[0]):
-        y = torch.zeros_like(x[t])
-        for j, e in enumerate(topk_ids[t].tolist()):
-            y = y + topk_weights[t, j].to(x.dtype) * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e])
-        rows.append(y)
-    return torch.stack(rows)
 
 
 MODULE_SHAPES = [

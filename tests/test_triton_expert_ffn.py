@@ -13,47 +13,14 @@ from clipmoe_kernels._triton_utils import BLOCK_M_INTERPRET, ENV_TRITON_CONFIG  
 from clipmoe_kernels.expert_ffn import expert_ffn_torch  # noqa: E402
 from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton  # noqa: E402
 from clipmoe_kernels.router import topk_routing_triton  # noqa: E402
+from tests.moe_cases import GRAD_NAMES as NAMES  # noqa: E402
+from tests.moe_cases import expert_weights, routing, run_with_grads  # noqa: E402
 from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 
-NAMES = ["x", "topk_weights", "w1", "b1", "w2", "b2"]
 
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(ENV_TRITON_CONFIG, raising=False)
-
-
-def routing(T, E, k, case="random", generator=None):
-    """topk_ids [T, k] (distinct experts per token, like a real top-k) and fp32 weights summing to 1."""
-    if case == "random":
-        ids = torch.rand(T, E, generator=generator).argsort(dim=1)[:, :k]
-    elif case == "all_to_one":  # every slot on expert E-1 (k=1 keeps a token's slots distinct)
-        ids = torch.full((T, k), E - 1)
-    elif case == "empty_expert":  # expert 1 never chosen
-        used = torch.tensor([e for e in range(E) if e != 1])
-        ids = used[torch.rand(T, len(used), generator=generator).argsort(dim=1)[:, :k]]
-    elif case == "top1_to_one":  # slot 0 always expert 0, slot 1 always expert E-1: all other experts empty
-        ids = torch.tensor([[0, E - 1]]).repeat(T, 1)
-    else:
-        raise ValueError(case)
-    w = torch.rand(T, k, generator=generator) + 0.1
-    return ids, w / w.sum(-1, keepdim=True)
-
-
-def weights(D, F, E, dtype=torch.float32):
-    tensors = [torch.randn(E, F, D) / D**0.5, torch.randn(E, F) * 0.1, torch.randn(E, D, F) / F**0.5,
-               torch.randn(E, D) * 0.1]
-    return [t.to(dtype) for t in tensors]
-
-
-def run(fn, x, ids, w, params, activation, g):
-    """y and the gradients of (x, topk_weights, w1, b1, w2, b2) for upstream gradient g."""
-    leaves = [t.detach().clone().requires_grad_() for t in [x, w] + list(params)]
-    xl, wl, w1, b1, w2, b2 = leaves
-    y = fn(xl, ids, wl, w1, b1, w2, b2, activation=activation)
-    grads = torch.autograd.grad(y, leaves, g.to(y.dtype))
-    return y, list(grads)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+weights = expert_weights
+run = run_with_grads
 
 
 SHAPES = [

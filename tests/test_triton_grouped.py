@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from clipmoe_kernels._triton_utils import BLOCK_M_INTERPRET, ENV_TRITON_CONFIG  # noqa: E402
+from clipmoe_kernels._triton_utils import BLOCK_M_INTERPRET  # noqa: E402
 from clipmoe_kernels.activation import get_activation  # noqa: E402
 from clipmoe_kernels.grouped_down import grouped_down_bwd_ref, grouped_down_ref  # noqa: E402
 from clipmoe_kernels.grouped_gemm import grouped_wgrad_ref, slot_combine, slot_combine_ref  # noqa: E402
@@ -20,10 +20,7 @@ from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 ops = torch.ops.clipmoe
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(ENV_TRITON_CONFIG, raising=False)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 CASES = [

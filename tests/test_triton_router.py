@@ -15,9 +15,7 @@ from clipmoe_kernels.routing import topk_routing_ref  # noqa: E402
 from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 CASES = [
