@@ -22,6 +22,8 @@ registers anyway. Each program reduces its BLOCK_N columns of F to one partial p
 partials[pid_n, f(r)]; the launcher sums the partials over pid_n (fixed order, no atomics). The dy·b2 term is added
 by the pid_n == 0 programs.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,7 @@ import triton.language as tl
 from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, TunedKernel, block_m_for, cdiv, dot_precision,
                                            rows_bucket)
 from clipmoe_kernels.activation import get_activation
+from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
 from clipmoe_kernels.grouped_gemm import (_activation_and_grad, _rows_matmul, _tile_rows, min_block_n,
                                           slot_combine)
 
@@ -98,7 +101,7 @@ def _grouped_down_fwd_kernel(
 _grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
-@triton.jit(do_not_specialize=["ROWS_BUCKET", "NUM_N_ALLOC"])
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "NUM_N_ALLOC", "DROPOUT_THRESHOLD"])
 def _grouped_down_bwd_kernel(
     dy_ptr,              # [T, D] token order, any strides
     h_ptr,               # [TK, F] expert-sorted pre-activation (saved by grouped_up)
@@ -111,11 +114,12 @@ def _grouped_down_bwd_kernel(
     expert_offsets_ptr,  # [E+1] int32
     tile_expert_ptr,     # [num_tiles] int32, -1 = unused
     tile_row_start_ptr,  # [num_tiles] int32
-    D, F, ROWS_BUCKET, NUM_N_ALLOC,
+    seed_ptr,            # [1] int64 Philox key of the dropout mask (read when DROPOUT)
+    D, F, ROWS_BUCKET, NUM_N_ALLOC, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_dyt, stride_dyd, stride_hm, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_dhm,
     stride_dsn,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of F.
@@ -137,6 +141,11 @@ def _grouped_down_bwd_kernel(
                      BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     a, da = _activation_and_grad(h, ACTIVATION)
+    if DROPOUT:  # the forward's a' = a ⊙ keep / (1 - p): ds sees a', dh gets the same factor on act'(h)
+        keep = dropout_keep(tl.load(seed_ptr), flat, offs_n, F, DROPOUT_THRESHOLD)
+        factor = tl.where(keep, DROPOUT_SCALE, 0.0)
+        a = a * factor
+        da = da * factor
     if COMPUTE_DS:
         ds = tl.sum(g * a, axis=1)  # masked columns: g = 0 there
         if pid_n == 0:  # + dy[t] · b2[e], once per row
@@ -199,9 +208,11 @@ def _(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets, tile_expert, tile
 def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor,
                      tile_expert: torch.Tensor, tile_row_start: torch.Tensor, activation: str, compute_dh: bool,
-                     compute_ds: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     compute_ds: bool, dropout_seed: Optional[torch.Tensor] = None,
+                     dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh [TK, F] in h.dtype, expert-sorted; dtopk_weights [T, k] fp32). Either is an empty [0, ·] tensor when its
-    compute_* flag is off. h is the saved pre-activation; topk_weights [T, k] fp32 contiguous."""
+    compute_* flag is off. h is the saved pre-activation; topk_weights [T, k] fp32 contiguous; dropout_seed and
+    dropout_p those of the forward (the mask is regenerated)."""
     get_activation(activation)
     T, k = topk_weights.shape
     tk = sorted_to_flat.shape[0]
@@ -218,10 +229,12 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
     def grid(block_n, block_k):
         return (num_tiles, cdiv(F, block_n))
 
+    dropout = dropout_p > 0
     args = (dy, h, w2, b2, topk_weights, dh_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
-            tile_row_start, D, F, rows_bucket(tk, E), num_n_alloc, dy.stride(0), dy.stride(1), h.stride(0), w2.stride(0),
-            w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), partials.stride(0))
-    meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds,
+            tile_row_start, dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), num_n_alloc,
+            dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dy.stride(0), dy.stride(1), h.stride(0),
+            w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), partials.stride(0))
+    meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds, DROPOUT=dropout,
                 INPUT_PRECISION=dot_precision(h.dtype), BLOCK_M=block_m_for(h.device))
     if tk > 0 and (compute_dh or compute_ds):
         _grouped_down_bwd(grid, h.device, args, meta)
@@ -231,7 +244,7 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
 
 @grouped_down_bwd.register_fake
 def _(dy, h, w2, b2, topk_weights, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, activation,
-      compute_dh, compute_ds):
+      compute_dh, compute_ds, dropout_seed=None, dropout_p=0.0):
     T, k = topk_weights.shape
     tk, F = sorted_to_flat.shape[0], w2.shape[2]
     dh = h.new_empty((tk if compute_dh else 0, F))

@@ -25,6 +25,8 @@ ViT-L/14, batch 1024); strides themselves stay int32 (widening all of them costs
 The weight-gradient kernel writes every [BLOCK_N, BLOCK_K] tile of dW (and db), so an expert with no rows gets
 exact zeros, never uninitialised memory.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,7 @@ import triton.language as tl
 from clipmoe_kernels._triton_utils import (WGRAD_CONFIGS, TunedKernel, block_m_for, candidate_configs, cdiv,
                                            dot_precision, launch, rows_bucket)
 from clipmoe_kernels.activation import get_activation
+from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
 
 # Combine tile: tokens x columns per program of a bandwidth-bound pass: 32 x 128 elements per slot at 4 warps is 32
 # contiguous elements per thread and slot, enough for vector loads and small enough not to spill. Not yet timed on a
@@ -132,7 +135,7 @@ def _rows_matmul(a_ptr, a_rows, row_mask, stride_am, stride_ak,
 
 
 # ------------------------------------------------------------------------------------------------------- kernels
-@triton.jit(do_not_specialize=["ROWS_BUCKET"])
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "DROPOUT_THRESHOLD"])
 def _grouped_wgrad_kernel(
     go_ptr,              # grad-out rows: [TK, N] expert-sorted, or [T, N] token order when GATHER_GO
     in_ptr,              # input rows: [T, K] token order when GATHER_IN, or [TK, K] expert-sorted
@@ -141,11 +144,12 @@ def _grouped_wgrad_kernel(
     db_ptr,              # [E, N] out
     sorted_to_flat_ptr,  # [TK] int32
     expert_offsets_ptr,  # [E+1] int32
-    N, K, ROWS_BUCKET,
+    seed_ptr,            # [1] int64 Philox key of the dropout mask on act(input) (read when DROPOUT)
+    N, K, ROWS_BUCKET, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_gom, stride_gon, stride_inm, stride_ink,
     stride_dwe, stride_dwn, stride_dwk, stride_dbe, stride_dbn,
     TOP_K: tl.constexpr, GATHER_GO: tl.constexpr, SCALE_GO: tl.constexpr, GATHER_IN: tl.constexpr,
-    IN_ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IN_ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (e, pid_n, pid_k) owns dW[e, pid_n·BLOCK_N:, pid_k·BLOCK_K:] and walks expert e's contiguous sorted rows
@@ -184,6 +188,9 @@ def _grouped_wgrad_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if IN_ACTIVATION != "none":
             u = _activation(u.to(tl.float32), IN_ACTIVATION)
+        if DROPOUT:  # input rows act(h) ⊙ keep / (1 - p), the forward's mask (K = F)
+            keep = dropout_keep(tl.load(seed_ptr), flat, offs_k, K, DROPOUT_THRESHOLD)
+            u = tl.where(keep, u * DROPOUT_SCALE, 0.0)
         u = u.to(in_ptr.dtype.element_ty)
         g = g.to(in_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(g), u, acc, input_precision=INPUT_PRECISION)
@@ -237,9 +244,12 @@ def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("clipmoe::grouped_wgrad", mutates_args=())
 def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch.Tensor,
                   sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, top_k: int,
-                  gather_grad_out: bool, gather_inp: bool, inp_activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  gather_grad_out: bool, gather_inp: bool, inp_activation: str,
+                  dropout_seed: Optional[torch.Tensor] = None,
+                  dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW [E, N, K], db [E, N]) in inp.dtype, see the module docstring. grad_out [TK or T, N], inp [T or TK, K],
-    topk_weights [T, k] fp32 contiguous (read only when gather_grad_out: the token rows are then scaled by s_r)."""
+    topk_weights [T, k] fp32 contiguous (read only when gather_grad_out: the token rows are then scaled by s_r).
+    dropout_p > 0: the input rows are act(inp) ⊙ keep / (1 - p) with the Philox mask of dropout_seed."""
     E = expert_offsets.shape[0] - 1
     N, K = grad_out.shape[1], inp.shape[1]
     dw = inp.new_empty((E, N, K))
@@ -249,18 +259,21 @@ def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch
     def grid(block_n, block_k):
         return (E, cdiv(N, block_n), cdiv(K, block_k))
 
-    args = (grad_out, inp, topk_weights, dw, db, sorted_to_flat, expert_offsets, N, K, rows_bucket(tk, E),
-            grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
+    dropout = dropout_p > 0
+    args = (grad_out, inp, topk_weights, dw, db, sorted_to_flat, expert_offsets,
+            dropout_seed if dropout else sorted_to_flat, N, K, rows_bucket(tk, E), dropout_threshold(dropout_p),
+            1.0 / (1.0 - dropout_p), grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1))
     meta = dict(TOP_K=top_k, GATHER_GO=gather_grad_out, SCALE_GO=gather_grad_out, GATHER_IN=gather_inp,
-                IN_ACTIVATION=inp_activation, INPUT_PRECISION=dot_precision(inp.dtype), BLOCK_M=block_m_for(inp.device))
+                IN_ACTIVATION=inp_activation, DROPOUT=dropout, INPUT_PRECISION=dot_precision(inp.dtype),
+                BLOCK_M=block_m_for(inp.device))
     _grouped_wgrad(grid, inp.device, args, meta)
     return dw, db
 
 
 @grouped_wgrad.register_fake
 def _(grad_out, inp, topk_weights, sorted_to_flat, expert_offsets, top_k, gather_grad_out, gather_inp,
-      inp_activation):
+      inp_activation, dropout_seed=None, dropout_p=0.0):
     E = expert_offsets.shape[0] - 1
     return inp.new_empty((E, grad_out.shape[1], inp.shape[1])), inp.new_empty((E, grad_out.shape[1]))
 

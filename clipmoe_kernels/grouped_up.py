@@ -16,6 +16,8 @@ needed (store_h): the backward recomputes act(h) and act'(h) from it instead of 
 slot (scatter on store to [T, k, D] fp32, or straight into dx when k = 1) and summed over the k slots by the
 deterministic grouped_gemm.slot_combine; no atomics.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,7 @@ import triton.language as tl
 from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, TunedKernel, block_m_for, cdiv, dot_precision,
                                            rows_bucket)
 from clipmoe_kernels.activation import get_activation
+from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
 from clipmoe_kernels.grouped_gemm import _activation, _rows_matmul, _tile_rows, slot_combine
 
 
@@ -49,7 +52,7 @@ def grouped_up_bwd_dx_ref(dh, w1, sorted_to_flat, expert_offsets, num_tokens, to
     return dx.index_add_(0, sorted_to_flat.long() // top_k, per_row)
 
 
-@triton.jit(do_not_specialize=["ROWS_BUCKET"])
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "DROPOUT_THRESHOLD"])
 def _grouped_up_fwd_kernel(
     x_ptr,               # [T, D] token order, any strides
     w1_ptr,              # [E, F, D]
@@ -60,10 +63,11 @@ def _grouped_up_fwd_kernel(
     expert_offsets_ptr,  # [E+1] int32
     tile_expert_ptr,     # [num_tiles] int32, -1 = unused
     tile_row_start_ptr,  # [num_tiles] int32
-    D, F, ROWS_BUCKET,
+    seed_ptr,            # [1] int64 Philox key of the dropout mask (read when DROPOUT)
+    D, F, ROWS_BUCKET, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_xt, stride_xd, stride_w1e, stride_w1f, stride_w1d, stride_b1e, stride_b1f, stride_am, stride_hm,
-    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows of expert tile_expert[tile] x columns pid_n·BLOCK_N.. of F.
     tile = tl.program_id(0)
@@ -73,7 +77,8 @@ def _grouped_up_fwd_kernel(
         return
     e = e.to(tl.int64)
     rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
-    tok = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64) // TOP_K
+    flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tok = flat // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < F
     # B[kk, n] = W1[e, n, kk]: x · W1[e]ᵀ without a transposed copy.
@@ -86,6 +91,9 @@ def _grouped_up_fwd_kernel(
     if STORE_H:
         tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
     a = _activation(h, ACTIVATION)
+    if DROPOUT:  # a' = a ⊙ keep / (1 - p), the mask of dropout.py
+        keep = dropout_keep(tl.load(seed_ptr), flat, offs_n, F, DROPOUT_THRESHOLD)
+        a = tl.where(keep, a * DROPOUT_SCALE, 0.0)
     tl.store(a_ptr + rows[:, None] * stride_am + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
@@ -131,9 +139,11 @@ _grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["
 @torch.library.custom_op("clipmoe::grouped_up", mutates_args=())
 def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_flat: torch.Tensor,
                expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor, top_k: int,
-               activation: str, store_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               activation: str, store_h: bool, dropout_seed: Optional[torch.Tensor] = None,
+               dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, h): act(h) and h = x W1[e]ᵀ + b1[e], both [TK, F] in x.dtype, expert-sorted rows. h is [0, F] unless
-    store_h. The moe_align tile table must have been built with block_m = block_m_for(x.device)."""
+    store_h. With dropout_p > 0, a is act(h) ⊙ keep / (1 - p), keep the Philox mask of dropout_seed (dropout.py).
+    The moe_align tile table must have been built with block_m = block_m_for(x.device)."""
     get_activation(activation)
     tk = sorted_to_flat.shape[0]
     E, F, D = w1.shape
@@ -145,18 +155,21 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
     def grid(block_n, block_k):
         return (num_tiles, cdiv(F, block_n))
 
-    args = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F,
-            rows_bucket(tk, E), x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+    dropout = dropout_p > 0
+    args = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
+            dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), dropout_threshold(dropout_p),
+            1.0 / (1.0 - dropout_p), x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
             b1.stride(0), b1.stride(1), a.stride(0), h_arg.stride(0))
-    meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, INPUT_PRECISION=dot_precision(x.dtype),
-                BLOCK_M=block_m_for(x.device))
+    meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, DROPOUT=dropout,
+                INPUT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m_for(x.device))
     if tk > 0:
         _grouped_up_fwd(grid, x.device, args, meta)
     return a, h
 
 
 @grouped_up.register_fake
-def _(x, w1, b1, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, top_k, activation, store_h):
+def _(x, w1, b1, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, top_k, activation, store_h,
+      dropout_seed=None, dropout_p=0.0):
     tk, F = sorted_to_flat.shape[0], w1.shape[1]
     return x.new_empty((tk, F)), x.new_empty((tk if store_h else 0, F))
 

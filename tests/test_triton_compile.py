@@ -55,8 +55,8 @@ def _cases(dt):
         "combine": (grouped_gemm._slot_combine_kernel, dict(slots_ptr="fp32", out_ptr=dt),
                     dict(TOP_K=2, BLOCK_T=32, BLOCK_D=128)),
         "router": (router._router_fwd_kernel,
-                   dict(logits_ptr=dt, probs_ptr="fp32", weights_ptr="fp32", ids_ptr="i32", counts_ptr="i32",
-                        psums_ptr="fp32"),
+                   dict(logits_ptr=dt, probs_ptr="fp32", weights_ptr="fp32", ids_ptr="i32", lse_ptr="fp32",
+                        counts_ptr="i32", topk_counts_ptr="i32", psums_ptr="fp32"),
                    dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=8, BLOCK_K=2)),
     }
 

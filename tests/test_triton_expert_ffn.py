@@ -223,21 +223,6 @@ def test_zero_tokens():
         assert gr.shape == p.shape and torch.all(gr == 0)
 
 
-def test_dropout_in_training_falls_back_to_torch():
-    T, D, F, E, k = 12, 16, 24, 4, 2
-    ids, w = routing(T, E, k)
-    x = torch.randn(T, D)
-    params = weights(D, F, E)
-    torch.manual_seed(3)
-    y = expert_ffn_triton(x, ids, w, *params, dropout_p=0.3, training=True)
-    torch.manual_seed(3)
-    y_ref = expert_ffn_torch(x, ids, w, *params, dropout_p=0.3, training=True)
-    assert torch.equal(y, y_ref)
-    # dropout_p > 0 outside training is the identity: the kernels run
-    assert_close(expert_ffn_triton(x, ids, w, *params, dropout_p=0.3, training=False),
-                 expert_ffn_torch(x.double(), ids, w.double(), *[p.double() for p in params]), torch.float32)
-
-
 def test_fp64_falls_back_to_torch():
     T, D, F, E, k = 9, 8, 12, 3, 2
     ids, w = routing(T, E, k)
@@ -300,7 +285,7 @@ def test_compile_fullgraph_router_and_experts():
     leaves = [x, router_w] + params
 
     def layer(x, router_w, w1, b1, w2, b2):
-        probs, w, ids, counts, prob_sums = topk_routing_triton(x @ router_w.T, k)
+        probs, w, ids, counts, prob_sums = topk_routing_triton(x @ router_w.T, k)[:5]
         balance = E * ((counts.float() / T) * (prob_sums / T)).sum()
         return expert_ffn_triton(x, ids, w, w1, b1, w2, b2, activation="gelu"), balance
 
@@ -339,7 +324,7 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.clipmoe.route_topk, (torch.randn(T, E), k, True)),
     ]
     for op, args in cases:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_moe_ffn_module_triton_backend_layouts():
