@@ -6,11 +6,17 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from clipmoe_kernels import (check_backend, expert_ffn_naive, expert_ffn_torch, expert_ffn_triton, get_activation,
-                             select_backend, topk_routing_ref, topk_routing_triton)
-
-from clipmoe.losses import (AuxLosses, balance_loss, balance_loss_from_counts, router_z_loss,
-                            z_loss_from_logsumexp)
+from clipmoe.losses import AuxLosses, balance_loss, balance_loss_from_counts, router_z_loss, z_loss_from_logsumexp
+from clipmoe_kernels import (
+    check_backend,
+    expert_ffn_naive,
+    expert_ffn_torch,
+    expert_ffn_triton,
+    get_activation,
+    select_backend,
+    topk_routing_ref,
+    topk_routing_triton,
+)
 
 _EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch, "triton": expert_ffn_triton}
 

@@ -33,13 +33,13 @@ torch's generator of x's device, so runs repeat under torch.manual_seed; the dra
 """
 import torch
 
-from clipmoe_kernels import grouped_down as _grouped_down  # noqa: F401  (registers clipmoe::grouped_down*)
-from clipmoe_kernels import grouped_gemm as _grouped_gemm  # noqa: F401  (registers clipmoe::grouped_wgrad)
-from clipmoe_kernels import grouped_up as _grouped_up  # noqa: F401  (registers clipmoe::grouped_up*)
 from clipmoe_kernels._triton_utils import block_m_for, check_triton_device
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import check_dropout_p, dropout_seed
 from clipmoe_kernels.expert_ffn import check_expert_args, expert_ffn_torch
+from clipmoe_kernels.grouped_down import grouped_down, grouped_down_bwd
+from clipmoe_kernels.grouped_gemm import grouped_wgrad
+from clipmoe_kernels.grouped_up import grouped_up, grouped_up_bwd_dx
 from clipmoe_kernels.routing import moe_align
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,8 +53,8 @@ class ExpertFFNFunction(torch.autograd.Function):
         table = (meta.sorted_to_flat, meta.expert_offsets, meta.tile_expert, meta.tile_row_start)
         weights32 = topk_weights.to(torch.float32).contiguous()
         seed = dropout_seed(x.device) if dropout_p > 0 else None
-        a, h = torch.ops.clipmoe.grouped_up(x, w1, b1, *table, k, activation, store_h, seed, dropout_p)
-        y = torch.ops.clipmoe.grouped_down(a, w2, b2, weights32, *table)
+        a, h = grouped_up(x, w1, b1, *table, k, activation, store_h, seed, dropout_p)
+        y = grouped_down(a, w2, b2, weights32, *table)
         if store_h:
             ctx.save_for_backward(x, w1, w2, b2, weights32, h, seed, *table)
         ctx.activation, ctx.dropout_p = activation, dropout_p
@@ -70,17 +70,15 @@ class ExpertFFNFunction(torch.autograd.Function):
         T, k = weights32.shape
         need_dh = need_x or need_w1 or need_b1
         dropout = (seed, ctx.dropout_p)  # the forward's mask, regenerated
-        dh, ds = torch.ops.clipmoe.grouped_down_bwd(dy, h, w2, b2, weights32, *table, ctx.activation, need_dh, need_s,
-                                                    *dropout)
+        dh, ds = grouped_down_bwd(dy, h, w2, b2, weights32, *table, ctx.activation, need_dh, need_s, *dropout)
         dx = dw1 = db1 = dw2 = db2 = None
         if need_x:
-            dx = torch.ops.clipmoe.grouped_up_bwd_dx(dh, w1, *table, T, k)
+            dx = grouped_up_bwd_dx(dh, w1, *table, T, k)
         if need_w1 or need_b1:
-            dw1, db1 = torch.ops.clipmoe.grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k,
-                                                       False, True, "none")
+            dw1, db1 = grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k, False, True, "none")
         if need_w2 or need_b2:
-            dw2, db2 = torch.ops.clipmoe.grouped_wgrad(dy, h, weights32, sorted_to_flat, expert_offsets, k,
-                                                       True, False, ctx.activation, *dropout)
+            dw2, db2 = grouped_wgrad(dy, h, weights32, sorted_to_flat, expert_offsets, k, True, False,
+                                     ctx.activation, *dropout)
         d_weights = ds.to(ctx.weights_dtype) if need_s else None
         return (dx, None, d_weights, dw1 if need_w1 else None, db1 if need_b1 else None,  # x, ids, weights, w1, b1
                 dw2 if need_w2 else None, db2 if need_b2 else None, None, None, None)  # w2, b2, activation, store_h, p

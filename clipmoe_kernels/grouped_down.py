@@ -28,12 +28,18 @@ import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, TunedKernel, block_m_for, cdiv, dot_precision,
-                                           rows_bucket)
+from clipmoe_kernels._triton_utils import (
+    GEMM_CONFIGS,
+    TunedKernel,
+    block_m_for,
+    cdiv,
+    custom_op,
+    dot_precision,
+    rows_bucket,
+)
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
-from clipmoe_kernels.grouped_gemm import (_activation_and_grad, _rows_matmul, _tile_rows, min_block_n,
-                                          slot_combine)
+from clipmoe_kernels.grouped_gemm import _activation_and_grad, _rows_matmul, _tile_rows, min_block_n, slot_combine
 
 
 def grouped_down_ref(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets):
@@ -171,7 +177,7 @@ def _grouped_down_bwd_kernel(
 _grouped_down_bwd = TunedKernel(_grouped_down_bwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
-@torch.library.custom_op("clipmoe::grouped_down", mutates_args=())
+@custom_op("clipmoe::grouped_down")
 def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weights: torch.Tensor,
                  sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
                  tile_row_start: torch.Tensor) -> torch.Tensor:
@@ -204,7 +210,7 @@ def _(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets, tile_expert, tile
     return a.new_empty((topk_weights.shape[0], w2.shape[1]))
 
 
-@torch.library.custom_op("clipmoe::grouped_down_bwd", mutates_args=())
+@custom_op("clipmoe::grouped_down_bwd")
 def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor,
                      tile_expert: torch.Tensor, tile_row_start: torch.Tensor, activation: str, compute_dh: bool,

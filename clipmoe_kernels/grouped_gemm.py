@@ -31,8 +31,17 @@ import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (WGRAD_CONFIGS, TunedKernel, block_m_for, candidate_configs, cdiv,
-                                           dot_precision, launch, rows_bucket)
+from clipmoe_kernels._triton_utils import (
+    WGRAD_CONFIGS,
+    TunedKernel,
+    block_m_for,
+    candidate_configs,
+    cdiv,
+    custom_op,
+    dot_precision,
+    launch,
+    rows_bucket,
+)
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
 
@@ -241,7 +250,7 @@ def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("clipmoe::grouped_wgrad", mutates_args=())
+@custom_op("clipmoe::grouped_wgrad")
 def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch.Tensor,
                   sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, top_k: int,
                   gather_grad_out: bool, gather_inp: bool, inp_activation: str,

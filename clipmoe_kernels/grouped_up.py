@@ -22,8 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, TunedKernel, block_m_for, cdiv, dot_precision,
-                                           rows_bucket)
+from clipmoe_kernels._triton_utils import (
+    GEMM_CONFIGS,
+    TunedKernel,
+    block_m_for,
+    cdiv,
+    custom_op,
+    dot_precision,
+    rows_bucket,
+)
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
 from clipmoe_kernels.grouped_gemm import _activation, _rows_matmul, _tile_rows, slot_combine
@@ -136,7 +143,7 @@ def _grouped_up_bwd_dx_kernel(
 _grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
 
 
-@torch.library.custom_op("clipmoe::grouped_up", mutates_args=())
+@custom_op("clipmoe::grouped_up")
 def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_flat: torch.Tensor,
                expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor, top_k: int,
                activation: str, store_h: bool, dropout_seed: Optional[torch.Tensor] = None,
@@ -174,7 +181,7 @@ def _(x, w1, b1, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, to
     return x.new_empty((tk, F)), x.new_empty((tk if store_h else 0, F))
 
 
-@torch.library.custom_op("clipmoe::grouped_up_bwd_dx", mutates_args=())
+@custom_op("clipmoe::grouped_up_bwd_dx")
 def grouped_up_bwd_dx(dh: torch.Tensor, w1: torch.Tensor, sorted_to_flat: torch.Tensor,
                       expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor,
                       num_tokens: int, top_k: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import cdiv, check_triton_device, launch
+from clipmoe_kernels._triton_utils import cdiv, check_triton_device, custom_op, launch
 from clipmoe_kernels.routing import topk_routing_ref
 
 # Tokens per tile: the tile is BLOCK_T x next_pow2(E) fp32, tiny for E <= 64.
@@ -146,7 +146,7 @@ def router_programs(num_tokens: int) -> tuple[int, int]:
     return cdiv(blocks, per_program), per_program
 
 
-@torch.library.custom_op("clipmoe::route_topk", mutates_args=())
+@custom_op("clipmoe::route_topk")
 def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor, torch.Tensor,
@@ -191,7 +191,7 @@ def _(logits, top_k, renormalize):
 class RouterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k, renormalize):
-        probs, weights, ids, counts, psums, topk_counts, lse = torch.ops.clipmoe.route_topk(logits, top_k, renormalize)
+        probs, weights, ids, counts, psums, topk_counts, lse = route_topk(logits, top_k, renormalize)
         ctx.save_for_backward(probs, ids)
         ctx.renormalize = renormalize
         ctx.logits_dtype = logits.dtype

@@ -17,7 +17,6 @@ from tests.moe_cases import GRAD_NAMES as NAMES  # noqa: E402
 from tests.moe_cases import expert_weights, routing, run_with_grads  # noqa: E402
 from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 weights = expert_weights
 run = run_with_grads

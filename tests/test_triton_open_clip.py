@@ -10,7 +10,6 @@ import clipmoe  # noqa: E402
 from clipmoe import MoEFFN  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 

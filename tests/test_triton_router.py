@@ -15,7 +15,6 @@ from clipmoe_kernels.router import router_ref, topk_routing_triton  # noqa: E402
 from clipmoe_kernels.routing import topk_routing_ref  # noqa: E402
 from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
