@@ -10,7 +10,6 @@ statistics the fused router kernel already produces (per-expert counts and proba
 logsumexp: balance_loss_from_counts, z_loss_from_logsumexp), which cost a few ops on [E] and [T] vectors.
 """
 from dataclasses import dataclass, field
-from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -57,4 +56,4 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
 class AuxLosses:
     balance: torch.Tensor                 # mean over MoE layers of their balance loss
     z_loss: torch.Tensor                  # mean over MoE layers of their router z-loss
-    per_layer: Dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> balance loss
+    per_layer: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> balance loss

@@ -1,7 +1,8 @@
 """MoEFFN: a drop-in Mixture-of-Experts replacement for the MLP of a CLIP transformer block."""
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,7 +34,7 @@ class MoEAux:
     router_probs: torch.Tensor       # [T, E] fp32 softmax
     topk_ids: torch.Tensor           # [T, k] decreasing probability; int64 (int32 from the triton router)
     topk_weights: torch.Tensor       # [T, k] fp32, renormalised when the module renormalises
-    router_stats: Optional[Any] = None  # clipmoe_kernels.router.RouterOutput of the fused router, else None
+    router_stats: Any | None = None  # clipmoe_kernels.router.RouterOutput of the fused router, else None
     # computed on first access (a plain dict, not functools.cached_property, whose lock torch.compile cannot trace)
     _losses: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -116,7 +117,7 @@ class MoEFFN(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim, **factory))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden_dim, **factory))
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model, **factory))
-        self.aux: Optional[MoEAux] = None
+        self.aux: MoEAux | None = None
         self.reset_parameters()
 
     def reset_parameters(self):

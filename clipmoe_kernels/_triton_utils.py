@@ -38,8 +38,8 @@ ENV_TRITON_CONFIG = "CLIPMOE_TRITON_CONFIG"
 
 # Rows per tile of the grouped GEMMs. It is also the block_m of the moe_align tile table, so it is a fixed constant
 # and never autotuned (a tile table built for one BLOCK_M is wrong for another). 64 on GPU: with 400-65K rows per
-# expert in our CLIP shapes (kernel-design.md §0) at most E partial tiles are wasted, and BLOCK_M=64 with BLOCK_N up
-# to 256 keeps the accumulator within the register file at 4-8 warps. 16 in the interpreter: test shapes have tens
+# expert in our CLIP shapes (docs/kernels.md, "Workload") at most E partial tiles are wasted, and BLOCK_M=64 with
+# BLOCK_N up to 256 keeps the accumulator within the register file at 4-8 warps. 16 in the interpreter: test shapes have tens
 # of tokens, so 16 gives several tiles per expert and partial tiles (the logic under test) on tiny inputs.
 BLOCK_M_GPU = 64
 BLOCK_M_INTERPRET = 16

@@ -12,17 +12,17 @@ slot f(r) = t·k + j of token t(r), routed to expert e(r) with routing weight s_
              dW2[e] = Σ_{r∈e} (s_r dy[t(r)])ᵀ a_r,  db2[e] = Σ_{r∈e} s_r dy[t(r)]   (grouped_gemm.grouped_wgrad)
 Tensors: a, h [TK, F] expert-sorted; w2 [E, D, F], b2 [E, D]; topk_weights [T, k] fp32; y, dy [T, D] token order.
 
-Design. Forward: one program per (tile of the moe_align tile table, BLOCK_N columns of D); unused tiles
+Design. Forward: one program per (tile of the moe_align tile table, BLOCK_N columns of D), in the grouped order of
+grouped_gemm.program_tile; unused tiles
 (tile_expert == -1) exit at once. Rows scatter on store to their flat slot of an fp32 [T, k, D] buffer, then
 grouped_gemm.slot_combine sums the k slots per token in slot order: deterministic, no atomics. For k = 1 the GEMM
 writes y directly. Because the weight multiplies the fp32 accumulator and the slot buffer is fp32, a 16-bit output
-cannot overflow before the routing weight shrinks it (kernel-design.md §4, bug class 3).
+cannot overflow before the routing weight shrinks it (docs/kernels.md, "Numerics").
 Backward: the SonicMoE idea, so Y (TK x D) is never cached: ds_r is a row sum of G ⊙ a, which the dh kernel holds in
 registers anyway. Each program reduces its BLOCK_N columns of F to one partial per row, written to
 partials[pid_n, f(r)]; the launcher sums the partials over pid_n (fixed order, no atomics). The dy·b2 term is added
 by the pid_n == 0 programs.
 """
-from typing import Optional
 
 import torch
 import triton
@@ -39,7 +39,15 @@ from clipmoe_kernels._triton_utils import (
 )
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
-from clipmoe_kernels.grouped_gemm import _activation_and_grad, _rows_matmul, _tile_rows, min_block_n, slot_combine
+from clipmoe_kernels.grouped_gemm import (
+    GROUP_M,
+    _activation_and_grad,
+    _rows_matmul,
+    _tile_rows,
+    min_block_n,
+    program_tile,
+    slot_combine,
+)
 
 
 def grouped_down_ref(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets):
@@ -79,12 +87,12 @@ def _grouped_down_fwd_kernel(
     tile_row_start_ptr,  # [num_tiles] int32
     D, F, ROWS_BUCKET,
     stride_am, stride_ak, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_om, stride_od,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(D, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
@@ -125,12 +133,12 @@ def _grouped_down_bwd_kernel(
     stride_dyt, stride_dyd, stride_hm, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_dhm,
     stride_dsn,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DS: tl.constexpr,
-    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of F.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(F, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
@@ -166,7 +174,7 @@ def _grouped_down_bwd_kernel(
         if pid_n == 0:
             # The buffer has NUM_N_ALLOC rows (for the narrowest candidate BLOCK_N); rows this launch's BLOCK_N does
             # not reach are zeroed here, so no earlier launch (an autotune candidate) can leave partials behind.
-            for n in range(tl.num_programs(1), NUM_N_ALLOC):
+            for n in range(num_n, NUM_N_ALLOC):
                 tl.store(ds_ptr + flat + n * stride_dsn, 0.0, mask=row_mask)  # n·stride < NUM_N_ALLOC·TK < 2^31
     if COMPUTE_DH:
         s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
@@ -192,12 +200,12 @@ def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weigh
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
-        return (num_tiles, cdiv(D, block_n))
+        return (num_tiles * cdiv(D, block_n),)
 
     args = (a, w2, b2, topk_weights, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F,
             rows_bucket(tk, E), a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
             b2.stride(0), b2.stride(1), out.stride(0), out.stride(1))
-    meta = dict(INPUT_PRECISION=dot_precision(a.dtype), BLOCK_M=block_m_for(a.device))
+    meta = dict(INPUT_PRECISION=dot_precision(a.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(a.device))
     if tk > 0:
         _grouped_down_fwd(grid, a.device, args, meta)
     if k > 1:
@@ -214,7 +222,7 @@ def _(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets, tile_expert, tile
 def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor,
                      tile_expert: torch.Tensor, tile_row_start: torch.Tensor, activation: str, compute_dh: bool,
-                     compute_ds: bool, dropout_seed: Optional[torch.Tensor] = None,
+                     compute_ds: bool, dropout_seed: torch.Tensor | None = None,
                      dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh [TK, F] in h.dtype, expert-sorted; dtopk_weights [T, k] fp32). Either is an empty [0, ·] tensor when its
     compute_* flag is off. h is the saved pre-activation; topk_weights [T, k] fp32 contiguous; dropout_seed and
@@ -233,7 +241,7 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
-        return (num_tiles, cdiv(F, block_n))
+        return (num_tiles * cdiv(F, block_n),)
 
     dropout = dropout_p > 0
     args = (dy, h, w2, b2, topk_weights, dh_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
@@ -241,7 +249,7 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
             dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dy.stride(0), dy.stride(1), h.stride(0),
             w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), partials.stride(0))
     meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds, DROPOUT=dropout,
-                INPUT_PRECISION=dot_precision(h.dtype), BLOCK_M=block_m_for(h.device))
+                INPUT_PRECISION=dot_precision(h.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(h.device))
     if tk > 0 and (compute_dh or compute_ds):
         _grouped_down_bwd(grid, h.device, args, meta)
     ds = partials.sum(0).view(T, k) if compute_ds else partials.new_empty((0, k))

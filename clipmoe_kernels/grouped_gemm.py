@@ -25,7 +25,6 @@ ViT-L/14, batch 1024); strides themselves stay int32 (widening all of them costs
 The weight-gradient kernel writes every [BLOCK_N, BLOCK_K] tile of dW (and db), so an expert with no rows gets
 exact zeros, never uninitialised memory.
 """
-from typing import Optional
 
 import torch
 import triton
@@ -83,7 +82,79 @@ def grouped_wgrad_ref(grad_out, inp, topk_weights, sorted_to_flat, expert_offset
     return dw, db
 
 
+# Program order of the row-tile GEMMs (grouped_up, grouped_down and their backward kernels): one 1-D grid of
+# num_tiles x num_n programs in groups of GROUP_M consecutive row tiles; within a group the tile index runs fastest,
+# then the N-block. Programs are issued roughly in id order, so the ~132 resident on an H200 cover GROUP_M tiles x
+# about 132 / GROUP_M N-blocks: each gathered row tile and each weight column block is read from HBM about once while
+# it sits in L2 (the 2-D grid with the tile index fastest re-read every gathered row once per N-block).
+# bench/traffic_model.py replays exactly this order (`program_order` runs `program_tile` itself).
+GROUP_M = 8
+
+
 # --------------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def program_tile(pid, num_tiles, num_n, GROUP_M: tl.constexpr):
+    """(row tile, N-block) of program `pid` (scalar or block) in the grouped order described above."""
+    per_group = GROUP_M * num_n
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(num_tiles - first, GROUP_M)
+    within = pid % per_group
+    return first + within % size, within // size
+
+
+@triton.jit
+def wgrad_program(pid, num_n, num_k):
+    """(expert, N-block, K-block) of weight-gradient program `pid`: experts slowest; within an expert the operand
+    with fewer blocks runs fastest, so the resident programs share one row block of the larger operand (read from
+    HBM about once) and all blocks of the smaller one."""
+    per_expert = num_n * num_k
+    e = pid // per_expert
+    within = pid % per_expert
+    if num_n <= num_k:
+        n, k = within % num_n, within // num_n
+    else:
+        n, k = within // num_k, within % num_k
+    return e, n, k
+
+
+@triton.jit
+def _program_order_kernel(out_ptr, num_programs, dim0, dim1, GROUP_M: tl.constexpr, WGRAD: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    # out[:, pid] = the program's coordinates: (tile, n, 0) of program_tile, or (e, n, k) of wgrad_program
+    pids = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = pids < num_programs
+    pids = tl.minimum(pids, num_programs - 1)
+    if WGRAD:
+        a, b, c = wgrad_program(pids, dim0, dim1)
+    else:
+        a, b = program_tile(pids, dim0, dim1, GROUP_M)
+        c = b * 0
+    tl.store(out_ptr + pids, a, mask=mask)
+    tl.store(out_ptr + num_programs + pids, b, mask=mask)
+    tl.store(out_ptr + 2 * num_programs + pids, c, mask=mask)
+
+
+def _run_order(num_programs, dim0, dim1, wgrad):
+    out = torch.empty((3, num_programs), dtype=torch.int32)
+    if num_programs:
+        block = 1024
+        launch(_program_order_kernel, (cdiv(num_programs, block),), out.device, out, num_programs, dim0, dim1,
+               GROUP_M=GROUP_M, WGRAD=wgrad, BLOCK=block)
+    return out
+
+
+def program_order(num_tiles: int, num_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile, N-block) of row-tile programs 0..num_tiles·num_n-1 (int32), computed by the kernels' `program_tile`
+    under the Triton interpreter, so that the traffic model replays the kernels' own order."""
+    tiles, ns, _ = _run_order(num_tiles * num_n, num_tiles, num_n, False)
+    return tiles, ns
+
+
+def wgrad_program_order(num_experts: int, num_n: int, num_k: int):
+    """(expert, N-block, K-block) of weight-gradient programs in launch order, by the kernel's `wgrad_program`."""
+    return tuple(_run_order(num_experts * num_n * num_k, num_n, num_k, True))
+
+
 @triton.jit
 def _activation(h, ACTIVATION: tl.constexpr):
     """act(h) in fp32 (h fp32)."""
@@ -161,12 +232,12 @@ def _grouped_wgrad_kernel(
     IN_ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Program (e, pid_n, pid_k) owns dW[e, pid_n·BLOCK_N:, pid_k·BLOCK_K:] and walks expert e's contiguous sorted rows
+    # Program (e, pid_n, pid_k) (order: wgrad_program) owns dW[e, pid_n·BLOCK_N:, pid_k·BLOCK_K:] and walks expert
+    # e's contiguous sorted rows
     # BLOCK_M at a time (BLOCK_M is the grouped-GEMM constant; this loop does not read the tile table); programs with
     # pid_k == 0 also own db[e, pid_n·BLOCK_N:].
-    e = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    e, pid_n, pid_k = wgrad_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K))
+    e = e.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -254,7 +325,7 @@ def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch.Tensor,
                   sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, top_k: int,
                   gather_grad_out: bool, gather_inp: bool, inp_activation: str,
-                  dropout_seed: Optional[torch.Tensor] = None,
+                  dropout_seed: torch.Tensor | None = None,
                   dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW [E, N, K], db [E, N]) in inp.dtype, see the module docstring. grad_out [TK or T, N], inp [T or TK, K],
     topk_weights [T, k] fp32 contiguous (read only when gather_grad_out: the token rows are then scaled by s_r).
@@ -266,7 +337,7 @@ def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch
     tk = sorted_to_flat.shape[0]
 
     def grid(block_n, block_k):
-        return (E, cdiv(N, block_n), cdiv(K, block_k))
+        return (E * cdiv(N, block_n) * cdiv(K, block_k),)
 
     dropout = dropout_p > 0
     args = (grad_out, inp, topk_weights, dw, db, sorted_to_flat, expert_offsets,

@@ -8,7 +8,8 @@ Math (glossary: T tokens, D model width, F expert hidden width, E experts, k top
              dW1[e] = Σ_{r∈e} dh_rᵀ x[t(r)],  db1[e] = Σ_{r∈e} dh_r   (grouped_gemm.grouped_wgrad)
 Tensors: x [T, D] (any strides), w1 [E, F, D], b1 [E, F] (nn.Linear orientation), a and h [TK, F] expert-sorted.
 
-Design: one program per (tile of the moe_align tile table, BLOCK_N columns of F). A tile is BLOCK_M sorted rows of
+Design: one program per (tile of the moe_align tile table, BLOCK_N columns of F), issued in the grouped order of
+grouped_gemm.program_tile (docs/kernels.md). A tile is BLOCK_M sorted rows of
 one expert; its x rows are gathered on load through sorted_to_flat // k (no permuted copy of x). Unused tile slots
 (tile_expert == -1; the table is sized by the host bound ceil(TK/BLOCK_M) + E) exit at once, so the grid never
 depends on routing and nothing synchronises with the host. The pre-activation h is stored only when a gradient is
@@ -16,7 +17,6 @@ needed (store_h): the backward recomputes act(h) and act'(h) from it instead of 
 slot (scatter on store to [T, k, D] fp32, or straight into dx when k = 1) and summed over the k slots by the
 deterministic grouped_gemm.slot_combine; no atomics.
 """
-from typing import Optional
 
 import torch
 import triton
@@ -33,7 +33,7 @@ from clipmoe_kernels._triton_utils import (
 )
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
-from clipmoe_kernels.grouped_gemm import _activation, _rows_matmul, _tile_rows, slot_combine
+from clipmoe_kernels.grouped_gemm import GROUP_M, _activation, _rows_matmul, _tile_rows, program_tile, slot_combine
 
 
 def grouped_up_ref(x, w1, b1, sorted_to_flat, expert_offsets, top_k, activation):
@@ -74,11 +74,12 @@ def _grouped_up_fwd_kernel(
     D, F, ROWS_BUCKET, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_xt, stride_xd, stride_w1e, stride_w1f, stride_w1d, stride_b1e, stride_b1f, stride_am, stride_hm,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows of expert tile_expert[tile] x columns pid_n·BLOCK_N.. of F.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(F, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
@@ -118,12 +119,12 @@ def _grouped_up_bwd_dx_kernel(
     tile_row_start_ptr,  # [num_tiles] int32
     D, F, ROWS_BUCKET,
     stride_dhm, stride_w1e, stride_w1f, stride_w1d, stride_om, stride_od,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(D, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
@@ -146,7 +147,7 @@ _grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["
 @custom_op("clipmoe::grouped_up")
 def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_flat: torch.Tensor,
                expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor, top_k: int,
-               activation: str, store_h: bool, dropout_seed: Optional[torch.Tensor] = None,
+               activation: str, store_h: bool, dropout_seed: torch.Tensor | None = None,
                dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, h): act(h) and h = x W1[e]ᵀ + b1[e], both [TK, F] in x.dtype, expert-sorted rows. h is [0, F] unless
     store_h. With dropout_p > 0, a is act(h) ⊙ keep / (1 - p), keep the Philox mask of dropout_seed (dropout.py).
@@ -160,7 +161,7 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
-        return (num_tiles, cdiv(F, block_n))
+        return (num_tiles * cdiv(F, block_n),)
 
     dropout = dropout_p > 0
     args = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
@@ -168,7 +169,7 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
             1.0 / (1.0 - dropout_p), x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
             b1.stride(0), b1.stride(1), a.stride(0), h_arg.stride(0))
     meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, DROPOUT=dropout,
-                INPUT_PRECISION=dot_precision(x.dtype), BLOCK_M=block_m_for(x.device))
+                INPUT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(x.device))
     if tk > 0:
         _grouped_up_fwd(grid, x.device, args, meta)
     return a, h
@@ -195,11 +196,11 @@ def grouped_up_bwd_dx(dh: torch.Tensor, w1: torch.Tensor, sorted_to_flat: torch.
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
-        return (num_tiles, cdiv(D, block_n))
+        return (num_tiles * cdiv(D, block_n),)
 
     args = (dh, w1, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F, rows_bucket(tk, E),
             dh.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1))
-    meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), BLOCK_M=block_m_for(dh.device))
+    meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(dh.device))
     if tk > 0:
         _grouped_up_bwd_dx(grid, dh.device, args, meta)
     if top_k > 1:

@@ -122,9 +122,10 @@ def test_aux_losses_from_router_statistics_match_the_torch_backend():
         losses = [aux.balance_loss, aux.balance_loss_topk, aux.z_loss]
         grads = [torch.autograd.grad(loss, moe.router.weight, retain_graph=True)[0] for loss in losses]
         results[backend] = losses, grads
-    for name, got, want in zip(("balance", "balance_topk", "z"), *[results[b][0] for b in ("triton", "torch")]):
+    names = ("balance", "balance_topk", "z")
+    for name, got, want in zip(names, *[results[b][0] for b in ("triton", "torch")], strict=True):
         assert_close(got, want, torch.float32, name)
-    for name, got, want in zip(("balance", "balance_topk", "z"), *[results[b][1] for b in ("triton", "torch")]):
+    for name, got, want in zip(names, *[results[b][1] for b in ("triton", "torch")], strict=True):
         assert_close(got, want, torch.float32, f"d router via {name}")
 
 

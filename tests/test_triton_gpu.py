@@ -138,7 +138,7 @@ def test_two_runs_are_bitwise_equal(dtype):
 
 def test_zero_token_experts_on_a_poisoned_allocator():
     """Weight gradients of experts without tokens are exact zeros even when the allocator hands out NaN-filled
-    memory (kernel-design.md §4, bug class 2)."""
+    memory (docs/kernels.md, "Numerics")."""
     junk = torch.full((64 << 20,), float("nan"), device=DEV)  # 256 MiB of NaN left in the caching allocator
     del junk
     E = 6
