@@ -39,8 +39,8 @@ ENV_TRITON_CONFIG = "CLIPMOE_TRITON_CONFIG"
 # Rows per tile of the grouped GEMMs. It is also the block_m of the moe_align tile table, so it is a fixed constant
 # and never autotuned (a tile table built for one BLOCK_M is wrong for another). 64 on GPU: with 400-65K rows per
 # expert in our CLIP shapes (docs/kernels.md, "Workload") at most E partial tiles are wasted, and BLOCK_M=64 with
-# BLOCK_N up to 256 keeps the accumulator within the register file at 4-8 warps. 16 in the interpreter: test shapes have tens
-# of tokens, so 16 gives several tiles per expert and partial tiles (the logic under test) on tiny inputs.
+# BLOCK_N up to 256 keeps the accumulator within the register file at 4-8 warps. 16 in the interpreter: test shapes
+# have tens of tokens, so 16 gives several tiles per expert and partial tiles (the logic under test) on tiny inputs.
 BLOCK_M_GPU = 64
 BLOCK_M_INTERPRET = 16
 
@@ -146,21 +146,13 @@ def _parse_pinned_config(raw: str, interpreter: bool):
     return base._replace(**values)
 
 
-def fixed_config(device: torch.device):
-    """The config to launch with when not autotuning: the pinned one, else INTERPRET_CONFIG for CPU tensors (or
-    whenever TRITON_INTERPRET=1: @triton.autotune cannot run under the interpreter), else None (autotune on CUDA)."""
+def candidate_configs(device: torch.device, wgrad: bool = False) -> list[TileConfig]:
+    """Every config a launch on `device` may use (sizes buffers whose shape depends on BLOCK_N): the pinned one, or
+    the autotune candidates (which a cached choice is one of) and INTERPRET_CONFIG."""
     pinned = pinned_config()
     if pinned is not None:
-        return pinned
-    return INTERPRET_CONFIG if uses_interpreter(device) or is_interpreter() else None
-
-
-def candidate_configs(device: torch.device, wgrad: bool = False) -> list[TileConfig]:
-    """Every config a launch on `device` may use (sizes buffers whose shape depends on BLOCK_N)."""
-    fixed = fixed_config(device)
-    if fixed is not None:
-        return [fixed]
-    return WGRAD_CONFIGS if wgrad else GEMM_CONFIGS
+        return [pinned]
+    return (WGRAD_CONFIGS if wgrad else GEMM_CONFIGS) + [INTERPRET_CONFIG]
 
 
 def autotune_configs(configs):
@@ -234,17 +226,33 @@ def custom_op(name: str):
 
 
 class TunedKernel:
-    """A @triton.jit grouped-GEMM kernel with tunable BLOCK_N/BLOCK_K/num_warps/num_stages. Launches with the fixed
-    config (CLIPMOE_TRITON_CONFIG, or INTERPRET_CONFIG for CPU tensors) when there is one, else through
-    @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import)."""
+    """A @triton.jit grouped-GEMM kernel with tunable BLOCK_N/BLOCK_K/num_warps/num_stages. Config, in order: the
+    pinned one (CLIPMOE_TRITON_CONFIG); the cached one for this device, kernel and autotune key (tuned_configs.py:
+    the shipped JSON, or an earlier autotune in this process); INTERPRET_CONFIG for CPU tensors; else
+    @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import), whose
+    choice is then cached for the process."""
 
     def __init__(self, kernel, configs, key):
         self.kernel, self.configs, self.key = kernel, configs, key
+        self.name = kernel.fn.__name__
+        self._key_index = [kernel.arg_names.index(k) for k in key]
         self._tuned = None
 
     def __call__(self, grid, device: torch.device, args, meta):
         """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
-        cfg = fixed_config(device)
+        from clipmoe_kernels import tuned_configs
+        cfg = pinned_config()
+        key = None
+        if cfg is None:
+            key = tuned_configs.key_string(self.key, [args[i] for i in self._key_index])
+            cached = tuned_configs.lookup(device, self.name, key)
+            if cached is not None:
+                cfg = TileConfig(**cached)
+                if cfg not in self.configs:  # buffers are sized for the candidates (candidate_configs)
+                    raise ValueError(f"{tuned_configs.table_path()}: the config {cached} of {self.name} ({key}) is "
+                                     f"not one of its autotune candidates {[c._asdict() for c in self.configs]}")
+            elif uses_interpreter(device) or is_interpreter():
+                cfg = INTERPRET_CONFIG
         if cfg is not None:
             launch(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, *args, **meta, BLOCK_N=cfg.BLOCK_N,
                    BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -253,6 +261,9 @@ class TunedKernel:
             import triton
             self._tuned = triton.autotune(autotune_configs(self.configs), key=self.key)(self.kernel)
         self._tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
+        best = self._tuned.best_config
+        tuned_configs.record(device, self.name, key, dict(best.kwargs, num_warps=best.num_warps,
+                                                         num_stages=best.num_stages))
 
 
 def rows_bucket(total_rows: int, num_experts: int) -> int:

@@ -25,6 +25,7 @@ Tiles: BLOCK_M is fixed (64 on GPU, 16 in the interpreter; it is also the moe_al
 warps and stages are autotuned on CUDA per kernel, keyed on (D, F, bucket of rows per expert). The environment
 variable CLIPMOE_TRITON_CONFIG (e.g. "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3") pins one config instead
 (see _triton_utils); under the Triton interpreter a fixed config is always used (autotune cannot run there).
+Autotune's choices are cached across processes in the JSON of tuned_configs.py (per device name and key).
 
 Dropout (dropout_p > 0 in training, CLIP-MoE's 0.1 between the activation and W2) is fused: grouped_up stores
 a' = act(h) ⊙ keep / (1 − p) for the down-projection, and the backward kernels (grouped_down_bwd, the dW2 grouped_wgrad)
