@@ -36,13 +36,22 @@ except ImportError as exc:  # triton is optional: the torch backends work withou
 
 ENV_TRITON_CONFIG = "CLIPMOE_TRITON_CONFIG"
 
-# Rows per tile of the grouped GEMMs. It is also the block_m of the moe_align tile table, so it is a fixed constant
-# and never autotuned (a tile table built for one BLOCK_M is wrong for another). 64 on GPU: with 400-65K rows per
-# expert in our CLIP shapes (docs/kernels.md, "Workload") at most E partial tiles are wasted, and BLOCK_M=64 with
-# BLOCK_N up to 256 keeps the accumulator within the register file at 4-8 warps. 16 in the interpreter: test shapes
-# have tens of tokens, so 16 gives several tiles per expert and partial tiles (the logic under test) on tiny inputs.
+# Rows per tile of the grouped GEMMs. It is also the block_m of the moe_align tile table, so it is never autotuned
+# (a tile table built for one BLOCK_M is wrong for another): `block_m_for` picks it from the shapes alone (the
+# bucket of rows per expert, the same value that keys autotuning), and the table and every kernel use that rule.
+# On a GPU: 64 (at most E partial tiles wasted; BLOCK_N up to 256 keeps the accumulator in registers at 4-8 warps).
+# The switch to 128-row tiles beyond 4096 rows per expert (CLIP training batches: tens of thousands of rows per
+# expert, where 128-row tiles halve the weight reads per output and feed two wgmma m64 warpgroups) is built and
+# tested but off on GPUs (LARGE_SEGMENT_BUCKET_GPU = None): the 128-row variants spill registers in all but one
+# kernel (tests/test_triton_compile.py), so they would be slower until the kernels are reworked. In the interpreter
+# 16 and 32 (beyond 16 rows per expert), so that tiny test shapes cover both tile tables, with several tiles per
+# expert and partial tiles.
 BLOCK_M_GPU = 64
+BLOCK_M_GPU_LARGE = 128
+LARGE_SEGMENT_BUCKET_GPU = None  # 8192 turns 128-row tiles on beyond 4096 rows per expert
 BLOCK_M_INTERPRET = 16
+BLOCK_M_INTERPRET_LARGE = 32
+LARGE_SEGMENT_BUCKET_INTERPRET = 32
 
 
 class TileConfig(NamedTuple):
@@ -61,6 +70,12 @@ GEMM_CONFIGS = [
     TileConfig(128, 32, 4, 4),
     TileConfig(128, 64, 8, 3),
     TileConfig(256, 64, 8, 3),
+]
+# 128-row tiles (large segments): 128x128 and 128x256 outputs at 8 warps (two warpgroups).
+GEMM_CONFIGS_LARGE = [
+    TileConfig(128, 64, 8, 3),
+    TileConfig(256, 64, 8, 3),
+    TileConfig(128, 32, 8, 4),
 ]
 # Weight-gradient kernels own a [BLOCK_N, BLOCK_K] tile of dW[e] and loop over the expert's rows; square-ish tiles
 # balance the reuse of both operands.
@@ -110,9 +125,14 @@ def uses_interpreter(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def block_m_for(device: torch.device) -> int:
-    """BLOCK_M of the grouped GEMMs (and of the tile table they read) for tensors on `device`."""
-    return BLOCK_M_INTERPRET if uses_interpreter(device) else BLOCK_M_GPU
+def block_m_for(device: torch.device, rows: int, num_experts: int) -> int:
+    """BLOCK_M of the grouped GEMMs (and of the tile table they read) for `rows` routed rows over `num_experts`
+    experts on `device` (see BLOCK_M_GPU)."""
+    bucket = rows_bucket(rows, num_experts)
+    if uses_interpreter(device):
+        return BLOCK_M_INTERPRET_LARGE if bucket >= LARGE_SEGMENT_BUCKET_INTERPRET else BLOCK_M_INTERPRET
+    large = LARGE_SEGMENT_BUCKET_GPU is not None and bucket >= LARGE_SEGMENT_BUCKET_GPU
+    return BLOCK_M_GPU_LARGE if large else BLOCK_M_GPU
 
 
 _CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -152,7 +172,7 @@ def candidate_configs(device: torch.device, wgrad: bool = False) -> list[TileCon
     pinned = pinned_config()
     if pinned is not None:
         return [pinned]
-    return (WGRAD_CONFIGS if wgrad else GEMM_CONFIGS) + [INTERPRET_CONFIG]
+    return (WGRAD_CONFIGS if wgrad else GEMM_CONFIGS + GEMM_CONFIGS_LARGE) + [INTERPRET_CONFIG]
 
 
 def autotune_configs(configs):
@@ -232,11 +252,17 @@ class TunedKernel:
     @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import), whose
     choice is then cached for the process."""
 
-    def __init__(self, kernel, configs, key):
-        self.kernel, self.configs, self.key = kernel, configs, key
+    def __init__(self, kernel, configs, key, large_configs=None):
+        """large_configs: the candidates for 128-row tiles (BLOCK_M_GPU_LARGE), when they differ."""
+        self.kernel, self.key = kernel, key
+        self.configs = configs
+        self._configs = {BLOCK_M_GPU_LARGE: large_configs or configs, BLOCK_M_INTERPRET_LARGE: large_configs or configs}
         self.name = kernel.fn.__name__
         self._key_index = [kernel.arg_names.index(k) for k in key]
-        self._tuned = None
+        self._tuned = {}
+
+    def candidates(self, block_m: int):
+        return self._configs.get(block_m, self.configs)
 
     def __call__(self, grid, device: torch.device, args, meta):
         """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
@@ -248,20 +274,24 @@ class TunedKernel:
             cached = tuned_configs.lookup(device, self.name, key)
             if cached is not None:
                 cfg = TileConfig(**cached)
-                if cfg not in self.configs:  # buffers are sized for the candidates (candidate_configs)
+                candidates = self.candidates(meta["BLOCK_M"])
+                if cfg not in candidates:  # buffers are sized for the candidates (candidate_configs)
                     raise ValueError(f"{tuned_configs.table_path()}: the config {cached} of {self.name} ({key}) is "
-                                     f"not one of its autotune candidates {[c._asdict() for c in self.configs]}")
+                                     f"not one of its autotune candidates {[c._asdict() for c in candidates]}")
             elif uses_interpreter(device) or is_interpreter():
                 cfg = INTERPRET_CONFIG
         if cfg is not None:
             launch(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, *args, **meta, BLOCK_N=cfg.BLOCK_N,
                    BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        if self._tuned is None:
+        block_m = meta["BLOCK_M"]
+        if block_m not in self._tuned:
             import triton
-            self._tuned = triton.autotune(autotune_configs(self.configs), key=self.key)(self.kernel)
-        self._tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
-        best = self._tuned.best_config
+            self._tuned[block_m] = triton.autotune(autotune_configs(self.candidates(block_m)), key=self.key)(
+                self.kernel)
+        tuned = self._tuned[block_m]
+        tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
+        best = tuned.best_config
         tuned_configs.record(device, self.name, key, dict(best.kwargs, num_warps=best.num_warps,
                                                          num_stages=best.num_stages))
 

@@ -21,9 +21,9 @@ Dtypes: fp32, fp16, bf16 (bf16 only on GPU: the Triton interpreter's bf16 math i
 torch.backends.cuda.matmul.allow_tf32. Under autocast the inputs are cast to the autocast dtype first (as F.linear
 would). fp64 inputs take expert_ffn_torch.
 
-Tiles: BLOCK_M is fixed (64 on GPU, 16 in the interpreter; it is also the moe_align tile size); BLOCK_N, BLOCK_K,
-warps and stages are autotuned on CUDA per kernel, keyed on (D, F, bucket of rows per expert). The environment
-variable CLIPMOE_TRITON_CONFIG (e.g. "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3") pins one config instead
+Tiles: BLOCK_M follows the rows per expert (64 or 128 on GPU, 16 or 32 in the interpreter: _triton_utils.block_m_for;
+it is also the moe_align tile size); BLOCK_N, BLOCK_K, warps and stages are autotuned on CUDA per kernel, keyed on
+(D, F, bucket of rows per expert). The environment variable CLIPMOE_TRITON_CONFIG (e.g. "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3") pins one config instead
 (see _triton_utils); under the Triton interpreter a fixed config is always used (autotune cannot run there).
 Autotune's choices are cached across processes in the JSON of tuned_configs.py (per device name and key).
 
@@ -50,7 +50,8 @@ class ExpertFFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h, dropout_p):
         T, k = topk_ids.shape
-        meta = moe_align(topk_ids, w1.shape[0], block_m_for(x.device))
+        E = w1.shape[0]
+        meta = moe_align(topk_ids, E, block_m_for(x.device, T * k, E))
         table = (meta.sorted_to_flat, meta.expert_offsets, meta.tile_expert, meta.tile_row_start)
         weights32 = topk_weights.to(torch.float32).contiguous()
         seed = dropout_seed(x.device) if dropout_p > 0 else None

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from clipmoe_kernels._triton_utils import (
     GEMM_CONFIGS,
+    GEMM_CONFIGS_LARGE,
     TunedKernel,
     block_m_for,
     cdiv,
@@ -112,7 +113,8 @@ def _grouped_down_fwd_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-_grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
+_grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
+                        large_configs=GEMM_CONFIGS_LARGE)
 
 
 @triton.jit(do_not_specialize=["ROWS_BUCKET", "NUM_N_ALLOC", "DROPOUT_THRESHOLD"])
@@ -182,7 +184,8 @@ def _grouped_down_bwd_kernel(
         tl.store(dh_ptr + rows[:, None] * stride_dhm + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
-_grouped_down_bwd = TunedKernel(_grouped_down_bwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
+_grouped_down_bwd = TunedKernel(_grouped_down_bwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
+                        large_configs=GEMM_CONFIGS_LARGE)
 
 
 @custom_op("clipmoe::grouped_down")
@@ -190,7 +193,7 @@ def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weigh
                  sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
                  tile_row_start: torch.Tensor) -> torch.Tensor:
     """y [T, D] in a.dtype = Σ_j s·(a W2[e]ᵀ + b2[e]), token order. a [TK, F] expert-sorted; topk_weights [T, k] fp32
-    contiguous. The moe_align tile table must have been built with block_m = block_m_for(a.device)."""
+    contiguous. The moe_align tile table must have been built with block_m = block_m_for(a.device, TK, E)."""
     T, k = topk_weights.shape
     tk = sorted_to_flat.shape[0]
     E, D, F = w2.shape
@@ -205,7 +208,7 @@ def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weigh
     args = (a, w2, b2, topk_weights, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F,
             rows_bucket(tk, E), a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
             b2.stride(0), b2.stride(1), out.stride(0), out.stride(1))
-    meta = dict(INPUT_PRECISION=dot_precision(a.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(a.device))
+    meta = dict(INPUT_PRECISION=dot_precision(a.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(a.device, tk, E))
     if tk > 0:
         _grouped_down_fwd(grid, a.device, args, meta)
     if k > 1:
@@ -249,7 +252,7 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
             dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dy.stride(0), dy.stride(1), h.stride(0),
             w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), partials.stride(0))
     meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds, DROPOUT=dropout,
-                INPUT_PRECISION=dot_precision(h.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(h.device))
+                INPUT_PRECISION=dot_precision(h.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(h.device, tk, E))
     if tk > 0 and (compute_dh or compute_ds):
         _grouped_down_bwd(grid, h.device, args, meta)
     ds = partials.sum(0).view(T, k) if compute_ds else partials.new_empty((0, k))

@@ -346,7 +346,7 @@ def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch
             dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1))
     meta = dict(TOP_K=top_k, GATHER_GO=gather_grad_out, SCALE_GO=gather_grad_out, GATHER_IN=gather_inp,
                 IN_ACTIVATION=inp_activation, DROPOUT=dropout, INPUT_PRECISION=dot_precision(inp.dtype),
-                BLOCK_M=block_m_for(inp.device))
+                BLOCK_M=block_m_for(inp.device, tk, E))
     _grouped_wgrad(grid, inp.device, args, meta)
     return dw, db
 

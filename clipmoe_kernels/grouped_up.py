@@ -24,6 +24,7 @@ import triton.language as tl
 
 from clipmoe_kernels._triton_utils import (
     GEMM_CONFIGS,
+    GEMM_CONFIGS_LARGE,
     TunedKernel,
     block_m_for,
     cdiv,
@@ -105,7 +106,8 @@ def _grouped_up_fwd_kernel(
     tl.store(a_ptr + rows[:, None] * stride_am + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
-_grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
+_grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
+                        large_configs=GEMM_CONFIGS_LARGE)
 
 
 @triton.jit(do_not_specialize=["ROWS_BUCKET"])
@@ -141,7 +143,8 @@ def _grouped_up_bwd_dx_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-_grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
+_grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
+                        large_configs=GEMM_CONFIGS_LARGE)
 
 
 @custom_op("clipmoe::grouped_up")
@@ -151,7 +154,7 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
                dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, h): act(h) and h = x W1[e]ᵀ + b1[e], both [TK, F] in x.dtype, expert-sorted rows. h is [0, F] unless
     store_h. With dropout_p > 0, a is act(h) ⊙ keep / (1 - p), keep the Philox mask of dropout_seed (dropout.py).
-    The moe_align tile table must have been built with block_m = block_m_for(x.device)."""
+    The moe_align tile table must have been built with block_m = block_m_for(x.device, TK, E)."""
     get_activation(activation)
     tk = sorted_to_flat.shape[0]
     E, F, D = w1.shape
@@ -169,7 +172,7 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
             1.0 / (1.0 - dropout_p), x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
             b1.stride(0), b1.stride(1), a.stride(0), h_arg.stride(0))
     meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, DROPOUT=dropout,
-                INPUT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(x.device))
+                INPUT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(x.device, tk, E))
     if tk > 0:
         _grouped_up_fwd(grid, x.device, args, meta)
     return a, h
@@ -200,7 +203,7 @@ def grouped_up_bwd_dx(dh: torch.Tensor, w1: torch.Tensor, sorted_to_flat: torch.
 
     args = (dh, w1, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F, rows_bucket(tk, E),
             dh.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1))
-    meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(dh.device))
+    meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(dh.device, tk, E))
     if tk > 0:
         _grouped_up_bwd_dx(grid, dh.device, args, meta)
     if top_k > 1:

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from clipmoe_kernels import has_ext_op  # noqa: E402
-from clipmoe_kernels._triton_utils import BLOCK_M_INTERPRET  # noqa: E402
+from clipmoe_kernels._triton_utils import block_m_for  # noqa: E402
 from clipmoe_kernels.activation import get_activation  # noqa: E402
 from clipmoe_kernels.dropout import dropout_keep_ref, dropout_seed, dropout_threshold  # noqa: E402
 from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton  # noqa: E402
@@ -26,7 +26,7 @@ def test_grouped_up_applies_exactly_the_reference_mask():
     ids, _ = routing(T, E, k)
     x = torch.randn(T, D)
     w1, b1, _, _ = expert_weights(D, F, E)
-    meta = moe_align(ids, E, BLOCK_M_INTERPRET)
+    meta = moe_align(ids, E, block_m_for(ids.device, ids.numel(), E))
     table = (meta.sorted_to_flat, meta.expert_offsets, meta.tile_expert, meta.tile_row_start)
     seed = torch.tensor([123456789012345], dtype=torch.int64)
     a, h = torch.ops.clipmoe.grouped_up(x, w1, b1, *table, k, "gelu", True, seed, p)

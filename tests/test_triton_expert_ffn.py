@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from clipmoe_kernels._triton_utils import BLOCK_M_INTERPRET, ENV_TRITON_CONFIG  # noqa: E402
+from clipmoe_kernels._triton_utils import ENV_TRITON_CONFIG, block_m_for  # noqa: E402
 from clipmoe_kernels.expert_ffn import expert_ffn_torch  # noqa: E402
 from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton  # noqa: E402
 from clipmoe_kernels.router import topk_routing_triton  # noqa: E402
@@ -307,7 +307,7 @@ def test_custom_ops_pass_opcheck():
     ids, w = routing(T, E, k)
     x = torch.randn(T, D)
     w1, b1, w2, b2 = weights(D, F, E)
-    meta = moe_align(ids, E, BLOCK_M_INTERPRET)
+    meta = moe_align(ids, E, block_m_for(ids.device, ids.numel(), E))
     table = (meta.sorted_to_flat, meta.expert_offsets, meta.tile_expert, meta.tile_row_start)
     a, h = torch.ops.clipmoe.grouped_up(x, w1, b1, *table, k, "gelu", True)
     dy = torch.randn(T, D)
