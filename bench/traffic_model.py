@@ -119,7 +119,7 @@ def orders(num_tiles, num_n, order):
         return [(p % num_tiles, p // num_tiles) for p in range(num_tiles * num_n)]
     from clipmoe_kernels.grouped_gemm import program_order
     tiles, ns = program_order(num_tiles, num_n)
-    return list(zip(tiles.tolist(), ns.tolist(), strict=False))
+    return list(zip(tiles.tolist(), ns.tolist(), strict=True))
 
 
 def row_tile_gemm(name, shape, order, n_total, k_total, a_gathered, a_bytes, extra_reads, out_bytes_per_row,
@@ -164,7 +164,7 @@ def wgrad(name, shape, order, n_total, k_total, go_gathered, in_gathered):
         programs = [(e, n, k) for k in range(num_k) for n in range(num_n) for e in range(shape.num_experts)]
     else:
         from clipmoe_kernels.grouped_gemm import wgrad_program_order
-        programs = list(zip(*(c.tolist() for c in wgrad_program_order(shape.num_experts, num_n, num_k)), strict=False))
+        programs = list(zip(*(c.tolist() for c in wgrad_program_order(shape.num_experts, num_n, num_k)), strict=True))
     steps = -(-shape.rows_per_expert // shape.block_m)
     cache = LRU(L2_BYTES)
     hbm = 0.0

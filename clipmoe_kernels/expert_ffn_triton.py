@@ -21,11 +21,12 @@ Dtypes: fp32, fp16, bf16 (bf16 only on GPU: the Triton interpreter's bf16 math i
 torch.backends.cuda.matmul.allow_tf32. Under autocast the inputs are cast to the autocast dtype first (as F.linear
 would). fp64 inputs take expert_ffn_torch.
 
-Tiles: BLOCK_M follows the rows per expert (64 or 128 on GPU, 16 or 32 in the interpreter: _triton_utils.block_m_for;
-it is also the moe_align tile size); BLOCK_N, BLOCK_K, warps and stages are autotuned on CUDA per kernel, keyed on
-(D, F, bucket of rows per expert). The environment variable CLIPMOE_TRITON_CONFIG (e.g. "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3") pins one config instead
-(see _triton_utils); under the Triton interpreter a fixed config is always used (autotune cannot run there).
-Autotune's choices are cached across processes in the JSON of tuned_configs.py (per device name and key).
+Tiles: BLOCK_M follows the rows per expert (64 on GPU; 16 or 32 in the interpreter: _triton_utils.block_m_for; it is
+also the moe_align tile size); BLOCK_N, BLOCK_K, warps and stages are autotuned on CUDA per kernel, keyed on (D, F,
+bucket of rows per expert). The environment variable CLIPMOE_TRITON_CONFIG (e.g. "BLOCK_N=128,BLOCK_K=64,num_warps=8,
+num_stages=3") pins one config instead (see _triton_utils); under the Triton interpreter a fixed config is always
+used (autotune cannot run there). Autotune's choices are cached across processes in the JSON of tuned_configs.py
+(per device name and key).
 
 Dropout (dropout_p > 0 in training, CLIP-MoE's 0.1 between the activation and W2) is fused: grouped_up stores
 a' = act(h) ⊙ keep / (1 − p) for the down-projection, and the backward kernels (grouped_down_bwd, the dW2 grouped_wgrad)

@@ -58,7 +58,7 @@ def per_token_reference(x, router_w, w1, b1, w2, b2, top_k, activation, renormal
         if renormalize:
             weights = weights / weights.sum()
         y = torch.zeros_like(x[t])
-        for w, e in zip(weights, ids.tolist(), strict=False):
+        for w, e in zip(weights, ids.tolist(), strict=True):
             y = y + w * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e])
         ys.append(y)
     return torch.stack(ys) if ys else x.new_zeros(x.shape)

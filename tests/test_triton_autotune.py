@@ -48,7 +48,7 @@ def test_every_gradient_is_right_after_all_candidates_ran(emulated_autotune, k):
     y_ref, grads_ref = run_with_grads(expert_ffn_torch, x.double(), ids, w.double(), [p.double() for p in params],
                                       "gelu", g.double())
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(GRAD_NAMES, grads, grads_ref, strict=False):
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
 
 

@@ -139,7 +139,7 @@ def _id(name, block_m, cfg):
     return f"{name}-M{block_m}-N{cfg.BLOCK_N}-K{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_gemm(name, block_m, cfg):
     """(PTX, ptxas -v report) of a GEMM kernel in bf16 at a tile config (one compile shared by the tests below)."""
     kernel, pointer_types, constexprs = _gemm_cases("bf16", block_m, cfg.BLOCK_N, cfg.BLOCK_K)[name]

@@ -62,12 +62,12 @@ def test_forward_and_gradients_match_the_reference_with_the_same_mask(T, D, F, E
     y_hi, grads_hi = reference(torch.float64)
     if dtype == torch.float32:
         assert_close(y, y_hi, torch.float32, "y")
-        for name, got, want in zip(GRAD_NAMES, grads, grads_hi, strict=False):
+        for name, got, want in zip(GRAD_NAMES, grads, grads_hi, strict=True):
             assert_close(got, want, torch.float32, f"d{name}")
         return
     y_lo, grads_lo = reference(dtype)
     assert_close_lowp(y, y_hi, y_lo, "y")
-    for name, got, hi, lo in zip(GRAD_NAMES, grads, grads_hi, grads_lo, strict=False):
+    for name, got, hi, lo in zip(GRAD_NAMES, grads, grads_hi, grads_lo, strict=True):
         assert_close_lowp(got.to(dtype), hi, lo.to(dtype), f"d{name}")
 
 
@@ -97,7 +97,7 @@ def test_runs_repeat_under_the_torch_seed_and_differ_across_seeds():
         torch.manual_seed(seed)
         outs.append(run_with_grads(expert_ffn_triton, x, ids, w, params, "gelu", g, dropout_p=0.2, training=True))
     (y1, g1), (y2, g2), (y3, _) = outs
-    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=False))
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
     assert not torch.equal(y1, y3)
     # outside training dropout is the identity
     y_eval = expert_ffn_triton(x, ids, w, *params, dropout_p=0.2, training=False)

@@ -45,7 +45,7 @@ def test_fp32_matches_reference(T, D, F, E, k, activation):
                            g.double())
     assert y.dtype == torch.float32
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert got.dtype == (torch.float32), name
         assert_close(got, want, torch.float32, f"d{name}")
 
@@ -64,7 +64,7 @@ def test_fp16_within_twice_torch_error(T, D, F, E, k, activation):
     y_lo, grads_lo = run(expert_ffn_torch, x, ids, w, params, activation, g)
     assert y.dtype == torch.float16
     assert_close_lowp(y, y_hi, y_lo, "y")
-    for name, got, hi, lo in zip(NAMES, grads, grads_hi, grads_lo):
+    for name, got, hi, lo in zip(NAMES, grads, grads_hi, grads_lo, strict=True):
         # d topk_weights is fp32 (like the weights) but computed from fp16 data: judged with the fp16 floor.
         assert_close_lowp(got.to(torch.float16), hi, lo, f"d{name}")
 
@@ -87,12 +87,12 @@ def test_edge_routings_and_zero_grads_of_empty_experts(T, D, F, E, k, case):
     y_ref, grads_ref = run(expert_ffn_torch, x.double(), ids, w.double(), [p.double() for p in params], "gelu",
                            g.double())
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
     unused = torch.ones(E, dtype=torch.bool)
     unused[ids.unique()] = False
     assert unused.any()
-    for name, grad in zip(NAMES[2:], grads[2:]):
+    for name, grad in zip(NAMES[2:], grads[2:], strict=True):
         assert torch.all(grad[unused] == 0), f"d{name} of an expert without tokens must be exactly zero"
 
 
@@ -121,7 +121,7 @@ def test_non_contiguous_inputs():
                            "quick_gelu", g.double())
     assert_close(y_view, y_ref, torch.float32, "y (strided views)")
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
 
 
@@ -154,7 +154,7 @@ def test_two_runs_are_bitwise_equal():
     y1, grads1 = run(expert_ffn_triton, x, ids, w, params, "gelu", g)
     y2, grads2 = run(expert_ffn_triton, x, ids, w, params, "gelu", g)
     assert torch.equal(y1, y2)
-    for name, a, b in zip(NAMES, grads1, grads2):
+    for name, a, b in zip(NAMES, grads1, grads2, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -170,7 +170,7 @@ def test_pinned_small_tile_config(monkeypatch):
     y_ref, grads_ref = run(expert_ffn_torch, x.double(), ids, w.double(), [p.double() for p in params], "gelu_tanh",
                            g.double())
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
 
 
@@ -187,14 +187,14 @@ def test_partial_gradients(needs):
     """Only the requested gradients are computed (the backward skips kernels); they match the full run."""
     T, D, F, E, k = 19, 16, 24, 4, 2
     ids, w = routing(T, E, k)
-    tensors = dict(zip(NAMES, [torch.randn(T, D), w] + weights(D, F, E)))
+    tensors = dict(zip(NAMES, [torch.randn(T, D), w] + weights(D, F, E), strict=True))
     g = torch.randn(T, D)
     leaves = {n: t.clone().requires_grad_(n in needs) for n, t in tensors.items()}
     y = expert_ffn_triton(leaves["x"], ids, leaves["topk_weights"], leaves["w1"], leaves["b1"], leaves["w2"],
                           leaves["b2"], activation="gelu")
     got = torch.autograd.grad(y, [leaves[n] for n in needs], g)
     _, full = run(expert_ffn_triton, tensors["x"], ids, w, [tensors[n] for n in NAMES[2:]], "gelu", g)
-    for name, gr in zip(needs, got):
+    for name, gr in zip(needs, got, strict=True):
         assert torch.equal(gr, full[NAMES.index(name)]), name
 
 
@@ -218,7 +218,7 @@ def test_zero_tokens():
     y = expert_ffn_triton(x, ids, w, *params)
     assert y.shape == (0, D)
     grads = torch.autograd.grad(y.sum(), [x] + params)
-    for p, gr in zip([x] + params, grads):
+    for p, gr in zip([x] + params, grads, strict=True):
         assert gr.shape == p.shape and torch.all(gr == 0)
 
 
@@ -296,7 +296,7 @@ def test_compile_fullgraph_router_and_experts():
         results.append((y, balance, torch.autograd.grad((y * g).sum() + balance, leaves)))
     (y_c, bal_c, grads_c), (y_e, bal_e, grads_e) = results
     assert torch.equal(y_c, y_e) and torch.equal(bal_c, bal_e)
-    for a, b in zip(grads_c, grads_e):
+    for a, b in zip(grads_c, grads_e, strict=True):
         assert_close(a, b)
 
 
@@ -345,7 +345,7 @@ def test_moe_ffn_module_triton_backend_layouts():
         (y_k, grads_k), (y_t, grads_t) = results["triton"], results["torch"]
         assert y_k.shape == x.shape
         assert_close(y_k, y_t, torch.float32, "y")
-        for name, a, b in zip(["x", "router", "w1", "b1", "w2", "b2"], grads_k, grads_t):
+        for name, a, b in zip(["x", "router", "w1", "b1", "w2", "b2"], grads_k, grads_t, strict=True):
             assert_close(a, b, torch.float32, f"d{name}")
 
 

@@ -74,12 +74,12 @@ def check_against_reference(dtype, ids, w, tensors, g, activation):
     assert y.dtype == dtype
     if dtype == torch.float32:
         assert_close(y, y_hi, torch.float32, "y")
-        for name, got, want in zip(NAMES, grads, grads_hi):
+        for name, got, want in zip(NAMES, grads, grads_hi, strict=True):
             assert_close(got, want, torch.float32, f"d{name}")
         return
     y_lo, grads_lo = run(expert_ffn_torch, x, ids, w, params, activation, g)
     assert_close_lowp(y, y_hi, y_lo, "y")
-    for name, got, hi, lo in zip(NAMES, grads, grads_hi, grads_lo):
+    for name, got, hi, lo in zip(NAMES, grads, grads_hi, grads_lo, strict=True):
         assert_close_lowp(got.to(dtype), hi, lo, f"d{name}")  # d topk_weights (fp32) with the 16-bit floor
 
 
@@ -123,7 +123,7 @@ def test_autotuned_path(monkeypatch):
     first = run(expert_ffn_triton, x, ids, w, params, "quick_gelu", g)
     second = run(expert_ffn_triton, x, ids, w, params, "quick_gelu", g)
     assert torch.equal(first[0], second[0])
-    for a, b in zip(first[1], second[1]):
+    for a, b in zip(first[1], second[1], strict=True):
         assert torch.equal(a, b)
 
 
@@ -133,7 +133,7 @@ def test_two_runs_are_bitwise_equal(dtype):
     y1, grads1 = run(expert_ffn_triton, x, ids, w, params, "gelu", g)
     y2, grads2 = run(expert_ffn_triton, x, ids, w, params, "gelu", g)
     assert torch.equal(y1, y2)
-    for name, a, b in zip(NAMES, grads1, grads2):
+    for name, a, b in zip(NAMES, grads1, grads2, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -146,7 +146,7 @@ def test_zero_token_experts_on_a_poisoned_allocator():
     ids, w, (x, *params), g = problem(50, 128, 256, E, 2, torch.bfloat16, case="two_experts")
     y, grads = run(expert_ffn_triton, x, ids, w, params, "gelu", g)
     empty = [1, 3, 4, 5]
-    for name, grad in zip(NAMES[2:], grads[2:]):
+    for name, grad in zip(NAMES[2:], grads[2:], strict=True):
         assert torch.isfinite(grad).all(), name
         assert torch.all(grad[empty] == 0), f"d{name} of an expert without tokens must be exactly zero"
 
@@ -176,7 +176,7 @@ def test_compile_fullgraph_inductor():
     (y_c, bal_c, grads_c), (y_e, bal_e, grads_e) = results
     assert_close(y_c, y_e, torch.float32, "y")
     assert_close(bal_c, bal_e, torch.float32, "balance")
-    for a, b in zip(grads_c, grads_e):
+    for a, b in zip(grads_c, grads_e, strict=True):
         assert_close(a, b, torch.float32)
 
 
@@ -201,12 +201,12 @@ def test_cuda_graph_capture_forward_and_backward():
         out_static = step()
     fresh = layer_inputs()
     with torch.no_grad():
-        for s, f in zip(static, fresh):
+        for s, f in zip(static, fresh, strict=True):
             s.copy_(f)
     graph.replay()
     torch.cuda.synchronize()
     out_eager = step()
-    for a, b in zip(out_static, out_eager):
+    for a, b in zip(out_static, out_eager, strict=True):
         assert_close(a, b, torch.float32)
 
 
@@ -238,9 +238,9 @@ def test_moe_ffn_compile_fullgraph_inductor_with_aux_losses():
     for fn in (torch.compile(_moe_forward(moe), fullgraph=True), _moe_forward(moe)):
         y, balance, z = fn(x)
         results.append((y, balance, z, torch.autograd.grad((y * g).sum() + 0.01 * balance + 1e-3 * z, params)))
-    for got, want in zip(results[0][:3], results[1][:3]):
+    for got, want in zip(results[0][:3], results[1][:3], strict=True):
         assert_close(got, want, torch.float32)
-    for got, want in zip(results[0][3], results[1][3]):
+    for got, want in zip(results[0][3], results[1][3], strict=True):
         assert_close(got, want, torch.float32)
 
 
@@ -273,7 +273,7 @@ def test_moe_ffn_cuda_graph_with_autotune_and_dropout(monkeypatch, dropout):
     graph.replay()
     torch.cuda.synchronize()
     if dropout == 0:
-        for a, b in zip(out_static, step()):
+        for a, b in zip(out_static, step(), strict=True):
             assert_close(a, b, torch.float32)
     else:
         assert all(torch.isfinite(t).all() for t in out_static)
@@ -290,7 +290,7 @@ def test_offsets_past_int32():
     torch.cuda.synchronize()
     y_ref, grads_ref = run(expert_ffn_torch, x, ids, w, params, "quick_gelu", g)
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
 
 

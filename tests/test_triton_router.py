@@ -179,7 +179,7 @@ def test_several_programs_sum_their_statistics(monkeypatch, T):
 def test_two_runs_are_bitwise_equal():
     logits = _logits(200, 8, torch.float32)
     a, b = topk_routing_triton(logits, 2), topk_routing_triton(logits, 2)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 
@@ -191,7 +191,7 @@ def test_zero_tokens_and_fp64():
     out = topk_routing_triton(logits, 2)
     ref = router_ref(logits, 2)
     assert out.probs.dtype == torch.float64
-    for x, y in zip(out, ref):
+    for x, y in zip(out, ref, strict=True):
         assert torch.equal(x, y)
 
 
