@@ -92,20 +92,22 @@ def triton_launches(monkeypatch):
 
 
 @needs_extension
-@pytest.mark.parametrize("mode", ["training", "inference"])
+@pytest.mark.parametrize("mode", ["training", "inference", "training_with_dropout"])
 def test_a_forward_launches_four_triton_kernels_plus_the_router_gemm_and_the_permutation(triton_launches, mode):
-    """Router kernel, up-projection, down-projection, slot combine; besides them only the router GEMM and moe_align.
-    No aux-loss op runs in either mode: the losses are computed when asked for."""
-    moe = _moe().train(mode == "training")
-    x = torch.randn(20, 16, requires_grad=mode == "training")
+    """Router kernel, up-projection, down-projection, slot combine; besides them only the router GEMM and moe_align
+    (and, with dropout, the one-element draw of the Philox seed). No aux-loss op runs in any mode: the losses are
+    computed when asked for."""
+    moe = _moe(dropout=0.1 if mode == "training_with_dropout" else 0.0).train(mode != "inference")
+    x = torch.randn(20, 16, requires_grad=mode != "inference")
     moe(x)  # warm-up: first-call caches
     triton_launches.clear()
-    with torch.set_grad_enabled(mode == "training"), \
+    with torch.set_grad_enabled(mode != "inference"), \
             torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         moe(x)
     assert triton_launches == ["_router_fwd_kernel", "_grouped_up_fwd_kernel", "_grouped_down_fwd_kernel",
                                "_slot_combine_kernel"]
-    assert _kernels_of(prof.events()) == ["aten::mm", "clipmoe::moe_align"]
+    seed = ["aten::random_"] if mode == "training_with_dropout" else []
+    assert _kernels_of(prof.events()) == sorted(["aten::mm", "clipmoe::moe_align"] + seed)
 
 
 def test_aux_losses_from_router_statistics_match_the_torch_backend():
