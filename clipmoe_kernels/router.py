@@ -247,4 +247,6 @@ def topk_routing_triton(router_logits: torch.Tensor, top_k: int, renormalize: bo
     if E > MAX_EXPERTS:
         raise ValueError(f"topk_routing_triton supports up to {MAX_EXPERTS} experts, got E={E}")
     check_triton_device("topk_routing_triton", router_logits)
+    if not (router_logits.requires_grad and torch.is_grad_enabled()):  # no autograd.Function bookkeeping
+        return RouterOutput(*route_topk(router_logits, top_k, bool(renormalize)))
     return RouterOutput(*RouterFunction.apply(router_logits, top_k, bool(renormalize)))
