@@ -1,12 +1,13 @@
 """MoEFFN: a drop-in Mixture-of-Experts replacement for the MLP of a CLIP transformer block."""
 import math
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from clipmoe.losses import AuxLosses, balance_loss, router_z_loss
+from clipmoe.losses import AuxLosses, balance_loss, balance_loss_from_counts, router_z_loss, z_loss_from_logsumexp
 from clipmoe_kernels import (
     check_backend,
     expert_ffn_naive,
@@ -21,16 +22,49 @@ from clipmoe_kernels import (
 _EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch, "triton": expert_ffn_triton}
 
 
-@dataclass
+@dataclass(eq=False)
 class MoEAux:
-    """What one forward of an MoEFFN leaves behind for auxiliary losses and routing analysis."""
+    """What one forward of an MoEFFN leaves behind for auxiliary losses and routing analysis.
+
+    The losses are computed on first access (then kept): a forward whose losses nobody asks for (evaluation,
+    inference, a stage without a balance term) runs no aux-loss op. With the triton backend they come from the
+    statistics of the fused router kernel (`router_stats`: per-expert counts, probability sums, per-token
+    logsumexp), a few ops on [E] and [T] vectors; the torch backends compute them from probabilities and ids."""
     router_logits: torch.Tensor      # [T, E] as produced by the router (input dtype)
     router_probs: torch.Tensor       # [T, E] fp32 softmax
     topk_ids: torch.Tensor           # [T, k] decreasing probability; int64 (int32 from the triton router)
     topk_weights: torch.Tensor       # [T, k] fp32, renormalised when the module renormalises
-    balance_loss: torch.Tensor       # scalar, paper form (top-1 share); 1 at perfect balance
-    balance_loss_topk: torch.Tensor  # scalar, official-code form (all k choices); k at perfect balance
-    z_loss: torch.Tensor             # scalar router z-loss
+    router_stats: Any | None = None  # clipmoe_kernels.router.RouterOutput of the fused router, else None
+    # computed on first access (a plain dict, not functools.cached_property, whose lock torch.compile cannot trace)
+    _losses: dict = field(default_factory=dict, init=False, repr=False)
+
+    def _loss(self, name, compute):
+        if name not in self._losses:
+            self._losses[name] = compute()
+        return self._losses[name]
+
+    @property
+    def balance_loss(self) -> torch.Tensor:
+        """Scalar, paper form (top-1 share); 1 at perfect balance."""
+        stats, num_tokens = self.router_stats, self.topk_ids.shape[0]
+        if stats is None:
+            return self._loss("paper", lambda: balance_loss(self.router_probs, self.topk_ids, "paper"))
+        return self._loss("paper", lambda: balance_loss_from_counts(stats.expert_counts, stats.prob_sums, num_tokens))
+
+    @property
+    def balance_loss_topk(self) -> torch.Tensor:
+        """Scalar, official-code form (all k choices); k at perfect balance."""
+        stats, num_tokens = self.router_stats, self.topk_ids.shape[0]
+        if stats is None:
+            return self._loss("topk", lambda: balance_loss(self.router_probs, self.topk_ids, "topk"))
+        return self._loss("topk", lambda: balance_loss_from_counts(stats.topk_counts, stats.prob_sums, num_tokens))
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """Scalar router z-loss."""
+        if self.router_stats is None:
+            return self._loss("z", lambda: router_z_loss(self.router_logits))
+        return self._loss("z", lambda: z_loss_from_logsumexp(self.router_stats.logsumexp))
 
 
 class _WeightView:
@@ -83,7 +117,7 @@ class MoEFFN(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dim, **factory))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, hidden_dim, **factory))
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model, **factory))
-        self.aux: Optional[MoEAux] = None
+        self.aux: MoEAux | None = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -152,14 +186,16 @@ class MoEFFN(nn.Module):
         tokens = x.reshape(-1, self.d_model)
         logits = self.router(tokens)
         backend = select_backend(self.backend, x.device)
-        route = topk_routing_triton if backend == "triton" else topk_routing_ref  # the fused router kernel
-        probs, topk_weights, topk_ids = route(logits, self.top_k, self.renormalize)[:3]
+        if backend == "triton":  # the fused router kernel, with the aux-loss statistics
+            stats = topk_routing_triton(logits, self.top_k, self.renormalize)
+            probs, topk_weights, topk_ids = stats[:3]
+        else:
+            stats = None
+            probs, topk_weights, topk_ids = topk_routing_ref(logits, self.top_k, self.renormalize)
         expert_ffn = _EXPERT_FFNS[backend]
         y = expert_ffn(tokens, topk_ids, topk_weights, self.w1, self.b1, self.w2, self.b2,
                        activation=self.activation, dropout_p=self.dropout, training=self.training)
-        self.aux = MoEAux(logits, probs, topk_ids, topk_weights,
-                          balance_loss(probs, topk_ids, "paper"), balance_loss(probs, topk_ids, "topk"),
-                          router_z_loss(logits))
+        self.aux = MoEAux(logits, probs, topk_ids, topk_weights, stats)
         return y.reshape(x.shape[:-1] + (self.d_model,))
 
 

@@ -4,11 +4,17 @@ Layering: imports only torch and its own extension `_C`; never clipmoe or open_c
 """
 from clipmoe_kernels._backend import BACKENDS, ENV_BACKEND, check_backend, select_backend
 from clipmoe_kernels._ext import EXT_IMPORT_ERROR, has_ext_op
-from clipmoe_kernels.activation import ACTIVATIONS, get_activation, gelu, gelu_tanh, quick_gelu
-from clipmoe_kernels.expert_ffn import check_expert_args, expert_ffn_naive, expert_ffn_torch
-from clipmoe_kernels.routing import (DEFAULT_BLOCK_M, RoutingMeta, moe_align, moe_align_ref, num_tiles_bound,
-                                     topk_routing_ref)
 from clipmoe_kernels._triton_utils import HAS_TRITON, missing_triton
+from clipmoe_kernels.activation import ACTIVATIONS, gelu, gelu_tanh, get_activation, quick_gelu
+from clipmoe_kernels.expert_ffn import check_expert_args, expert_ffn_naive, expert_ffn_torch
+from clipmoe_kernels.routing import (
+    DEFAULT_BLOCK_M,
+    RoutingMeta,
+    moe_align,
+    moe_align_ref,
+    num_tiles_bound,
+    topk_routing_ref,
+)
 
 if HAS_TRITON:  # importing the kernel modules defines (does not compile) the kernels and registers clipmoe:: ops
     from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton

@@ -12,14 +12,14 @@ except ImportError as exc:  # not built (CLIPMOE_SKIP_EXT_BUILD=1, a pure-Python
     _C = None
     EXT_IMPORT_ERROR = exc
 
+# Read once at import (a build-time fact, not a device query): has_ext_op runs while torch.compile traces a forward,
+# and dynamo cannot trace a call into the pybind module.
+_EXT_DEVICE_TYPES = frozenset() if _C is None else frozenset(("cpu", "cuda") if _C.built_with_cuda() else ("cpu",))
+
 
 def has_ext_op(device_type: str) -> bool:
     """Whether the extension implements its ops for tensors on `device_type` ("cpu" or "cuda")."""
-    if _C is None:
-        return False
-    if device_type == "cpu":
-        return True
-    return device_type == "cuda" and _C.built_with_cuda()
+    return device_type in _EXT_DEVICE_TYPES
 
 
 if _C is not None:

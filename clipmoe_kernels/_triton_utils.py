@@ -20,6 +20,7 @@ Environment variables read here (at call time, not import time):
                          only way CPU tensors reach these kernels (tests).
 """
 import contextlib
+import functools
 import os
 from typing import NamedTuple
 
@@ -35,13 +36,22 @@ except ImportError as exc:  # triton is optional: the torch backends work withou
 
 ENV_TRITON_CONFIG = "CLIPMOE_TRITON_CONFIG"
 
-# Rows per tile of the grouped GEMMs. It is also the block_m of the moe_align tile table, so it is a fixed constant
-# and never autotuned (a tile table built for one BLOCK_M is wrong for another). 64 on GPU: with 400-65K rows per
-# expert in our CLIP shapes (kernel-design.md §0) at most E partial tiles are wasted, and BLOCK_M=64 with BLOCK_N up
-# to 256 keeps the accumulator within the register file at 4-8 warps. 16 in the interpreter: test shapes have tens
-# of tokens, so 16 gives several tiles per expert and partial tiles (the logic under test) on tiny inputs.
+# Rows per tile of the grouped GEMMs. It is also the block_m of the moe_align tile table, so it is never autotuned
+# (a tile table built for one BLOCK_M is wrong for another): `block_m_for` picks it from the shapes alone (the
+# bucket of rows per expert, the same value that keys autotuning), and the table and every kernel use that rule.
+# On a GPU: 64 (at most E partial tiles wasted; BLOCK_N up to 256 keeps the accumulator in registers at 4-8 warps).
+# The switch to 128-row tiles beyond 4096 rows per expert (CLIP training batches: tens of thousands of rows per
+# expert, where 128-row tiles halve the weight reads per output and feed two wgmma m64 warpgroups) is built and
+# tested but off on GPUs (LARGE_SEGMENT_BUCKET_GPU = None): the 128-row variants spill registers in all but one
+# kernel (tests/test_triton_compile.py), so they would be slower until the kernels are reworked. In the interpreter
+# 16 and 32 (beyond 16 rows per expert), so that tiny test shapes cover both tile tables, with several tiles per
+# expert and partial tiles.
 BLOCK_M_GPU = 64
+BLOCK_M_GPU_LARGE = 128
+LARGE_SEGMENT_BUCKET_GPU = None  # 8192 turns 128-row tiles on beyond 4096 rows per expert
 BLOCK_M_INTERPRET = 16
+BLOCK_M_INTERPRET_LARGE = 32
+LARGE_SEGMENT_BUCKET_INTERPRET = 32
 
 
 class TileConfig(NamedTuple):
@@ -60,6 +70,12 @@ GEMM_CONFIGS = [
     TileConfig(128, 32, 4, 4),
     TileConfig(128, 64, 8, 3),
     TileConfig(256, 64, 8, 3),
+]
+# 128-row tiles (large segments): 128x128 and 128x256 outputs at 8 warps (two warpgroups).
+GEMM_CONFIGS_LARGE = [
+    TileConfig(128, 64, 8, 3),
+    TileConfig(256, 64, 8, 3),
+    TileConfig(128, 32, 8, 4),
 ]
 # Weight-gradient kernels own a [BLOCK_N, BLOCK_K] tile of dW[e] and loop over the expert's rows; square-ish tiles
 # balance the reuse of both operands.
@@ -109,9 +125,14 @@ def uses_interpreter(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def block_m_for(device: torch.device) -> int:
-    """BLOCK_M of the grouped GEMMs (and of the tile table they read) for tensors on `device`."""
-    return BLOCK_M_INTERPRET if uses_interpreter(device) else BLOCK_M_GPU
+def block_m_for(device: torch.device, rows: int, num_experts: int) -> int:
+    """BLOCK_M of the grouped GEMMs (and of the tile table they read) for `rows` routed rows over `num_experts`
+    experts on `device` (see BLOCK_M_GPU)."""
+    bucket = rows_bucket(rows, num_experts)
+    if uses_interpreter(device):
+        return BLOCK_M_INTERPRET_LARGE if bucket >= LARGE_SEGMENT_BUCKET_INTERPRET else BLOCK_M_INTERPRET
+    large = LARGE_SEGMENT_BUCKET_GPU is not None and bucket >= LARGE_SEGMENT_BUCKET_GPU
+    return BLOCK_M_GPU_LARGE if large else BLOCK_M_GPU
 
 
 _CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -119,7 +140,11 @@ _CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 def pinned_config():
     """The TileConfig of CLIPMOE_TRITON_CONFIG, or None when it is unset or empty."""
-    raw = os.environ.get(ENV_TRITON_CONFIG, "").strip()
+    return _parse_pinned_config(os.environ.get(ENV_TRITON_CONFIG, "").strip(), is_interpreter())
+
+
+@functools.lru_cache(maxsize=16)  # read at every launch: parse each value once
+def _parse_pinned_config(raw: str, interpreter: bool):
     if not raw:
         return None
     values: dict[str, int] = {}
@@ -137,25 +162,17 @@ def pinned_config():
         v = values.get(key)
         if v is not None and (v < 16 or v & (v - 1)):
             raise ValueError(f"{ENV_TRITON_CONFIG}={raw!r}: {key} must be a power of two >= 16 (tl.dot), got {v}")
-    base = INTERPRET_CONFIG if is_interpreter() else GEMM_CONFIGS[0]
+    base = INTERPRET_CONFIG if interpreter else GEMM_CONFIGS[0]
     return base._replace(**values)
 
 
-def fixed_config(device: torch.device):
-    """The config to launch with when not autotuning: the pinned one, else INTERPRET_CONFIG for CPU tensors (or
-    whenever TRITON_INTERPRET=1: @triton.autotune cannot run under the interpreter), else None (autotune on CUDA)."""
+def candidate_configs(device: torch.device, wgrad: bool = False) -> list[TileConfig]:
+    """Every config a launch on `device` may use (sizes buffers whose shape depends on BLOCK_N): the pinned one, or
+    the autotune candidates (which a cached choice is one of) and INTERPRET_CONFIG."""
     pinned = pinned_config()
     if pinned is not None:
-        return pinned
-    return INTERPRET_CONFIG if uses_interpreter(device) or is_interpreter() else None
-
-
-def candidate_configs(device: torch.device, wgrad: bool = False) -> list[TileConfig]:
-    """Every config a launch on `device` may use (sizes buffers whose shape depends on BLOCK_N)."""
-    fixed = fixed_config(device)
-    if fixed is not None:
-        return [fixed]
-    return WGRAD_CONFIGS if wgrad else GEMM_CONFIGS
+        return [pinned]
+    return (WGRAD_CONFIGS if wgrad else GEMM_CONFIGS + GEMM_CONFIGS_LARGE) + [INTERPRET_CONFIG]
 
 
 def autotune_configs(configs):
@@ -208,26 +225,75 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs):
         kernel[grid](*args, **kwargs)
 
 
-class TunedKernel:
-    """A @triton.jit grouped-GEMM kernel with tunable BLOCK_N/BLOCK_K/num_warps/num_stages. Launches with the fixed
-    config (CLIPMOE_TRITON_CONFIG, or INTERPRET_CONFIG for CPU tensors) when there is one, else through
-    @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import)."""
+def custom_op(name: str):
+    """torch.library.custom_op (no mutated arguments) whose Python implementation runs directly in eager mode on plain
+    tensors: the dispatcher's Python layers around a custom op cost about 25 µs per call on the dev machine, as much
+    as the launcher itself at batch 1. Under torch.compile / export, and for tensor subclasses (FakeTensor), the call
+    goes through the registered op, so tracing sees one opaque op with its fake implementation. Called only inside
+    the autograd.Functions (grad mode off), so the op's missing autograd formula is never needed."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, fn, mutates_args=())
 
-    def __init__(self, kernel, configs, key):
-        self.kernel, self.configs, self.key = kernel, configs, key
-        self._tuned = None
+        @functools.wraps(fn)
+        def call(*args):
+            if type(args[0]) is torch.Tensor and not torch.compiler.is_compiling():
+                return fn(*args)
+            return op(*args)
+        call.op = op
+        call.register_fake = op.register_fake
+        return call
+    return wrap
+
+
+class TunedKernel:
+    """A @triton.jit grouped-GEMM kernel with tunable BLOCK_N/BLOCK_K/num_warps/num_stages. Config, in order: the
+    pinned one (CLIPMOE_TRITON_CONFIG); the cached one for this device, kernel and autotune key (tuned_configs.py:
+    the shipped JSON, or an earlier autotune in this process); INTERPRET_CONFIG for CPU tensors; else
+    @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import), whose
+    choice is then cached for the process."""
+
+    def __init__(self, kernel, configs, key, large_configs=None):
+        """large_configs: the candidates for 128-row tiles (BLOCK_M_GPU_LARGE), when they differ."""
+        self.kernel, self.key = kernel, key
+        self.configs = configs
+        self._configs = {BLOCK_M_GPU_LARGE: large_configs or configs, BLOCK_M_INTERPRET_LARGE: large_configs or configs}
+        self.name = kernel.fn.__name__
+        self._key_index = [kernel.arg_names.index(k) for k in key]
+        self._tuned = {}
+
+    def candidates(self, block_m: int):
+        return self._configs.get(block_m, self.configs)
 
     def __call__(self, grid, device: torch.device, args, meta):
         """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
-        cfg = fixed_config(device)
+        from clipmoe_kernels import tuned_configs
+        cfg = pinned_config()
+        key = None
+        if cfg is None:
+            key = tuned_configs.key_string(self.key, [args[i] for i in self._key_index])
+            cached = tuned_configs.lookup(device, self.name, key)
+            if cached is not None:
+                cfg = TileConfig(**cached)
+                candidates = self.candidates(meta["BLOCK_M"])
+                if cfg not in candidates:  # buffers are sized for the candidates (candidate_configs)
+                    raise ValueError(f"{tuned_configs.table_path()}: the config {cached} of {self.name} ({key}) is "
+                                     f"not one of its autotune candidates {[c._asdict() for c in candidates]}")
+            elif uses_interpreter(device) or is_interpreter():
+                cfg = INTERPRET_CONFIG
         if cfg is not None:
             launch(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, *args, **meta, BLOCK_N=cfg.BLOCK_N,
                    BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        if self._tuned is None:
+        block_m = meta["BLOCK_M"]
+        if block_m not in self._tuned:
             import triton
-            self._tuned = triton.autotune(autotune_configs(self.configs), key=self.key)(self.kernel)
-        self._tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
+            self._tuned[block_m] = triton.autotune(autotune_configs(self.candidates(block_m)), key=self.key)(
+                self.kernel)
+        tuned = self._tuned[block_m]
+        tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
+        best = tuned.best_config
+        tuned_configs.record(device, self.name, key, dict(best.kwargs, num_warps=best.num_warps,
+                                                         num_stages=best.num_stages))
 
 
 def rows_bucket(total_rows: int, num_experts: int) -> int:

@@ -21,63 +21,76 @@ Dtypes: fp32, fp16, bf16 (bf16 only on GPU: the Triton interpreter's bf16 math i
 torch.backends.cuda.matmul.allow_tf32. Under autocast the inputs are cast to the autocast dtype first (as F.linear
 would). fp64 inputs take expert_ffn_torch.
 
-Tiles: BLOCK_M is fixed (64 on GPU, 16 in the interpreter; it is also the moe_align tile size); BLOCK_N, BLOCK_K,
-warps and stages are autotuned on CUDA per kernel, keyed on (D, F, bucket of rows per expert). The environment
-variable CLIPMOE_TRITON_CONFIG (e.g. "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3") pins one config instead
-(see _triton_utils); under the Triton interpreter a fixed config is always used (autotune cannot run there).
+Tiles: BLOCK_M follows the rows per expert (64 on GPU; 16 or 32 in the interpreter: _triton_utils.block_m_for; it is
+also the moe_align tile size); BLOCK_N, BLOCK_K, warps and stages are autotuned on CUDA per kernel, keyed on (D, F,
+bucket of rows per expert). The environment variable CLIPMOE_TRITON_CONFIG (e.g. "BLOCK_N=128,BLOCK_K=64,num_warps=8,
+num_stages=3") pins one config instead (see _triton_utils); under the Triton interpreter a fixed config is always
+used (autotune cannot run there). Autotune's choices are cached across processes in the JSON of tuned_configs.py
+(per device name and key).
 
-Dropout (dropout_p > 0 in training) takes expert_ffn_torch: it is not fused, because a fused mask needs a seeded
-RNG in the down-projection prologue and the same mask replayed in both backward GEMMs; CLIP-MoE's dropout sits
-between the activation and W2, i.e. inside the fused pipeline.
+Dropout (dropout_p > 0 in training, CLIP-MoE's 0.1 between the activation and W2) is fused: grouped_up stores
+a' = act(h) ⊙ keep / (1 − p) for the down-projection, and the backward kernels (grouped_down_bwd, the dW2 grouped_wgrad)
+regenerate the same Philox mask from the saved [1] seed (dropout.py); no mask tensor exists. The seed comes from
+torch's generator of x's device, so runs repeat under torch.manual_seed; the draw is one tiny device op.
 """
 import torch
 
-from clipmoe_kernels import grouped_down as _grouped_down  # noqa: F401  (registers clipmoe::grouped_down*)
-from clipmoe_kernels import grouped_gemm as _grouped_gemm  # noqa: F401  (registers clipmoe::grouped_wgrad)
-from clipmoe_kernels import grouped_up as _grouped_up  # noqa: F401  (registers clipmoe::grouped_up*)
 from clipmoe_kernels._triton_utils import block_m_for, check_triton_device
 from clipmoe_kernels.activation import get_activation
+from clipmoe_kernels.dropout import check_dropout_p, dropout_seed
 from clipmoe_kernels.expert_ffn import check_expert_args, expert_ffn_torch
+from clipmoe_kernels.grouped_down import grouped_down, grouped_down_bwd
+from clipmoe_kernels.grouped_gemm import grouped_wgrad
+from clipmoe_kernels.grouped_up import grouped_up, grouped_up_bwd_dx
 from clipmoe_kernels.routing import moe_align
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def fused_forward(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h, dropout_p):
+    """y, and what the backward needs (x, w1, w2, b2, fp32 weights, h, seed, tile table) when store_h."""
+    T, k = topk_ids.shape
+    E = w1.shape[0]
+    meta = moe_align(topk_ids, E, block_m_for(x.device, T * k, E))
+    table = (meta.sorted_to_flat, meta.expert_offsets, meta.tile_expert, meta.tile_row_start)
+    weights32 = topk_weights.to(torch.float32).contiguous()
+    seed = dropout_seed(x.device) if dropout_p > 0 else None
+    a, h = grouped_up(x, w1, b1, *table, k, activation, store_h, seed, dropout_p)
+    y = grouped_down(a, w2, b2, weights32, *table)
+    return y, ((x, w1, w2, b2, weights32, h, seed, *table) if store_h else ())
+
+
 class ExpertFFNFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h):
-        T, k = topk_ids.shape
-        meta = moe_align(topk_ids, w1.shape[0], block_m_for(x.device))
-        table = (meta.sorted_to_flat, meta.expert_offsets, meta.tile_expert, meta.tile_row_start)
-        weights32 = topk_weights.to(torch.float32).contiguous()
-        a, h = torch.ops.clipmoe.grouped_up(x, w1, b1, *table, k, activation, store_h)
-        y = torch.ops.clipmoe.grouped_down(a, w2, b2, weights32, *table)
+    def forward(ctx, x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h, dropout_p):
+        y, saved = fused_forward(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h, dropout_p)
         if store_h:
-            ctx.save_for_backward(x, w1, w2, b2, weights32, h, *table)
-        ctx.activation = activation
+            ctx.save_for_backward(*saved)
+        ctx.activation, ctx.dropout_p = activation, dropout_p
         ctx.weights_dtype = topk_weights.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, w2, b2, weights32, h, sorted_to_flat, expert_offsets, tile_expert, tile_row_start = ctx.saved_tensors
+        x, w1, w2, b2, weights32, h, seed, sorted_to_flat, expert_offsets, tile_expert, tile_row_start = \
+            ctx.saved_tensors
         table = (sorted_to_flat, expert_offsets, tile_expert, tile_row_start)
         need_x, _, need_s, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
         T, k = weights32.shape
         need_dh = need_x or need_w1 or need_b1
-        dh, ds = torch.ops.clipmoe.grouped_down_bwd(dy, h, w2, b2, weights32, *table, ctx.activation, need_dh, need_s)
+        dropout = (seed, ctx.dropout_p)  # the forward's mask, regenerated
+        dh, ds = grouped_down_bwd(dy, h, w2, b2, weights32, *table, ctx.activation, need_dh, need_s, *dropout)
         dx = dw1 = db1 = dw2 = db2 = None
         if need_x:
-            dx = torch.ops.clipmoe.grouped_up_bwd_dx(dh, w1, *table, T, k)
+            dx = grouped_up_bwd_dx(dh, w1, *table, T, k)
         if need_w1 or need_b1:
-            dw1, db1 = torch.ops.clipmoe.grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k,
-                                                       False, True, "none")
+            dw1, db1 = grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k, False, True, "none")
         if need_w2 or need_b2:
-            dw2, db2 = torch.ops.clipmoe.grouped_wgrad(dy, h, weights32, sorted_to_flat, expert_offsets, k,
-                                                       True, False, ctx.activation)
+            dw2, db2 = grouped_wgrad(dy, h, weights32, sorted_to_flat, expert_offsets, k, True, False,
+                                     ctx.activation, *dropout)
         d_weights = ds.to(ctx.weights_dtype) if need_s else None
         return (dx, None, d_weights, dw1 if need_w1 else None, db1 if need_b1 else None,  # x, ids, weights, w1, b1
-                dw2 if need_w2 else None, db2 if need_b2 else None, None, None)  # w2, b2, activation, store_h
+                dw2 if need_w2 else None, db2 if need_b2 else None, None, None, None)  # w2, b2, activation, store_h, p
 
 
 def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quick_gelu", dropout_p=0.0,
@@ -89,16 +102,16 @@ def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="qui
         topk_ids: [T, k] int32/int64 in [0, E) (out-of-range ids trap on the device). topk_weights: [T, k] (fp32 from
             the router; any float dtype is read as fp32).
         w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D]: expert weights, x's dtype.
-        activation: "quick_gelu", "gelu" (erf) or "gelu_tanh". dropout_p, training: dropout between act and w2;
-            dropout_p > 0 in training falls back to expert_ffn_torch (not fused).
+        activation: "quick_gelu", "gelu" (erf) or "gelu_tanh". dropout_p, training: dropout between act and w2,
+            fused (a Philox mask from a seed drawn from torch's generator, see dropout.py); the identity unless
+            training.
     Returns:
         y [T, D] in x's dtype (the autocast dtype under autocast), differentiable with respect to x, topk_weights and
         the four weight tensors.
     """
     check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2)
     get_activation(activation)
-    if dropout_p > 0 and training:
-        return expert_ffn_torch(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, dropout_p, training)
+    check_dropout_p(dropout_p)
     check_triton_device("expert_ffn_triton", x)
     params = (x, w1, b1, w2, b2)
     if torch.is_autocast_enabled(x.device.type):
@@ -115,4 +128,7 @@ def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="qui
                         "wrongly (triton-lang/triton#11584). Use fp32/fp16, or the 'torch' backend on CPU")
     store_h = torch.is_grad_enabled() and any(t.requires_grad for t in params + (topk_weights,))
     x, w1, b1, w2, b2 = params
-    return ExpertFFNFunction.apply(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h)
+    p = float(dropout_p) if training else 0.0
+    if not store_h:  # no gradient: the forward without autograd.Function's bookkeeping (µs at batch 1)
+        return fused_forward(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, False, p)[0]
+    return ExpertFFNFunction.apply(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h, p)

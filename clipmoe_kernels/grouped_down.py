@@ -12,25 +12,43 @@ slot f(r) = t·k + j of token t(r), routed to expert e(r) with routing weight s_
              dW2[e] = Σ_{r∈e} (s_r dy[t(r)])ᵀ a_r,  db2[e] = Σ_{r∈e} s_r dy[t(r)]   (grouped_gemm.grouped_wgrad)
 Tensors: a, h [TK, F] expert-sorted; w2 [E, D, F], b2 [E, D]; topk_weights [T, k] fp32; y, dy [T, D] token order.
 
-Design. Forward: one program per (tile of the moe_align tile table, BLOCK_N columns of D); unused tiles
+Design. Forward: one program per (tile of the moe_align tile table, BLOCK_N columns of D), in the grouped order of
+grouped_gemm.program_tile; unused tiles
 (tile_expert == -1) exit at once. Rows scatter on store to their flat slot of an fp32 [T, k, D] buffer, then
 grouped_gemm.slot_combine sums the k slots per token in slot order: deterministic, no atomics. For k = 1 the GEMM
 writes y directly. Because the weight multiplies the fp32 accumulator and the slot buffer is fp32, a 16-bit output
-cannot overflow before the routing weight shrinks it (kernel-design.md §4, bug class 3).
+cannot overflow before the routing weight shrinks it (docs/kernels.md, "Numerics").
 Backward: the SonicMoE idea, so Y (TK x D) is never cached: ds_r is a row sum of G ⊙ a, which the dh kernel holds in
 registers anyway. Each program reduces its BLOCK_N columns of F to one partial per row, written to
 partials[pid_n, f(r)]; the launcher sums the partials over pid_n (fixed order, no atomics). The dy·b2 term is added
 by the pid_n == 0 programs.
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, TunedKernel, block_m_for, cdiv, dot_precision,
-                                           rows_bucket)
+from clipmoe_kernels._triton_utils import (
+    GEMM_CONFIGS,
+    GEMM_CONFIGS_LARGE,
+    TunedKernel,
+    block_m_for,
+    cdiv,
+    custom_op,
+    dot_precision,
+    rows_bucket,
+)
 from clipmoe_kernels.activation import get_activation
-from clipmoe_kernels.grouped_gemm import (_activation_and_grad, _rows_matmul, _tile_rows, min_block_n,
-                                          slot_combine)
+from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
+from clipmoe_kernels.grouped_gemm import (
+    GROUP_M,
+    _activation_and_grad,
+    _rows_matmul,
+    _tile_rows,
+    min_block_n,
+    program_tile,
+    slot_combine,
+)
 
 
 def grouped_down_ref(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets):
@@ -70,12 +88,12 @@ def _grouped_down_fwd_kernel(
     tile_row_start_ptr,  # [num_tiles] int32
     D, F, ROWS_BUCKET,
     stride_am, stride_ak, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_om, stride_od,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(D, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
@@ -95,10 +113,11 @@ def _grouped_down_fwd_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-_grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
+_grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
+                        large_configs=GEMM_CONFIGS_LARGE)
 
 
-@triton.jit(do_not_specialize=["ROWS_BUCKET"])
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "NUM_N_ALLOC", "DROPOUT_THRESHOLD"])
 def _grouped_down_bwd_kernel(
     dy_ptr,              # [T, D] token order, any strides
     h_ptr,               # [TK, F] expert-sorted pre-activation (saved by grouped_up)
@@ -106,21 +125,22 @@ def _grouped_down_bwd_kernel(
     b2_ptr,              # [E, D]
     topk_weights_ptr,    # [TK] fp32, flat order
     dh_ptr,              # [TK, F] out, expert-sorted (written when COMPUTE_DH)
-    ds_ptr,              # [num_n_alloc, TK] fp32 out: per-N-tile partials of ds, flat order (when COMPUTE_DS)
+    ds_ptr,              # [NUM_N_ALLOC, TK] fp32 out: per-N-tile partials of ds, flat order (when COMPUTE_DS)
     sorted_to_flat_ptr,  # [TK] int32
     expert_offsets_ptr,  # [E+1] int32
     tile_expert_ptr,     # [num_tiles] int32, -1 = unused
     tile_row_start_ptr,  # [num_tiles] int32
-    D, F, ROWS_BUCKET,
+    seed_ptr,            # [1] int64 Philox key of the dropout mask (read when DROPOUT)
+    D, F, ROWS_BUCKET, NUM_N_ALLOC, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_dyt, stride_dyd, stride_hm, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_dhm,
     stride_dsn,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of F.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(F, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
@@ -137,6 +157,11 @@ def _grouped_down_bwd_kernel(
                      BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     a, da = _activation_and_grad(h, ACTIVATION)
+    if DROPOUT:  # the forward's a' = a ⊙ keep / (1 - p): ds sees a', dh gets the same factor on act'(h)
+        keep = dropout_keep(tl.load(seed_ptr), flat, offs_n, F, DROPOUT_THRESHOLD)
+        factor = tl.where(keep, DROPOUT_SCALE, 0.0)
+        a = a * factor
+        da = da * factor
     if COMPUTE_DS:
         ds = tl.sum(g * a, axis=1)  # masked columns: g = 0 there
         if pid_n == 0:  # + dy[t] · b2[e], once per row
@@ -148,21 +173,27 @@ def _grouped_down_bwd_kernel(
                 b2v = tl.load(b2_ptr + e * stride_b2e + offs_d * stride_b2d, mask=d_mask, other=0.0).to(tl.float32)
                 ds += tl.sum(dyv * b2v[None, :], axis=1)
         tl.store(ds_ptr + pid_n.to(tl.int64) * stride_dsn + flat, ds, mask=row_mask)
+        if pid_n == 0:
+            # The buffer has NUM_N_ALLOC rows (for the narrowest candidate BLOCK_N); rows this launch's BLOCK_N does
+            # not reach are zeroed here, so no earlier launch (an autotune candidate) can leave partials behind.
+            for n in range(num_n, NUM_N_ALLOC):
+                tl.store(ds_ptr + flat + n * stride_dsn, 0.0, mask=row_mask)  # n·stride < NUM_N_ALLOC·TK < 2^31
     if COMPUTE_DH:
         s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
         dh = g * da * s[:, None]
         tl.store(dh_ptr + rows[:, None] * stride_dhm + offs_n[None, :], dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
-_grouped_down_bwd = TunedKernel(_grouped_down_bwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
+_grouped_down_bwd = TunedKernel(_grouped_down_bwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
+                        large_configs=GEMM_CONFIGS_LARGE)
 
 
-@torch.library.custom_op("clipmoe::grouped_down", mutates_args=())
+@custom_op("clipmoe::grouped_down")
 def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weights: torch.Tensor,
                  sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, tile_expert: torch.Tensor,
                  tile_row_start: torch.Tensor) -> torch.Tensor:
     """y [T, D] in a.dtype = Σ_j s·(a W2[e]ᵀ + b2[e]), token order. a [TK, F] expert-sorted; topk_weights [T, k] fp32
-    contiguous. The moe_align tile table must have been built with block_m = block_m_for(a.device)."""
+    contiguous. The moe_align tile table must have been built with block_m = block_m_for(a.device, TK, E)."""
     T, k = topk_weights.shape
     tk = sorted_to_flat.shape[0]
     E, D, F = w2.shape
@@ -172,12 +203,12 @@ def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weigh
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
-        return (num_tiles, cdiv(D, block_n))
+        return (num_tiles * cdiv(D, block_n),)
 
     args = (a, w2, b2, topk_weights, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F,
             rows_bucket(tk, E), a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
             b2.stride(0), b2.stride(1), out.stride(0), out.stride(1))
-    meta = dict(INPUT_PRECISION=dot_precision(a.dtype), BLOCK_M=block_m_for(a.device))
+    meta = dict(INPUT_PRECISION=dot_precision(a.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(a.device, tk, E))
     if tk > 0:
         _grouped_down_fwd(grid, a.device, args, meta)
     if k > 1:
@@ -190,33 +221,38 @@ def _(a, w2, b2, topk_weights, sorted_to_flat, expert_offsets, tile_expert, tile
     return a.new_empty((topk_weights.shape[0], w2.shape[1]))
 
 
-@torch.library.custom_op("clipmoe::grouped_down_bwd", mutates_args=())
+@custom_op("clipmoe::grouped_down_bwd")
 def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                      topk_weights: torch.Tensor, sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor,
                      tile_expert: torch.Tensor, tile_row_start: torch.Tensor, activation: str, compute_dh: bool,
-                     compute_ds: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     compute_ds: bool, dropout_seed: torch.Tensor | None = None,
+                     dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh [TK, F] in h.dtype, expert-sorted; dtopk_weights [T, k] fp32). Either is an empty [0, ·] tensor when its
-    compute_* flag is off. h is the saved pre-activation; topk_weights [T, k] fp32 contiguous."""
+    compute_* flag is off. h is the saved pre-activation; topk_weights [T, k] fp32 contiguous; dropout_seed and
+    dropout_p those of the forward (the mask is regenerated)."""
     get_activation(activation)
     T, k = topk_weights.shape
     tk = sorted_to_flat.shape[0]
     E, D, F = w2.shape
     dh = h.new_empty((tk if compute_dh else 0, F))
     dh_arg = dh if compute_dh else h  # never written when COMPUTE_DH is False
-    # One row of partials per BLOCK_N columns of F, sized for the narrowest BLOCK_N the launch may pick; rows a wider
-    # config does not reach stay zero (hence zeros, not empty).
+    # One row of partials per BLOCK_N columns of F, sized for the narrowest BLOCK_N the launch may pick; the kernel
+    # writes every row (zeros past its own BLOCK_N), so the buffer needs no fill and autotune candidates that ran
+    # before the chosen one on the same buffer leave nothing behind.
     num_n_alloc = cdiv(F, min_block_n(h.device)) if compute_ds else 1
-    partials = h.new_zeros((num_n_alloc, tk), dtype=torch.float32)
+    partials = h.new_empty((num_n_alloc, tk), dtype=torch.float32)
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
-        return (num_tiles, cdiv(F, block_n))
+        return (num_tiles * cdiv(F, block_n),)
 
+    dropout = dropout_p > 0
     args = (dy, h, w2, b2, topk_weights, dh_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
-            tile_row_start, D, F, rows_bucket(tk, E), dy.stride(0), dy.stride(1), h.stride(0), w2.stride(0),
-            w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), partials.stride(0))
-    meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds,
-                INPUT_PRECISION=dot_precision(h.dtype), BLOCK_M=block_m_for(h.device))
+            tile_row_start, dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), num_n_alloc,
+            dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dy.stride(0), dy.stride(1), h.stride(0),
+            w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), partials.stride(0))
+    meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds, DROPOUT=dropout,
+                INPUT_PRECISION=dot_precision(h.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(h.device, tk, E))
     if tk > 0 and (compute_dh or compute_ds):
         _grouped_down_bwd(grid, h.device, args, meta)
     ds = partials.sum(0).view(T, k) if compute_ds else partials.new_empty((0, k))
@@ -225,7 +261,7 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
 
 @grouped_down_bwd.register_fake
 def _(dy, h, w2, b2, topk_weights, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, activation,
-      compute_dh, compute_ds):
+      compute_dh, compute_ds, dropout_seed=None, dropout_p=0.0):
     T, k = topk_weights.shape
     tk, F = sorted_to_flat.shape[0], w2.shape[2]
     dh = h.new_empty((tk if compute_dh else 0, F))

@@ -25,13 +25,24 @@ ViT-L/14, batch 1024); strides themselves stay int32 (widening all of them costs
 The weight-gradient kernel writes every [BLOCK_N, BLOCK_K] tile of dW (and db), so an expert with no rows gets
 exact zeros, never uninitialised memory.
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (WGRAD_CONFIGS, TunedKernel, block_m_for, candidate_configs, cdiv,
-                                           dot_precision, launch, rows_bucket)
+from clipmoe_kernels._triton_utils import (
+    WGRAD_CONFIGS,
+    TunedKernel,
+    block_m_for,
+    candidate_configs,
+    cdiv,
+    custom_op,
+    dot_precision,
+    launch,
+    rows_bucket,
+)
 from clipmoe_kernels.activation import get_activation
+from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
 
 # Combine tile: tokens x columns per program of a bandwidth-bound pass: 32 x 128 elements per slot at 4 warps is 32
 # contiguous elements per thread and slot, enough for vector loads and small enough not to spill. Not yet timed on a
@@ -71,7 +82,79 @@ def grouped_wgrad_ref(grad_out, inp, topk_weights, sorted_to_flat, expert_offset
     return dw, db
 
 
+# Program order of the row-tile GEMMs (grouped_up, grouped_down and their backward kernels): one 1-D grid of
+# num_tiles x num_n programs in groups of GROUP_M consecutive row tiles; within a group the tile index runs fastest,
+# then the N-block. Programs are issued roughly in id order, so the ~132 resident on an H200 cover GROUP_M tiles x
+# about 132 / GROUP_M N-blocks: each gathered row tile and each weight column block is read from HBM about once while
+# it sits in L2 (the 2-D grid with the tile index fastest re-read every gathered row once per N-block).
+# bench/traffic_model.py replays exactly this order (`program_order` runs `program_tile` itself).
+GROUP_M = 8
+
+
 # --------------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def program_tile(pid, num_tiles, num_n, GROUP_M: tl.constexpr):
+    """(row tile, N-block) of program `pid` (scalar or block) in the grouped order described above."""
+    per_group = GROUP_M * num_n
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(num_tiles - first, GROUP_M)
+    within = pid % per_group
+    return first + within % size, within // size
+
+
+@triton.jit
+def wgrad_program(pid, num_n, num_k):
+    """(expert, N-block, K-block) of weight-gradient program `pid`: experts slowest; within an expert the operand
+    with fewer blocks runs fastest, so the resident programs share one row block of the larger operand (read from
+    HBM about once) and all blocks of the smaller one."""
+    per_expert = num_n * num_k
+    e = pid // per_expert
+    within = pid % per_expert
+    if num_n <= num_k:
+        n, k = within % num_n, within // num_n
+    else:
+        n, k = within // num_k, within % num_k
+    return e, n, k
+
+
+@triton.jit
+def _program_order_kernel(out_ptr, num_programs, dim0, dim1, GROUP_M: tl.constexpr, WGRAD: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    # out[:, pid] = the program's coordinates: (tile, n, 0) of program_tile, or (e, n, k) of wgrad_program
+    pids = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = pids < num_programs
+    pids = tl.minimum(pids, num_programs - 1)
+    if WGRAD:
+        a, b, c = wgrad_program(pids, dim0, dim1)
+    else:
+        a, b = program_tile(pids, dim0, dim1, GROUP_M)
+        c = b * 0
+    tl.store(out_ptr + pids, a, mask=mask)
+    tl.store(out_ptr + num_programs + pids, b, mask=mask)
+    tl.store(out_ptr + 2 * num_programs + pids, c, mask=mask)
+
+
+def _run_order(num_programs, dim0, dim1, wgrad):
+    out = torch.empty((3, num_programs), dtype=torch.int32)
+    if num_programs:
+        block = 1024
+        launch(_program_order_kernel, (cdiv(num_programs, block),), out.device, out, num_programs, dim0, dim1,
+               GROUP_M=GROUP_M, WGRAD=wgrad, BLOCK=block)
+    return out
+
+
+def program_order(num_tiles: int, num_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile, N-block) of row-tile programs 0..num_tiles·num_n-1 (int32), computed by the kernels' `program_tile`
+    under the Triton interpreter, so that the traffic model replays the kernels' own order."""
+    tiles, ns, _ = _run_order(num_tiles * num_n, num_tiles, num_n, False)
+    return tiles, ns
+
+
+def wgrad_program_order(num_experts: int, num_n: int, num_k: int):
+    """(expert, N-block, K-block) of weight-gradient programs in launch order, by the kernel's `wgrad_program`."""
+    return tuple(_run_order(num_experts * num_n * num_k, num_n, num_k, True))
+
+
 @triton.jit
 def _activation(h, ACTIVATION: tl.constexpr):
     """act(h) in fp32 (h fp32)."""
@@ -132,7 +215,7 @@ def _rows_matmul(a_ptr, a_rows, row_mask, stride_am, stride_ak,
 
 
 # ------------------------------------------------------------------------------------------------------- kernels
-@triton.jit(do_not_specialize=["ROWS_BUCKET"])
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "DROPOUT_THRESHOLD"])
 def _grouped_wgrad_kernel(
     go_ptr,              # grad-out rows: [TK, N] expert-sorted, or [T, N] token order when GATHER_GO
     in_ptr,              # input rows: [T, K] token order when GATHER_IN, or [TK, K] expert-sorted
@@ -141,19 +224,20 @@ def _grouped_wgrad_kernel(
     db_ptr,              # [E, N] out
     sorted_to_flat_ptr,  # [TK] int32
     expert_offsets_ptr,  # [E+1] int32
-    N, K, ROWS_BUCKET,
+    seed_ptr,            # [1] int64 Philox key of the dropout mask on act(input) (read when DROPOUT)
+    N, K, ROWS_BUCKET, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_gom, stride_gon, stride_inm, stride_ink,
     stride_dwe, stride_dwn, stride_dwk, stride_dbe, stride_dbn,
     TOP_K: tl.constexpr, GATHER_GO: tl.constexpr, SCALE_GO: tl.constexpr, GATHER_IN: tl.constexpr,
-    IN_ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IN_ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Program (e, pid_n, pid_k) owns dW[e, pid_n·BLOCK_N:, pid_k·BLOCK_K:] and walks expert e's contiguous sorted rows
+    # Program (e, pid_n, pid_k) (order: wgrad_program) owns dW[e, pid_n·BLOCK_N:, pid_k·BLOCK_K:] and walks expert
+    # e's contiguous sorted rows
     # BLOCK_M at a time (BLOCK_M is the grouped-GEMM constant; this loop does not read the tile table); programs with
     # pid_k == 0 also own db[e, pid_n·BLOCK_N:].
-    e = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    e, pid_n, pid_k = wgrad_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K))
+    e = e.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
@@ -184,6 +268,9 @@ def _grouped_wgrad_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if IN_ACTIVATION != "none":
             u = _activation(u.to(tl.float32), IN_ACTIVATION)
+        if DROPOUT:  # input rows act(h) ⊙ keep / (1 - p), the forward's mask (K = F)
+            keep = dropout_keep(tl.load(seed_ptr), flat, offs_k, K, DROPOUT_THRESHOLD)
+            u = tl.where(keep, u * DROPOUT_SCALE, 0.0)
         u = u.to(in_ptr.dtype.element_ty)
         g = g.to(in_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(g), u, acc, input_precision=INPUT_PRECISION)
@@ -234,12 +321,15 @@ def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("clipmoe::grouped_wgrad", mutates_args=())
+@custom_op("clipmoe::grouped_wgrad")
 def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch.Tensor,
                   sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, top_k: int,
-                  gather_grad_out: bool, gather_inp: bool, inp_activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  gather_grad_out: bool, gather_inp: bool, inp_activation: str,
+                  dropout_seed: torch.Tensor | None = None,
+                  dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW [E, N, K], db [E, N]) in inp.dtype, see the module docstring. grad_out [TK or T, N], inp [T or TK, K],
-    topk_weights [T, k] fp32 contiguous (read only when gather_grad_out: the token rows are then scaled by s_r)."""
+    topk_weights [T, k] fp32 contiguous (read only when gather_grad_out: the token rows are then scaled by s_r).
+    dropout_p > 0: the input rows are act(inp) ⊙ keep / (1 - p) with the Philox mask of dropout_seed."""
     E = expert_offsets.shape[0] - 1
     N, K = grad_out.shape[1], inp.shape[1]
     dw = inp.new_empty((E, N, K))
@@ -247,20 +337,23 @@ def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch
     tk = sorted_to_flat.shape[0]
 
     def grid(block_n, block_k):
-        return (E, cdiv(N, block_n), cdiv(K, block_k))
+        return (E * cdiv(N, block_n) * cdiv(K, block_k),)
 
-    args = (grad_out, inp, topk_weights, dw, db, sorted_to_flat, expert_offsets, N, K, rows_bucket(tk, E),
-            grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
+    dropout = dropout_p > 0
+    args = (grad_out, inp, topk_weights, dw, db, sorted_to_flat, expert_offsets,
+            dropout_seed if dropout else sorted_to_flat, N, K, rows_bucket(tk, E), dropout_threshold(dropout_p),
+            1.0 / (1.0 - dropout_p), grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1))
     meta = dict(TOP_K=top_k, GATHER_GO=gather_grad_out, SCALE_GO=gather_grad_out, GATHER_IN=gather_inp,
-                IN_ACTIVATION=inp_activation, INPUT_PRECISION=dot_precision(inp.dtype), BLOCK_M=block_m_for(inp.device))
+                IN_ACTIVATION=inp_activation, DROPOUT=dropout, INPUT_PRECISION=dot_precision(inp.dtype),
+                BLOCK_M=block_m_for(inp.device, tk, E))
     _grouped_wgrad(grid, inp.device, args, meta)
     return dw, db
 
 
 @grouped_wgrad.register_fake
 def _(grad_out, inp, topk_weights, sorted_to_flat, expert_offsets, top_k, gather_grad_out, gather_inp,
-      inp_activation):
+      inp_activation, dropout_seed=None, dropout_p=0.0):
     E = expert_offsets.shape[0] - 1
     return inp.new_empty((E, grad_out.shape[1], inp.shape[1])), inp.new_empty((E, grad_out.shape[1]))
 

@@ -8,7 +8,8 @@ Math (glossary: T tokens, D model width, F expert hidden width, E experts, k top
              dW1[e] = Σ_{r∈e} dh_rᵀ x[t(r)],  db1[e] = Σ_{r∈e} dh_r   (grouped_gemm.grouped_wgrad)
 Tensors: x [T, D] (any strides), w1 [E, F, D], b1 [E, F] (nn.Linear orientation), a and h [TK, F] expert-sorted.
 
-Design: one program per (tile of the moe_align tile table, BLOCK_N columns of F). A tile is BLOCK_M sorted rows of
+Design: one program per (tile of the moe_align tile table, BLOCK_N columns of F), issued in the grouped order of
+grouped_gemm.program_tile (docs/kernels.md). A tile is BLOCK_M sorted rows of
 one expert; its x rows are gathered on load through sorted_to_flat // k (no permuted copy of x). Unused tile slots
 (tile_expert == -1; the table is sized by the host bound ceil(TK/BLOCK_M) + E) exit at once, so the grid never
 depends on routing and nothing synchronises with the host. The pre-activation h is stored only when a gradient is
@@ -16,14 +17,24 @@ needed (store_h): the backward recomputes act(h) and act'(h) from it instead of 
 slot (scatter on store to [T, k, D] fp32, or straight into dx when k = 1) and summed over the k slots by the
 deterministic grouped_gemm.slot_combine; no atomics.
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import (GEMM_CONFIGS, TunedKernel, block_m_for, cdiv, dot_precision,
-                                           rows_bucket)
+from clipmoe_kernels._triton_utils import (
+    GEMM_CONFIGS,
+    GEMM_CONFIGS_LARGE,
+    TunedKernel,
+    block_m_for,
+    cdiv,
+    custom_op,
+    dot_precision,
+    rows_bucket,
+)
 from clipmoe_kernels.activation import get_activation
-from clipmoe_kernels.grouped_gemm import _activation, _rows_matmul, _tile_rows, slot_combine
+from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
+from clipmoe_kernels.grouped_gemm import GROUP_M, _activation, _rows_matmul, _tile_rows, program_tile, slot_combine
 
 
 def grouped_up_ref(x, w1, b1, sorted_to_flat, expert_offsets, top_k, activation):
@@ -49,7 +60,7 @@ def grouped_up_bwd_dx_ref(dh, w1, sorted_to_flat, expert_offsets, num_tokens, to
     return dx.index_add_(0, sorted_to_flat.long() // top_k, per_row)
 
 
-@triton.jit(do_not_specialize=["ROWS_BUCKET"])
+@triton.jit(do_not_specialize=["ROWS_BUCKET", "DROPOUT_THRESHOLD"])
 def _grouped_up_fwd_kernel(
     x_ptr,               # [T, D] token order, any strides
     w1_ptr,              # [E, F, D]
@@ -60,20 +71,23 @@ def _grouped_up_fwd_kernel(
     expert_offsets_ptr,  # [E+1] int32
     tile_expert_ptr,     # [num_tiles] int32, -1 = unused
     tile_row_start_ptr,  # [num_tiles] int32
-    D, F, ROWS_BUCKET,
+    seed_ptr,            # [1] int64 Philox key of the dropout mask (read when DROPOUT)
+    D, F, ROWS_BUCKET, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_xt, stride_xd, stride_w1e, stride_w1f, stride_w1d, stride_b1e, stride_b1f, stride_am, stride_hm,
-    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows of expert tile_expert[tile] x columns pid_n·BLOCK_N.. of F.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(F, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
     e = e.to(tl.int64)
     rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
-    tok = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64) // TOP_K
+    flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tok = flat // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < F
     # B[kk, n] = W1[e, n, kk]: x · W1[e]ᵀ without a transposed copy.
@@ -86,10 +100,14 @@ def _grouped_up_fwd_kernel(
     if STORE_H:
         tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
     a = _activation(h, ACTIVATION)
+    if DROPOUT:  # a' = a ⊙ keep / (1 - p), the mask of dropout.py
+        keep = dropout_keep(tl.load(seed_ptr), flat, offs_n, F, DROPOUT_THRESHOLD)
+        a = tl.where(keep, a * DROPOUT_SCALE, 0.0)
     tl.store(a_ptr + rows[:, None] * stride_am + offs_n[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
-_grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
+_grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
+                        large_configs=GEMM_CONFIGS_LARGE)
 
 
 @triton.jit(do_not_specialize=["ROWS_BUCKET"])
@@ -103,12 +121,12 @@ def _grouped_up_bwd_dx_kernel(
     tile_row_start_ptr,  # [num_tiles] int32
     D, F, ROWS_BUCKET,
     stride_dhm, stride_w1e, stride_w1f, stride_w1d, stride_om, stride_od,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_n = tl.cdiv(D, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
     e = tl.load(tile_expert_ptr + tile)
     if e < 0:
         return
@@ -125,15 +143,18 @@ def _grouped_up_bwd_dx_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-_grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"])
+_grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
+                        large_configs=GEMM_CONFIGS_LARGE)
 
 
-@torch.library.custom_op("clipmoe::grouped_up", mutates_args=())
+@custom_op("clipmoe::grouped_up")
 def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_flat: torch.Tensor,
                expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor, top_k: int,
-               activation: str, store_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               activation: str, store_h: bool, dropout_seed: torch.Tensor | None = None,
+               dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, h): act(h) and h = x W1[e]ᵀ + b1[e], both [TK, F] in x.dtype, expert-sorted rows. h is [0, F] unless
-    store_h. The moe_align tile table must have been built with block_m = block_m_for(x.device)."""
+    store_h. With dropout_p > 0, a is act(h) ⊙ keep / (1 - p), keep the Philox mask of dropout_seed (dropout.py).
+    The moe_align tile table must have been built with block_m = block_m_for(x.device, TK, E)."""
     get_activation(activation)
     tk = sorted_to_flat.shape[0]
     E, F, D = w1.shape
@@ -143,25 +164,28 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
-        return (num_tiles, cdiv(F, block_n))
+        return (num_tiles * cdiv(F, block_n),)
 
-    args = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F,
-            rows_bucket(tk, E), x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+    dropout = dropout_p > 0
+    args = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
+            dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), dropout_threshold(dropout_p),
+            1.0 / (1.0 - dropout_p), x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
             b1.stride(0), b1.stride(1), a.stride(0), h_arg.stride(0))
-    meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, INPUT_PRECISION=dot_precision(x.dtype),
-                BLOCK_M=block_m_for(x.device))
+    meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, DROPOUT=dropout,
+                INPUT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(x.device, tk, E))
     if tk > 0:
         _grouped_up_fwd(grid, x.device, args, meta)
     return a, h
 
 
 @grouped_up.register_fake
-def _(x, w1, b1, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, top_k, activation, store_h):
+def _(x, w1, b1, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, top_k, activation, store_h,
+      dropout_seed=None, dropout_p=0.0):
     tk, F = sorted_to_flat.shape[0], w1.shape[1]
     return x.new_empty((tk, F)), x.new_empty((tk if store_h else 0, F))
 
 
-@torch.library.custom_op("clipmoe::grouped_up_bwd_dx", mutates_args=())
+@custom_op("clipmoe::grouped_up_bwd_dx")
 def grouped_up_bwd_dx(dh: torch.Tensor, w1: torch.Tensor, sorted_to_flat: torch.Tensor,
                       expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor,
                       num_tokens: int, top_k: int) -> torch.Tensor:
@@ -175,11 +199,11 @@ def grouped_up_bwd_dx(dh: torch.Tensor, w1: torch.Tensor, sorted_to_flat: torch.
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
-        return (num_tiles, cdiv(D, block_n))
+        return (num_tiles * cdiv(D, block_n),)
 
     args = (dh, w1, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F, rows_bucket(tk, E),
             dh.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1))
-    meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), BLOCK_M=block_m_for(dh.device))
+    meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(dh.device, tk, E))
     if tk > 0:
         _grouped_up_bwd_dx(grid, dh.device, args, meta)
     if top_k > 1:

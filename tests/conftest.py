@@ -24,6 +24,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run the Triton kernels on CPU tensors through the interpreter, with the default (unpinned) tile config and
+    backend choice. Test modules of the kernels use it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("CLIPMOE_TRITON_CONFIG", raising=False)
+    monkeypatch.delenv("CLIPMOE_BACKEND", raising=False)
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -3,45 +3,12 @@ import pytest
 import torch
 
 from clipmoe import MoEFFN, balance_loss, collect_aux_losses, router_z_loss
-from clipmoe_kernels import (
-    ACTIVATIONS,
-    expert_ffn_naive,
-    expert_ffn_torch,
-    select_backend,
-    topk_routing_ref,
-)
+from clipmoe_kernels import expert_ffn_naive, expert_ffn_torch, select_backend, topk_routing_ref
+from tests.moe_cases import expert_reference, per_token_reference
 from tests.tolerances import assert_close, assert_close_lowp
 
 EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch}
 BACKENDS = list(EXPERT_FFNS)
-
-
-def per_token_reference(x, router_w, w1, b1, w2, b2, top_k, activation, renormalize=True):
-    """Readable oracle: route each token on its own, then sum its k experts one by one."""
-    act = ACTIVATIONS[activation]
-    ys = []
-    for t in range(x.shape[0]):
-        probs = torch.softmax(x[t] @ router_w.T, dim=-1)
-        weights, ids = torch.topk(probs, top_k)
-        if renormalize:
-            weights = weights / weights.sum()
-        y = torch.zeros_like(x[t])
-        for w, e in zip(weights, ids.tolist()):
-            y = y + w * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e])
-        ys.append(y)
-    return torch.stack(ys) if ys else x.new_zeros(x.shape)
-
-
-def expert_reference(x, topk_ids, topk_weights, w1, b1, w2, b2, activation):
-    """Per-(token, slot) loop with given routing, in the dtype of its inputs."""
-    act = ACTIVATIONS[activation]
-    rows = []
-    for t in range(x.shape[0]):
-        y = torch.zeros_like(x[t])
-        for j, e in enumerate(topk_ids[t].tolist()):
-            y = y + topk_weights[t, j].to(x.dtype) * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e])
-        rows.append(y)
-    return torch.stack(rows)
 
 
 MODULE_SHAPES = [
@@ -82,7 +49,7 @@ def test_module_matches_per_token_reference(backend, dtype, T, D, F_, E, k, acti
     y_ref = per_token_reference(x_ref, *ref_params, top_k=k, activation=activation)
     ref_grads = torch.autograd.grad(y_ref, [x_ref] + ref_params, g.double())
     assert_close(y, y_ref, dtype, "y")
-    for name, got, want in zip(["x", "router", "w1", "b1", "w2", "b2"], grads, ref_grads):
+    for name, got, want in zip(["x", "router", "w1", "b1", "w2", "b2"], grads, ref_grads, strict=True):
         assert_close(got, want, dtype, f"d{name}")
 
 
@@ -105,7 +72,7 @@ def test_module_bf16(backend):
     hi_ids = torch.topk(x.detach().double() @ moe.router.weight.detach().double().T, k).indices
     assert torch.equal(moe.aux.topk_ids, hi_ids), "test data must route identically in bf16 and fp64"
     assert_close_lowp(y, y_hi, y_lo, "y")
-    for name, got, hi, lo in zip(["x", "router", "w1", "b1", "w2", "b2"], grads, grads_hi, grads_lo):
+    for name, got, hi, lo in zip(["x", "router", "w1", "b1", "w2", "b2"], grads, grads_hi, grads_lo, strict=True):
         assert_close_lowp(got, hi, lo, f"d{name}")
 
 
@@ -139,7 +106,7 @@ def _expert_run(fn, topk_ids, topk_weights, tensors, activation="quick_gelu"):
     y = fn(x, topk_ids, w, w1, b1, w2, b2, activation)
     g = torch.ones_like(y) if y.numel() == 0 else torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
     grads = torch.autograd.grad(y, leaves + [w], g, allow_unused=True)
-    return y, [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves + [w], grads)]
+    return y, [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves + [w], grads, strict=True)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,7 +117,7 @@ def test_expert_ffn_edge_routings_fp32(backend, T, D, F_, E, k, routing):
     y_ref, ref_grads = _expert_run(expert_reference, topk_ids, topk_weights,
                                    [t.double() for t in tensors])
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(["x", "w1", "b1", "w2", "b2", "topk_weights"], grads, ref_grads):
+    for name, got, want in zip(["x", "w1", "b1", "w2", "b2", "topk_weights"], grads, ref_grads, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
     if routing != "random":  # experts without tokens get exactly zero weight gradients
         unused = torch.ones(E, dtype=torch.bool)
@@ -169,7 +136,7 @@ def test_expert_ffn_low_precision(backend, lowp):
     y_lo, grads_lo = _expert_run(expert_reference, topk_ids, topk_weights.to(lowp), [t.to(lowp) for t in tensors])
     assert y.dtype == lowp
     assert_close_lowp(y, y_hi, y_lo, "y")
-    for name, got, hi, lo in zip(["x", "w1", "b1", "w2", "b2", "topk_weights"], grads, grads_hi, grads_lo):
+    for name, got, hi, lo in zip(["x", "w1", "b1", "w2", "b2", "topk_weights"], grads, grads_hi, grads_lo, strict=True):
         assert_close_lowp(got.to(lowp), hi, lo, f"d{name}")
 
 
@@ -332,5 +299,5 @@ def test_cuda_matches_cpu(backend):
     grads_cuda = torch.autograd.grad(y_cuda, [x_cuda, moe_cuda.router.weight, moe_cuda.w1, moe_cuda.b1,
                                               moe_cuda.w2, moe_cuda.b2], g.cuda())
     assert_close(y_cuda.cpu(), y)
-    for got, want in zip(grads_cuda, grads):
+    for got, want in zip(grads_cuda, grads, strict=True):
         assert_close(got.cpu(), want)

@@ -9,51 +9,17 @@ import torch
 
 pytest.importorskip("triton")
 
-from clipmoe_kernels._triton_utils import BLOCK_M_INTERPRET, ENV_TRITON_CONFIG  # noqa: E402
+from clipmoe_kernels._triton_utils import ENV_TRITON_CONFIG, block_m_for  # noqa: E402
 from clipmoe_kernels.expert_ffn import expert_ffn_torch  # noqa: E402
 from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton  # noqa: E402
 from clipmoe_kernels.router import topk_routing_triton  # noqa: E402
+from tests.moe_cases import GRAD_NAMES as NAMES  # noqa: E402
+from tests.moe_cases import expert_weights, routing, run_with_grads  # noqa: E402
 from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 
-NAMES = ["x", "topk_weights", "w1", "b1", "w2", "b2"]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(ENV_TRITON_CONFIG, raising=False)
-
-
-def routing(T, E, k, case="random", generator=None):
-    """topk_ids [T, k] (distinct experts per token, like a real top-k) and fp32 weights summing to 1."""
-    if case == "random":
-        ids = torch.rand(T, E, generator=generator).argsort(dim=1)[:, :k]
-    elif case == "all_to_one":  # every slot on expert E-1 (k=1 keeps a token's slots distinct)
-        ids = torch.full((T, k), E - 1)
-    elif case == "empty_expert":  # expert 1 never chosen
-        used = torch.tensor([e for e in range(E) if e != 1])
-        ids = used[torch.rand(T, len(used), generator=generator).argsort(dim=1)[:, :k]]
-    elif case == "top1_to_one":  # slot 0 always expert 0, slot 1 always expert E-1: all other experts empty
-        ids = torch.tensor([[0, E - 1]]).repeat(T, 1)
-    else:
-        raise ValueError(case)
-    w = torch.rand(T, k, generator=generator) + 0.1
-    return ids, w / w.sum(-1, keepdim=True)
-
-
-def weights(D, F, E, dtype=torch.float32):
-    tensors = [torch.randn(E, F, D) / D**0.5, torch.randn(E, F) * 0.1, torch.randn(E, D, F) / F**0.5,
-               torch.randn(E, D) * 0.1]
-    return [t.to(dtype) for t in tensors]
-
-
-def run(fn, x, ids, w, params, activation, g):
-    """y and the gradients of (x, topk_weights, w1, b1, w2, b2) for upstream gradient g."""
-    leaves = [t.detach().clone().requires_grad_() for t in [x, w] + list(params)]
-    xl, wl, w1, b1, w2, b2 = leaves
-    y = fn(xl, ids, wl, w1, b1, w2, b2, activation=activation)
-    grads = torch.autograd.grad(y, leaves, g.to(y.dtype))
-    return y, list(grads)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+weights = expert_weights
+run = run_with_grads
 
 
 SHAPES = [
@@ -79,7 +45,7 @@ def test_fp32_matches_reference(T, D, F, E, k, activation):
                            g.double())
     assert y.dtype == torch.float32
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert got.dtype == (torch.float32), name
         assert_close(got, want, torch.float32, f"d{name}")
 
@@ -98,7 +64,7 @@ def test_fp16_within_twice_torch_error(T, D, F, E, k, activation):
     y_lo, grads_lo = run(expert_ffn_torch, x, ids, w, params, activation, g)
     assert y.dtype == torch.float16
     assert_close_lowp(y, y_hi, y_lo, "y")
-    for name, got, hi, lo in zip(NAMES, grads, grads_hi, grads_lo):
+    for name, got, hi, lo in zip(NAMES, grads, grads_hi, grads_lo, strict=True):
         # d topk_weights is fp32 (like the weights) but computed from fp16 data: judged with the fp16 floor.
         assert_close_lowp(got.to(torch.float16), hi, lo, f"d{name}")
 
@@ -121,12 +87,12 @@ def test_edge_routings_and_zero_grads_of_empty_experts(T, D, F, E, k, case):
     y_ref, grads_ref = run(expert_ffn_torch, x.double(), ids, w.double(), [p.double() for p in params], "gelu",
                            g.double())
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
     unused = torch.ones(E, dtype=torch.bool)
     unused[ids.unique()] = False
     assert unused.any()
-    for name, grad in zip(NAMES[2:], grads[2:]):
+    for name, grad in zip(NAMES[2:], grads[2:], strict=True):
         assert torch.all(grad[unused] == 0), f"d{name} of an expert without tokens must be exactly zero"
 
 
@@ -155,7 +121,7 @@ def test_non_contiguous_inputs():
                            "quick_gelu", g.double())
     assert_close(y_view, y_ref, torch.float32, "y (strided views)")
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
 
 
@@ -188,7 +154,7 @@ def test_two_runs_are_bitwise_equal():
     y1, grads1 = run(expert_ffn_triton, x, ids, w, params, "gelu", g)
     y2, grads2 = run(expert_ffn_triton, x, ids, w, params, "gelu", g)
     assert torch.equal(y1, y2)
-    for name, a, b in zip(NAMES, grads1, grads2):
+    for name, a, b in zip(NAMES, grads1, grads2, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -204,7 +170,7 @@ def test_pinned_small_tile_config(monkeypatch):
     y_ref, grads_ref = run(expert_ffn_torch, x.double(), ids, w.double(), [p.double() for p in params], "gelu_tanh",
                            g.double())
     assert_close(y, y_ref, torch.float32, "y")
-    for name, got, want in zip(NAMES, grads, grads_ref):
+    for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert_close(got, want, torch.float32, f"d{name}")
 
 
@@ -221,14 +187,14 @@ def test_partial_gradients(needs):
     """Only the requested gradients are computed (the backward skips kernels); they match the full run."""
     T, D, F, E, k = 19, 16, 24, 4, 2
     ids, w = routing(T, E, k)
-    tensors = dict(zip(NAMES, [torch.randn(T, D), w] + weights(D, F, E)))
+    tensors = dict(zip(NAMES, [torch.randn(T, D), w] + weights(D, F, E), strict=True))
     g = torch.randn(T, D)
     leaves = {n: t.clone().requires_grad_(n in needs) for n, t in tensors.items()}
     y = expert_ffn_triton(leaves["x"], ids, leaves["topk_weights"], leaves["w1"], leaves["b1"], leaves["w2"],
                           leaves["b2"], activation="gelu")
     got = torch.autograd.grad(y, [leaves[n] for n in needs], g)
     _, full = run(expert_ffn_triton, tensors["x"], ids, w, [tensors[n] for n in NAMES[2:]], "gelu", g)
-    for name, gr in zip(needs, got):
+    for name, gr in zip(needs, got, strict=True):
         assert torch.equal(gr, full[NAMES.index(name)]), name
 
 
@@ -252,23 +218,8 @@ def test_zero_tokens():
     y = expert_ffn_triton(x, ids, w, *params)
     assert y.shape == (0, D)
     grads = torch.autograd.grad(y.sum(), [x] + params)
-    for p, gr in zip([x] + params, grads):
+    for p, gr in zip([x] + params, grads, strict=True):
         assert gr.shape == p.shape and torch.all(gr == 0)
-
-
-def test_dropout_in_training_falls_back_to_torch():
-    T, D, F, E, k = 12, 16, 24, 4, 2
-    ids, w = routing(T, E, k)
-    x = torch.randn(T, D)
-    params = weights(D, F, E)
-    torch.manual_seed(3)
-    y = expert_ffn_triton(x, ids, w, *params, dropout_p=0.3, training=True)
-    torch.manual_seed(3)
-    y_ref = expert_ffn_torch(x, ids, w, *params, dropout_p=0.3, training=True)
-    assert torch.equal(y, y_ref)
-    # dropout_p > 0 outside training is the identity: the kernels run
-    assert_close(expert_ffn_triton(x, ids, w, *params, dropout_p=0.3, training=False),
-                 expert_ffn_torch(x.double(), ids, w.double(), *[p.double() for p in params]), torch.float32)
 
 
 def test_fp64_falls_back_to_torch():
@@ -333,7 +284,7 @@ def test_compile_fullgraph_router_and_experts():
     leaves = [x, router_w] + params
 
     def layer(x, router_w, w1, b1, w2, b2):
-        probs, w, ids, counts, prob_sums = topk_routing_triton(x @ router_w.T, k)
+        probs, w, ids, counts, prob_sums = topk_routing_triton(x @ router_w.T, k)[:5]
         balance = E * ((counts.float() / T) * (prob_sums / T)).sum()
         return expert_ffn_triton(x, ids, w, w1, b1, w2, b2, activation="gelu"), balance
 
@@ -345,7 +296,7 @@ def test_compile_fullgraph_router_and_experts():
         results.append((y, balance, torch.autograd.grad((y * g).sum() + balance, leaves)))
     (y_c, bal_c, grads_c), (y_e, bal_e, grads_e) = results
     assert torch.equal(y_c, y_e) and torch.equal(bal_c, bal_e)
-    for a, b in zip(grads_c, grads_e):
+    for a, b in zip(grads_c, grads_e, strict=True):
         assert_close(a, b)
 
 
@@ -356,7 +307,7 @@ def test_custom_ops_pass_opcheck():
     ids, w = routing(T, E, k)
     x = torch.randn(T, D)
     w1, b1, w2, b2 = weights(D, F, E)
-    meta = moe_align(ids, E, BLOCK_M_INTERPRET)
+    meta = moe_align(ids, E, block_m_for(ids.device, ids.numel(), E))
     table = (meta.sorted_to_flat, meta.expert_offsets, meta.tile_expert, meta.tile_row_start)
     a, h = torch.ops.clipmoe.grouped_up(x, w1, b1, *table, k, "gelu", True)
     dy = torch.randn(T, D)
@@ -372,7 +323,7 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.clipmoe.route_topk, (torch.randn(T, E), k, True)),
     ]
     for op, args in cases:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_moe_ffn_module_triton_backend_layouts():
@@ -394,7 +345,7 @@ def test_moe_ffn_module_triton_backend_layouts():
         (y_k, grads_k), (y_t, grads_t) = results["triton"], results["torch"]
         assert y_k.shape == x.shape
         assert_close(y_k, y_t, torch.float32, "y")
-        for name, a, b in zip(["x", "router", "w1", "b1", "w2", "b2"], grads_k, grads_t):
+        for name, a, b in zip(["x", "router", "w1", "b1", "w2", "b2"], grads_k, grads_t, strict=True):
             assert_close(a, b, torch.float32, f"d{name}")
 
 

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from clipmoe import collect_aux_losses  # noqa: E402
 from clipmoe_kernels._triton_utils import ENV_TRITON_CONFIG  # noqa: E402
 from clipmoe_kernels.expert_ffn import expert_ffn_torch  # noqa: E402
 from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton  # noqa: E402
@@ -138,7 +139,7 @@ def test_two_runs_are_bitwise_equal(dtype):
 
 def test_zero_token_experts_on_a_poisoned_allocator():
     """Weight gradients of experts without tokens are exact zeros even when the allocator hands out NaN-filled
-    memory (kernel-design.md §4, bug class 2)."""
+    memory (docs/kernels.md, "Numerics")."""
     junk = torch.full((64 << 20,), float("nan"), device=DEV)  # 256 MiB of NaN left in the caching allocator
     del junk
     E = 6
@@ -151,7 +152,7 @@ def test_zero_token_experts_on_a_poisoned_allocator():
 
 
 def layer(x, router_w, w1, b1, w2, b2, k=2):
-    probs, w, ids, counts, prob_sums = topk_routing_triton(x @ router_w.T, k)
+    probs, w, ids, counts, prob_sums = topk_routing_triton(x @ router_w.T, k)[:5]
     E = router_w.shape[0]
     balance = E * ((counts.float() / x.shape[0]) * (prob_sums / x.shape[0])).sum()
     return expert_ffn_triton(x, ids, w, w1, b1, w2, b2, activation="quick_gelu"), balance
@@ -207,6 +208,75 @@ def test_cuda_graph_capture_forward_and_backward():
     out_eager = step()
     for a, b in zip(out_static, out_eager, strict=True):
         assert_close(a, b, torch.float32)
+
+
+def _moe_forward(moe):
+    """MoEFFN forward plus its aux losses (what a training step adds to the loss), as one function to compile."""
+    def forward(x):
+        y = moe(x)
+        losses = collect_aux_losses(moe)
+        return y, losses.balance, losses.z_loss
+    return forward
+
+
+def _moe_module(dropout=0.0):
+    from clipmoe import MoEFFN
+    moe = MoEFFN(256, 512, num_experts=4, top_k=2, dropout=dropout, backend="triton", device=DEV)
+    with torch.no_grad():
+        moe.router.weight.mul_(4)
+    return moe.train()
+
+
+def test_moe_ffn_compile_fullgraph_inductor_with_aux_losses():
+    """The module itself (router kernel, aux losses from its statistics, moe_align, grouped GEMMs) under
+    torch.compile(fullgraph=True, inductor): same outputs, losses and gradients as eager."""
+    moe = _moe_module()
+    x = torch.randn(96, 2, 256, device=DEV, requires_grad=True)
+    g = torch.randn(x.shape, device=DEV)
+    params = [x] + list(moe.parameters())
+    results = []
+    for fn in (torch.compile(_moe_forward(moe), fullgraph=True), _moe_forward(moe)):
+        y, balance, z = fn(x)
+        results.append((y, balance, z, torch.autograd.grad((y * g).sum() + 0.01 * balance + 1e-3 * z, params)))
+    for got, want in zip(results[0][:3], results[1][:3], strict=True):
+        assert_close(got, want, torch.float32)
+    for got, want in zip(results[0][3], results[1][3], strict=True):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_moe_ffn_cuda_graph_with_autotune_and_dropout(monkeypatch, dropout):
+    """A training step of the module (autotuned configs, fused dropout, aux losses) captured in one CUDA graph: no
+    host synchronisation anywhere. Without dropout a replay on new inputs matches eager; with dropout the replay's
+    mask is a fresh draw, so only finiteness is checked there."""
+    monkeypatch.delenv(ENV_TRITON_CONFIG)  # the autotuned path (tuned during the warm-up, outside the capture)
+    moe = _moe_module(dropout)
+    static_x = torch.randn(64, 2, 256, device=DEV, requires_grad=True)
+    g = torch.randn(static_x.shape, device=DEV)
+    params = [static_x] + list(moe.parameters())
+
+    def step():
+        y, balance, z = _moe_forward(moe)(static_x)
+        return (y,) + torch.autograd.grad((y * g).sum() + 0.01 * balance + 1e-3 * z, params)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = step()
+    with torch.no_grad():
+        static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    if dropout == 0:
+        for a, b in zip(out_static, step(), strict=True):
+            assert_close(a, b, torch.float32)
+    else:
+        assert all(torch.isfinite(t).all() for t in out_static)
 
 
 def test_offsets_past_int32():

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from clipmoe_kernels._triton_utils import BLOCK_M_INTERPRET, ENV_TRITON_CONFIG  # noqa: E402
+from clipmoe_kernels._triton_utils import block_m_for  # noqa: E402
 from clipmoe_kernels.activation import get_activation  # noqa: E402
 from clipmoe_kernels.grouped_down import grouped_down_bwd_ref, grouped_down_ref  # noqa: E402
 from clipmoe_kernels.grouped_gemm import (  # noqa: E402
@@ -24,10 +24,7 @@ from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 ops = torch.ops.clipmoe
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(ENV_TRITON_CONFIG, raising=False)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 CASES = [
@@ -42,7 +39,7 @@ def problem(T, D, F, E, k, dtype):
     ids = torch.rand(T, E).argsort(dim=1)[:, :k]
     w = torch.rand(T, k) + 0.1
     w = w / w.sum(-1, keepdim=True)
-    meta = moe_align(ids, E, BLOCK_M_INTERPRET)
+    meta = moe_align(ids, E, block_m_for(ids.device, ids.numel(), E))
     x = (torch.randn(T, D) * 0.5).to(dtype)
     w1 = (torch.randn(E, F, D) / D**0.5).to(dtype)
     b1 = (torch.randn(E, F) * 0.1).to(dtype)
@@ -159,7 +156,7 @@ def test_grouped_wgrad_empty_experts_are_exact_zeros():
     T, D, F, E, k = 12, 16, 24, 5, 1
     ids = torch.tensor([[1], [3]]).repeat(T // 2, 1)  # experts 0, 2, 4 empty
     w = torch.ones(T, k)
-    meta = moe_align(ids, E, BLOCK_M_INTERPRET)
+    meta = moe_align(ids, E, block_m_for(ids.device, ids.numel(), E))
     dh, x = torch.randn(T, F), torch.randn(T, D)
     dw, db = ops.grouped_wgrad(dh, x, w, meta.sorted_to_flat, meta.expert_offsets, k, False, True, "none")
     assert torch.all(dw[[0, 2, 4]] == 0) and torch.all(db[[0, 2, 4]] == 0)

@@ -10,12 +10,7 @@ import clipmoe  # noqa: E402
 from clipmoe import MoEFFN  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("CLIPMOE_TRITON_CONFIG", raising=False)
-    monkeypatch.delenv("CLIPMOE_BACKEND", raising=False)
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def perturb_experts(model, noise_std, router_gain=8.0):

@@ -10,14 +10,12 @@ import torch
 pytest.importorskip("triton")
 
 from clipmoe.losses import balance_loss  # noqa: E402
+from clipmoe_kernels import router  # noqa: E402
 from clipmoe_kernels.router import router_ref, topk_routing_triton  # noqa: E402
 from clipmoe_kernels.routing import topk_routing_ref  # noqa: E402
 from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 CASES = [
@@ -52,7 +50,9 @@ def test_forward_matches_reference(T, E, k, renormalize, dtype):
     assert_close(out.probs, ref.probs, torch.float32, "probs")
     assert_close(out.topk_weights, ref.topk_weights, torch.float32, "topk_weights")
     assert torch.equal(out.expert_counts, ref.expert_counts)
+    assert torch.equal(out.topk_counts, ref.topk_counts)
     assert_close(out.prob_sums, ref.prob_sums, torch.float32, "prob_sums")
+    assert_close(out.logsumexp, ref.logsumexp, torch.float32, "logsumexp")
     # the first three outputs are what topk_routing_ref returns
     probs, weights, ids = topk_routing_ref(logits, k, renormalize)
     assert torch.equal(out.topk_ids.long(), ids)
@@ -61,23 +61,24 @@ def test_forward_matches_reference(T, E, k, renormalize, dtype):
 
 @pytest.mark.parametrize("T,E,k,renormalize,dtype", [c for c in CASES if c[4] == torch.float32])
 def test_gradients_match_autograd_of_reference(T, E, k, renormalize, dtype):
-    """d logits through probs, topk_weights and prob_sums at once (random upstream gradients for each)."""
+    """d logits through probs, topk_weights, prob_sums and logsumexp at once (random upstream gradients for each)."""
     logits = _logits(T, E, dtype)
-    g_probs, g_weights, g_sums = torch.randn(T, E), torch.randn(T, k), torch.randn(E)
+    g_probs, g_weights, g_sums, g_lse = torch.randn(T, E), torch.randn(T, k), torch.randn(E), torch.randn(T)
     leaf = logits.clone().requires_grad_()
     out = topk_routing_triton(leaf, k, renormalize)
-    loss = (out.probs * g_probs).sum() + (out.topk_weights * g_weights).sum() + (out.prob_sums * g_sums).sum()
+    loss = ((out.probs * g_probs).sum() + (out.topk_weights * g_weights).sum() + (out.prob_sums * g_sums).sum()
+            + (out.logsumexp * g_lse).sum())
     (grad,) = torch.autograd.grad(loss, leaf)
     leaf_ref = logits.double().requires_grad_()
     probs, weights, _ = topk_routing_ref(leaf_ref, k, renormalize)
     loss_ref = ((probs * g_probs.double()).sum() + (weights * g_weights.double()).sum()
-                + (probs.sum(0) * g_sums.double()).sum())
+                + (probs.sum(0) * g_sums.double()).sum() + (torch.logsumexp(leaf_ref, -1) * g_lse.double()).sum())
     (grad_ref,) = torch.autograd.grad(loss_ref, leaf_ref)
     assert grad.dtype == logits.dtype
     assert_close(grad, grad_ref, torch.float32, "d logits")
 
 
-@pytest.mark.parametrize("which", ["probs", "topk_weights", "prob_sums"])
+@pytest.mark.parametrize("which", ["probs", "topk_weights", "prob_sums", "logsumexp"])
 def test_single_output_gradients(which):
     """Each differentiable output on its own (the others' gradients are None in backward)."""
     logits = _logits(20, 6, torch.float32)
@@ -86,7 +87,8 @@ def test_single_output_gradients(which):
     (grad,) = torch.autograd.grad(getattr(out, which).square().sum(), leaf)
     leaf_ref = logits.double().requires_grad_()
     probs, weights, _ = topk_routing_ref(leaf_ref, 2, True)
-    ref = {"probs": probs, "topk_weights": weights, "prob_sums": probs.sum(0)}[which]
+    ref = {"probs": probs, "topk_weights": weights, "prob_sums": probs.sum(0),
+           "logsumexp": torch.logsumexp(leaf_ref, -1)}[which]
     (grad_ref,) = torch.autograd.grad(ref.square().sum(), leaf_ref)
     assert_close(grad, grad_ref, torch.float32, f"d logits via {which}")
 
@@ -157,10 +159,27 @@ def test_statistics_give_the_balance_loss():
     assert int(out.expert_counts.sum()) == T
 
 
+@pytest.mark.parametrize("T", [64, 65, 300])
+def test_several_programs_sum_their_statistics(monkeypatch, T):
+    """Past SINGLE_PROGRAM_TOKENS each program covers TOKENS_PER_PROGRAM tokens and writes partial statistics (made
+    small here so that tiny shapes take that path: 1, 2 and 3 programs, the last one partial)."""
+    monkeypatch.setattr(router, "SINGLE_PROGRAM_TOKENS", 64)
+    monkeypatch.setattr(router, "TOKENS_PER_PROGRAM", 128)
+    assert router.router_programs(T) == ((1, 1) if T == 64 else (router.cdiv(T, 128), 2))
+    logits = _logits(T, 6, torch.float32)
+    out = topk_routing_triton(logits, 2)
+    ref = router_ref(logits, 2)
+    assert torch.equal(out.topk_ids, ref.topk_ids)
+    assert torch.equal(out.expert_counts, ref.expert_counts) and torch.equal(out.topk_counts, ref.topk_counts)
+    assert_close(out.prob_sums, ref.prob_sums, torch.float32, "prob_sums")
+    assert_close(out.probs, ref.probs, torch.float32, "probs")
+    assert_close(out.logsumexp, ref.logsumexp, torch.float32, "logsumexp")
+
+
 def test_two_runs_are_bitwise_equal():
     logits = _logits(200, 8, torch.float32)
     a, b = topk_routing_triton(logits, 2), topk_routing_triton(logits, 2)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 
@@ -172,7 +191,7 @@ def test_zero_tokens_and_fp64():
     out = topk_routing_triton(logits, 2)
     ref = router_ref(logits, 2)
     assert out.probs.dtype == torch.float64
-    for x, y in zip(out, ref):
+    for x, y in zip(out, ref, strict=True):
         assert torch.equal(x, y)
 
 

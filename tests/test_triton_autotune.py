@@ -1,0 +1,123 @@
+"""Autotuning: its choices are cached across processes (tuned_configs.py), and it must not leak state between
+candidates. triton.autotune runs every candidate config on the same
+buffers before the chosen one. Emulated under the interpreter: every TunedKernel launch runs all candidates in turn,
+narrow to wide, on the same arguments, so buffers sized for the narrowest BLOCK_N keep the earlier runs' contents
+unless the kernels write them fully."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from clipmoe_kernels import _triton_utils, grouped_gemm, tuned_configs  # noqa: E402
+from clipmoe_kernels._triton_utils import GEMM_CONFIGS, INTERPRET_CONFIG, TileConfig, TunedKernel, launch, rows_bucket  # noqa: E402
+from clipmoe_kernels.expert_ffn import expert_ffn_torch  # noqa: E402
+from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton  # noqa: E402
+from tests.moe_cases import GRAD_NAMES, expert_weights, routing, run_with_grads  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+# Narrowest first, the "winner" last (the widest), as when autotune picks a wide tile after benchmarking narrow ones.
+CANDIDATES = [TileConfig(16, 16, 4, 1), TileConfig(32, 16, 4, 1), TileConfig(64, 32, 4, 1)]
+
+
+def run_every_candidate(self, grid, device, args, meta):
+    for cfg in CANDIDATES:
+        launch(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, *args, **meta, BLOCK_N=cfg.BLOCK_N,
+               BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@pytest.fixture
+def emulated_autotune(monkeypatch):
+    monkeypatch.setattr(TunedKernel, "__call__", run_every_candidate)
+    # buffers sized for these candidates (what candidate_configs returns on CUDA when autotuning)
+    monkeypatch.setattr(grouped_gemm, "candidate_configs", lambda device, wgrad=False: CANDIDATES)
+    monkeypatch.setattr(_triton_utils, "candidate_configs", lambda device, wgrad=False: CANDIDATES)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_every_gradient_is_right_after_all_candidates_ran(emulated_autotune, k):
+    T, D, F, E = 23, 24, 80, 3  # F = 80: 5 N-tiles at BLOCK_N 16, 2 at 64
+    ids, w = routing(T, E, k)
+    x = torch.randn(T, D)
+    params = expert_weights(D, F, E)
+    g = torch.randn(T, D)
+    y, grads = run_with_grads(expert_ffn_triton, x, ids, w, params, "gelu", g)
+    y_ref, grads_ref = run_with_grads(expert_ffn_torch, x.double(), ids, w.double(), [p.double() for p in params],
+                                      "gelu", g.double())
+    assert_close(y, y_ref, torch.float32, "y")
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref, strict=True):
+        assert_close(got, want, torch.float32, f"d{name}")
+
+
+@pytest.fixture
+def tuned_file(tmp_path, monkeypatch):
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv(tuned_configs.ENV_TUNED_CONFIGS, str(path))
+    tuned_configs.forget_tuned_configs()
+    yield path
+    tuned_configs.forget_tuned_configs()
+
+
+def _launched_configs(monkeypatch):
+    seen = {}
+    original = _triton_utils.launch
+
+    def spy(kernel, grid, device, *args, **kwargs):
+        seen[kernel.fn.__name__] = (kwargs.get("BLOCK_N"), kwargs.get("BLOCK_K"))
+        return original(kernel, grid, device, *args, **kwargs)
+    monkeypatch.setattr(_triton_utils, "launch", spy)
+    return seen
+
+
+def test_a_cached_config_is_launched_instead_of_the_default(tuned_file, monkeypatch):
+    """An entry of the tuned-config JSON for this device, kernel and autotune key (widths and rows bucket) is what the
+    launch uses; other kernels keep the default; the result is unchanged."""
+    T, D, F, E, k = 19, 16, 40, 3, 2
+    key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+    cached = GEMM_CONFIGS[1]
+    tuned_file.write_text(json.dumps({"cpu-interpreter": {"_grouped_up_fwd_kernel": {key: cached._asdict()}}}))
+    seen = _launched_configs(monkeypatch)
+    ids, w = routing(T, E, k)
+    x, params = torch.randn(T, D), expert_weights(D, F, E)
+    y = expert_ffn_triton(x, ids, w, *params)
+    assert seen["_grouped_up_fwd_kernel"] == (cached.BLOCK_N, cached.BLOCK_K)
+    assert seen["_grouped_down_fwd_kernel"] == (INTERPRET_CONFIG.BLOCK_N, INTERPRET_CONFIG.BLOCK_K)
+    assert_close(y, expert_ffn_torch(x.double(), ids, w.double(), *[p.double() for p in params]), torch.float32)
+
+
+def test_autotune_choices_are_saved_and_read_back(tuned_file):
+    device = torch.device("cpu")
+    tuned_configs.record(device, "_grouped_down_fwd_kernel", "D=1024,F=4096,ROWS_BUCKET=32768",
+                         dict(GEMM_CONFIGS[3]._asdict()))
+    assert tuned_configs.save_tuned_configs() == tuned_file
+    tuned_configs.forget_tuned_configs()
+    assert tuned_configs.lookup(device, "_grouped_down_fwd_kernel", "D=1024,F=4096,ROWS_BUCKET=32768") == \
+        GEMM_CONFIGS[3]._asdict()
+    assert tuned_configs.lookup(device, "_grouped_down_fwd_kernel", "D=768,F=3072,ROWS_BUCKET=32768") is None
+
+
+@pytest.mark.parametrize("content,words", [("[1, 2]", "JSON object"), ("{not json", "valid"),
+                                           (None, "not one of its autotune candidates")])
+def test_bad_tuned_config_files_are_named(tuned_file, content, words):
+    T, D, F, E, k = 9, 16, 16, 2, 1
+    if content is None:  # a config autotune could not have chosen (buffers are sized for the candidates)
+        key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+        bad = {"BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+        content = json.dumps({"cpu-interpreter": {"_grouped_up_fwd_kernel": {key: bad}}})
+    tuned_file.write_text(content)
+    ids, w = routing(T, E, k)
+    with pytest.raises(ValueError, match=words) as info:
+        expert_ffn_triton(torch.randn(T, D), ids, w, *expert_weights(D, F, E))
+    assert str(tuned_file) in str(info.value)
+
+
+def test_the_shipped_table_is_valid():
+    table = json.loads(tuned_configs.SHIPPED.read_text())
+    assert isinstance(table, dict)
+    for device, kernels in table.items():
+        for kernel, keys in kernels.items():
+            for key, config in keys.items():
+                assert set(config) == {"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}, (device, kernel, key)
