@@ -150,7 +150,7 @@ class MoEFFN(nn.Module):
             layer = layer.rpartition(".")[2]
             names[(layer, param)] = value
             keys.setdefault((layer, param), []).append(key)
-        for up, down in (("c_fc", "c_proj"), ("fc1", "fc2")):
+        for up, down in (("c_fc", "c_proj"), ("fc1", "fc2")):  # noqa: B007 (down is used after the loop)
             if (up, "weight") in names:
                 break
         else:

@@ -105,7 +105,7 @@ def expert_ffn_torch(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quic
     bounds = meta.expert_offsets.tolist()
     w1, b1, w2, b2 = (w.unbind(0) for w in (w1, b1, w2, b2))  # one view per expert (see _per_expert)
     outs = []
-    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         if hi > lo:
             h = F.dropout(act(F.linear(x_sorted[lo:hi], w1[e], b1[e])), dropout_p, training)
             outs.append(F.linear(h, w2[e], b2[e]))

@@ -104,8 +104,8 @@ def test_tsv_relative_and_absolute_paths_with_index(tmp_path):
 def test_csv_separator_custom_keys_root_and_jpg(tmp_path):
     names = _write_images(tmp_path / "pics", 3, fmt="JPEG", ext="jpg")
     os.makedirs(tmp_path / "meta")
-    table = _write_table(tmp_path / "meta" / "data.csv", [[n, f"a, quoted caption {i}", "x"] for i, n in
-                                                          enumerate(names)], sep=",", header=("image", "caption", "other"))
+    rows = [[n, f"a, quoted caption {i}", "x"] for i, n in enumerate(names)]
+    table = _write_table(tmp_path / "meta" / "data.csv", rows, sep=",", header=("image", "caption", "other"))
     ds = CsvCaptionDataset(table, img_key="image", caption_key="caption", sep=",", root=tmp_path / "pics")
     assert ds[2][1] == "a, quoted caption 2" and ds[2][0].shape == (3, 10, 12)
 
@@ -308,7 +308,7 @@ def test_synthetic_held_out_split_is_disjoint():
     assert not any(hashlib.sha1(im.tobytes()).digest() in digest for im in test.images)
 
     def keys(ds):
-        return {tuple(row) + (j,) for row, j in zip(ds.labels.tolist(), ds.jitters.tolist())}
+        return {tuple(row) + (j,) for row, j in zip(ds.labels.tolist(), ds.jitters.tolist(), strict=True)}
     assert not keys(train) & keys(test)
     assert len({tuple(r) for r in test.labels.tolist()} & {tuple(r) for r in train.labels.tolist()}) > 100
 

@@ -60,7 +60,7 @@ def check_invariants(meta: RoutingMeta, topk_ids: torch.Tensor, num_experts: int
     assert torch.all(valid[:n_valid]) and not torch.any(valid[n_valid:])
     assert torch.all(tr[n_valid:] == -1)
     covered = torch.zeros(tk, dtype=torch.long)
-    for e, start in zip(te[:n_valid].tolist(), tr[:n_valid].tolist()):
+    for e, start in zip(te[:n_valid].tolist(), tr[:n_valid].tolist(), strict=True):
         end = min(start + block_m, int(offsets[e + 1]))
         assert offsets[e] <= start < end, "a tile starts outside its expert's segment"
         covered[start:end] += 1
@@ -81,7 +81,7 @@ def test_invariants(impl, index_dtype, case, T, k, E, block_m):
 def test_ext_equals_reference(case, T, k, E, block_m):
     topk_ids = _routing(case, T, k, E)
     for got, want, name in zip(IMPLS["ext"](topk_ids, E, block_m), moe_align_ref(topk_ids, E, block_m),
-                               RoutingMeta._fields):
+                               RoutingMeta._fields, strict=True):
         assert torch.equal(got, want), name
 
 
@@ -89,7 +89,7 @@ def test_dispatch_uses_extension_when_built():
     topk_ids = _routing("random", 20, 2, 4)
     meta = moe_align(topk_ids, 4, 8)
     assert isinstance(meta, RoutingMeta)
-    assert all(torch.equal(a, b) for a, b in zip(meta, moe_align_ref(topk_ids, 4, 8)))
+    assert all(torch.equal(a, b) for a, b in zip(meta, moe_align_ref(topk_ids, 4, 8), strict=True))
 
 
 def test_non_contiguous_ids():
@@ -124,7 +124,7 @@ def test_fake_impl_and_compile():
         return meta.expert_counts * 2, meta.tile_expert
 
     compiled = torch.compile(counts_and_tiles, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(topk_ids), counts_and_tiles(topk_ids)):
+    for got, want in zip(compiled(topk_ids), counts_and_tiles(topk_ids), strict=True):
         assert torch.equal(got, want)
 
 
@@ -133,7 +133,7 @@ def test_fake_impl_and_compile():
 def test_cuda_equals_reference(case, T, k, E, block_m):
     topk_ids = _routing(case, T, k, E)
     got = moe_align(topk_ids.cuda(), E, block_m)
-    for g, w, name in zip(got, moe_align_ref(topk_ids, E, block_m), RoutingMeta._fields):
+    for g, w, name in zip(got, moe_align_ref(topk_ids, E, block_m), RoutingMeta._fields, strict=True):
         assert torch.equal(g.cpu(), w), name
 
 

@@ -12,11 +12,7 @@ pytest.importorskip("triton")
 from clipmoe_kernels._triton_utils import block_m_for  # noqa: E402
 from clipmoe_kernels.activation import get_activation  # noqa: E402
 from clipmoe_kernels.grouped_down import grouped_down_bwd_ref, grouped_down_ref  # noqa: E402
-from clipmoe_kernels.grouped_gemm import (  # noqa: E402
-    grouped_wgrad_ref,
-    slot_combine,
-    slot_combine_ref,
-)
+from clipmoe_kernels.grouped_gemm import grouped_wgrad_ref, slot_combine, slot_combine_ref  # noqa: E402
 from clipmoe_kernels.grouped_up import grouped_up_bwd_dx_ref, grouped_up_ref  # noqa: E402
 from clipmoe_kernels.routing import moe_align  # noqa: E402
 from tests.tolerances import assert_close, assert_close_lowp  # noqa: E402

@@ -15,7 +15,6 @@ import json
 import logging
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -39,7 +38,7 @@ START_FROM = ("base", "previous")
 BASELINES = ("direct", "sparse_upcycling", "wo_mcl")
 
 
-def ffn_state_dicts(model) -> Dict[str, Dict[str, torch.Tensor]]:
+def ffn_state_dicts(model) -> dict[str, dict[str, torch.Tensor]]:
     """{MLP module name: its state dict} for every dense MLP of `model` (the FFNs an MCL stage trains)."""
     return {name: {k: v.detach().cpu().clone() for k, v in mlp.state_dict().items()}
             for name, mlp in dense_mlps(model).items()}
@@ -115,7 +114,7 @@ def recorded_stage_ffns(mcl_dir, model, num_experts: int | None = None) -> list:
     return ffns
 
 
-def load_ffns(path, model) -> Dict[str, Dict[str, torch.Tensor]]:
+def load_ffns(path, model) -> dict[str, dict[str, torch.Tensor]]:
     """Read an ffn.safetensors written by `save_ffns`, split per MLP of `model` (validating the names)."""
     try:
         flat = load_file(str(path))
@@ -132,7 +131,7 @@ def load_ffns(path, model) -> Dict[str, Dict[str, torch.Tensor]]:
     return ffns
 
 
-def build_clip_moe(base_model, stage_ffns: List[Dict[str, Dict[str, torch.Tensor]]], top_k: int = 2, **moe_kwargs):
+def build_clip_moe(base_model, stage_ffns: list[dict[str, dict[str, torch.Tensor]]], top_k: int = 2, **moe_kwargs):
     """A CLIP-MoE from a dense model and one FFN set per stage: expert j of every block = stage j's FFN (stage 0 =
     the base FFN); routers randomly initialised. `base_model` is left untouched; moe_kwargs go to `upcycle`."""
     if not stage_ffns:
@@ -240,7 +239,7 @@ def _log(out_dir: Path, record: dict, info: DistInfo):
 
 def run_mcl(base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *, stages: int = 3,
             clusters: int = 3, start_from: str = "base", small_cluster: str = "drop", resume: bool = False,
-            embed_data=None, embed_batch_size: int = 256) -> List[Dict[str, Dict[str, torch.Tensor]]]:
+            embed_data=None, embed_batch_size: int = 256) -> list[dict[str, dict[str, torch.Tensor]]]:
     """Stage 0 (the base) plus `stages` MCL stages; returns the FFN sets of stages 0..stages and writes
     out_dir/stage_{s}/ffn.safetensors, out_dir/labels_{s}.pt (accumulated labels after clustering s), metrics, and
     out_dir/mcl_run.json, the run record: a run id (also stored in every ffn file) and the labels and stages this
@@ -330,7 +329,7 @@ def train_router(moe_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, 
 
 
 def finetune_baseline(method: str, base_model, dataset, cfg: TrainConfig, out_dir, info: DistInfo, *,
-                      num_experts: int = 4, top_k: int = 2, router_cfg: Optional[TrainConfig] = None,
+                      num_experts: int = 4, top_k: int = 2, router_cfg: TrainConfig | None = None,
                       expert_dropout: float = 0.0, resume: bool = False):
     """The paper's baselines on the same data: returns the trained model.
 
