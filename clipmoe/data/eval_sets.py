@@ -33,7 +33,25 @@ class ImageFiles(Dataset):
         return (to_tensor(image) if self.preprocess is None else self.preprocess(image)), index
 
 
-class KarpathyRetrieval(ImageFiles):
+def _check_images_exist(json_path, image_root, paths) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{json_path}: {len(missing)} of {len(paths)} images not found under {image_root}, "
+                                f"e.g. {missing[0]}")
+
+
+class _CaptionedImages(ImageFiles):
+    """Images of an annotation file with their captions: `paths`, `captions`, `text_to_image` [N_txt]."""
+
+    def _set_gallery(self, json_path, image_root, paths, captions, text_to_image, preprocess, check_files):
+        if check_files:
+            _check_images_exist(json_path, image_root, paths)
+        ImageFiles.__init__(self, paths, preprocess)
+        self.paths, self.captions = paths, captions
+        self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+
+
+class KarpathyRetrieval(_CaptionedImages):
     """The images of one split of a Karpathy-style COCO / Flickr30k JSON, with their captions.
 
     The file: {"images": [{"filename": "x.jpg", "filepath": "val2014" (optional), "split": "test",
@@ -93,20 +111,13 @@ class KarpathyRetrieval(ImageFiles):
         if not paths:
             found = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
             raise ValueError(f"{json_path}: no image with a caption in split {split!r}; the file has splits {found}")
-        if check_files:
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                raise FileNotFoundError(f"{json_path}: {len(missing)} of {len(paths)} images not found under "
-                                        f"{image_root}, e.g. {missing[0]}")
-        super().__init__(paths, preprocess)
-        self.paths, self.captions = paths, captions
-        self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+        self._set_gallery(json_path, image_root, paths, captions, text_to_image, preprocess, check_files)
 
 
 COCO_MAX_CAPTIONS = 5  # the CLIP-MoE and Long-CLIP COCO scripts keep each image's first 5 captions
 
 
-class CocoCaptions(ImageFiles):
+class CocoCaptions(_CaptionedImages):
     """The images of a COCO caption annotation file (e.g. captions_val2017.json) with their captions, in the order
     torchvision's CocoCaptions gives them, which the CLIP-MoE and Long-CLIP COCO evaluations use: images by increasing
     id, each image's captions in file order, the first `max_captions` kept (default 5; None keeps all).
@@ -151,14 +162,7 @@ class CocoCaptions(ImageFiles):
             paths.append(os.path.join(os.fspath(image_root), files[image_id]))
         if not paths:
             raise ValueError(f"{json_path}: no image with a caption")
-        if check_files:
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                raise FileNotFoundError(f"{json_path}: {len(missing)} of {len(paths)} images not found under "
-                                        f"{image_root}, e.g. {missing[0]}")
-        super().__init__(paths, preprocess)
-        self.paths, self.captions = paths, captions
-        self.text_to_image = torch.tensor(text_to_image, dtype=torch.long)
+        self._set_gallery(json_path, image_root, paths, captions, text_to_image, preprocess, check_files)
 
 
 def retrieval_json(json_path, image_root, *, split="test", preprocess=None, max_captions=None):

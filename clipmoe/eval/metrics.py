@@ -53,6 +53,15 @@ def _check_features(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _feature_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor):
+    """Two checked feature matrices of one width, as float32 on a's device."""
+    a = _check_features(name_a, a).float()
+    b = _check_features(name_b, b).float().to(a.device)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} and {name_b} have different widths: {a.shape[1]} and {b.shape[1]}")
+    return a, b
+
+
 def _answer_ranks(queries: torch.Tensor, gallery: torch.Tensor, is_answer: Callable[[int, int], torch.Tensor]
                   ) -> torch.Tensor:
     """Per query, the number of wrong gallery items scoring >= its best right item (module docstring: ties count
@@ -125,11 +134,7 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         ValueError: shapes that disagree, an index out of range, an image without a caption, bad ks.
     """
     ks, ties = _check_ks(ks), _check_ties(ties)
-    images = _check_features("image_features", image_features).float()
-    texts = _check_features("text_features", text_features).float().to(images.device)
-    if images.shape[1] != texts.shape[1]:
-        raise ValueError(f"image_features and text_features have different widths: {images.shape[1]} and "
-                         f"{texts.shape[1]}")
+    images, texts = _feature_pair("image_features", image_features, "text_features", text_features)
     num_images = images.shape[0]
     t2i = _index_vector("text_to_image", text_to_image, "N_txt", texts.shape[0], num_images, images.device)
     captions_per_image = torch.bincount(t2i, minlength=num_images)
@@ -165,11 +170,7 @@ def zero_shot_metrics(image_features: torch.Tensor, class_embeddings: torch.Tens
         {"top1": ..., "top5": ...}: floats in [0, 100].
     """
     ks, ties = _check_ks(ks), _check_ties(ties)
-    images = _check_features("image_features", image_features).float()
-    classes = _check_features("class_embeddings", class_embeddings).float().to(images.device)
-    if images.shape[1] != classes.shape[1]:
-        raise ValueError(f"image_features and class_embeddings have different widths: {images.shape[1]} and "
-                         f"{classes.shape[1]}")
+    images, classes = _feature_pair("image_features", image_features, "class_embeddings", class_embeddings)
     num_classes = classes.shape[0]
     labels = _index_vector("labels", labels, "N", images.shape[0], num_classes, images.device)
     class_ids = torch.arange(num_classes, device=images.device)
