@@ -42,11 +42,10 @@ from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
 from clipmoe_kernels.grouped_gemm import (
     GROUP_M,
-    _activation_and_grad,
-    _rows_matmul,
-    _tile_rows,
+    activation_and_grad,
     min_block_n,
-    program_tile,
+    row_tile_program,
+    rows_matmul,
     slot_combine,
 )
 
@@ -92,17 +91,14 @@ def _grouped_down_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
-    num_n = tl.cdiv(D, BLOCK_N)
-    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
-    e = tl.load(tile_expert_ptr + tile)
-    if e < 0:
+    e, rows, row_mask, pid_n = row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, D, GROUP_M,
+                                                BLOCK_M, BLOCK_N)
+    if e < 0:  # an unused slot of the tile table
         return
-    e = e.to(tl.int64)
-    rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
     # B[f, n] = W2[e, n, f]: a · W2[e]ᵀ.
-    acc = _rows_matmul(a_ptr, rows, row_mask, stride_am, stride_ak,
+    acc = rows_matmul(a_ptr, rows, row_mask, stride_am, stride_ak,
                        w2_ptr + e * stride_w2e, stride_w2f, stride_w2d, offs_n, n_mask, F,
                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     bias = tl.load(b2_ptr + e * stride_b2e + offs_n * stride_b2d, mask=n_mask, other=0.0).to(tl.float32)
@@ -139,24 +135,21 @@ def _grouped_down_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of F.
-    num_n = tl.cdiv(F, BLOCK_N)
-    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
-    e = tl.load(tile_expert_ptr + tile)
-    if e < 0:
+    e, rows, row_mask, pid_n = row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, F, GROUP_M,
+                                                BLOCK_M, BLOCK_N)
+    if e < 0:  # an unused slot of the tile table
         return
-    e = e.to(tl.int64)
-    rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
     flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     tok = flat // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < F
     mask = row_mask[:, None] & n_mask[None, :]
     # B[d, n] = W2[e, d, n]: G = dy[t] · W2[e], gathered dy rows.
-    g = _rows_matmul(dy_ptr, tok, row_mask, stride_dyt, stride_dyd,
+    g = rows_matmul(dy_ptr, tok, row_mask, stride_dyt, stride_dyd,
                      w2_ptr + e * stride_w2e, stride_w2d, stride_w2f, offs_n, n_mask, D,
                      BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    a, da = _activation_and_grad(h, ACTIVATION)
+    a, da = activation_and_grad(h, ACTIVATION)
     if DROPOUT:  # the forward's a' = a ⊙ keep / (1 - p): ds sees a', dh gets the same factor on act'(h)
         keep = dropout_keep(tl.load(seed_ptr), flat, offs_n, F, DROPOUT_THRESHOLD)
         factor = tl.where(keep, DROPOUT_SCALE, 0.0)
@@ -176,7 +169,7 @@ def _grouped_down_bwd_kernel(
         if pid_n == 0:
             # The buffer has NUM_N_ALLOC rows (for the narrowest candidate BLOCK_N); rows this launch's BLOCK_N does
             # not reach are zeroed here, so no earlier launch (an autotune candidate) can leave partials behind.
-            for n in range(num_n, NUM_N_ALLOC):
+            for n in range(tl.cdiv(F, BLOCK_N), NUM_N_ALLOC):
                 tl.store(ds_ptr + flat + n * stride_dsn, 0.0, mask=row_mask)  # n·stride < NUM_N_ALLOC·TK < 2^31
     if COMPUTE_DH:
         s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)

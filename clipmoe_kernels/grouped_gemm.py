@@ -156,7 +156,7 @@ def wgrad_program_order(num_experts: int, num_n: int, num_k: int):
 
 
 @triton.jit
-def _activation(h, ACTIVATION: tl.constexpr):
+def apply_activation(h, ACTIVATION: tl.constexpr):
     """act(h) in fp32 (h fp32)."""
     if ACTIVATION == "quick_gelu":
         a = h * tl.sigmoid(1.702 * h)
@@ -169,7 +169,7 @@ def _activation(h, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _activation_and_grad(h, ACTIVATION: tl.constexpr):
+def activation_and_grad(h, ACTIVATION: tl.constexpr):
     """(act(h), act'(h)) in fp32 (h fp32); the formulas of the module docstring."""
     if ACTIVATION == "quick_gelu":
         sg = tl.sigmoid(1.702 * h)
@@ -188,7 +188,7 @@ def _activation_and_grad(h, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M: tl.constexpr):
+def tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M: tl.constexpr):
     """Sorted rows [BLOCK_M] (int64) of tile `tile` of expert `e`, and the mask of rows inside the expert."""
     row_start = tl.load(tile_row_start_ptr + tile).to(tl.int64)
     row_end = tl.load(expert_offsets_ptr + e + 1).to(tl.int64)
@@ -197,7 +197,20 @@ def _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _rows_matmul(a_ptr, a_rows, row_mask, stride_am, stride_ak,
+def row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, N, GROUP_M: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The work of this program of a row-tile GEMM over N output columns, in the L2-friendly program order:
+    (expert e, sorted rows [BLOCK_M] int64, row mask, column block pid_n). e = -1 marks an unused slot of the tile
+    table: the caller returns (its rows are read as expert 0's and fully masked, so nothing reads out of bounds)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
+    e = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    rows, row_mask = tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, tl.maximum(e, 0), BLOCK_M)
+    return e, rows, row_mask & (e >= 0), pid_n
+
+
+@triton.jit
+def rows_matmul(a_ptr, a_rows, row_mask, stride_am, stride_ak,
                  b_ptr, stride_bk, stride_bn, offs_n, n_mask, K,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] = A[a_rows, :K] @ B[:K, offs_n], A rows gathered by int64 index (no permuted copy),
@@ -267,7 +280,7 @@ def _grouped_wgrad_kernel(
         u = tl.load(in_ptr + in_rows[:, None] * stride_inm + offs_k[None, :] * stride_ink,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if IN_ACTIVATION != "none":
-            u = _activation(u.to(tl.float32), IN_ACTIVATION)
+            u = apply_activation(u.to(tl.float32), IN_ACTIVATION)
         if DROPOUT:  # input rows act(h) ⊙ keep / (1 - p), the forward's mask (K = F)
             keep = dropout_keep(tl.load(seed_ptr), flat, offs_k, K, DROPOUT_THRESHOLD)
             u = tl.where(keep, u * DROPOUT_SCALE, 0.0)

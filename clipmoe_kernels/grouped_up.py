@@ -34,7 +34,7 @@ from clipmoe_kernels._triton_utils import (
 )
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
-from clipmoe_kernels.grouped_gemm import GROUP_M, _activation, _rows_matmul, _tile_rows, program_tile, slot_combine
+from clipmoe_kernels.grouped_gemm import GROUP_M, apply_activation, row_tile_program, rows_matmul, slot_combine
 
 
 def grouped_up_ref(x, w1, b1, sorted_to_flat, expert_offsets, top_k, activation):
@@ -79,19 +79,16 @@ def _grouped_up_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows of expert tile_expert[tile] x columns pid_n·BLOCK_N.. of F.
-    num_n = tl.cdiv(F, BLOCK_N)
-    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
-    e = tl.load(tile_expert_ptr + tile)
-    if e < 0:
+    e, rows, row_mask, pid_n = row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, F, GROUP_M,
+                                                BLOCK_M, BLOCK_N)
+    if e < 0:  # an unused slot of the tile table
         return
-    e = e.to(tl.int64)
-    rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
     flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     tok = flat // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < F
     # B[kk, n] = W1[e, n, kk]: x · W1[e]ᵀ without a transposed copy.
-    acc = _rows_matmul(x_ptr, tok, row_mask, stride_xt, stride_xd,
+    acc = rows_matmul(x_ptr, tok, row_mask, stride_xt, stride_xd,
                        w1_ptr + e * stride_w1e, stride_w1d, stride_w1f, offs_n, n_mask, D,
                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     bias = tl.load(b1_ptr + e * stride_b1e + offs_n * stride_b1f, mask=n_mask, other=0.0).to(tl.float32)
@@ -99,7 +96,7 @@ def _grouped_up_fwd_kernel(
     mask = row_mask[:, None] & n_mask[None, :]
     if STORE_H:
         tl.store(h_ptr + rows[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
-    a = _activation(h, ACTIVATION)
+    a = apply_activation(h, ACTIVATION)
     if DROPOUT:  # a' = a ⊙ keep / (1 - p), the mask of dropout.py
         keep = dropout_keep(tl.load(seed_ptr), flat, offs_n, F, DROPOUT_THRESHOLD)
         a = tl.where(keep, a * DROPOUT_SCALE, 0.0)
@@ -125,17 +122,14 @@ def _grouped_up_bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
-    num_n = tl.cdiv(D, BLOCK_N)
-    tile, pid_n = program_tile(tl.program_id(0), tl.num_programs(0) // num_n, num_n, GROUP_M)
-    e = tl.load(tile_expert_ptr + tile)
-    if e < 0:
+    e, rows, row_mask, pid_n = row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, D, GROUP_M,
+                                                BLOCK_M, BLOCK_N)
+    if e < 0:  # an unused slot of the tile table
         return
-    e = e.to(tl.int64)
-    rows, row_mask = _tile_rows(tile, tile_row_start_ptr, expert_offsets_ptr, e, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < D
     # B[f, n] = W1[e, f, n]: dh · W1[e].
-    acc = _rows_matmul(dh_ptr, rows, row_mask, stride_dhm, 1,
+    acc = rows_matmul(dh_ptr, rows, row_mask, stride_dhm, 1,
                        w1_ptr + e * stride_w1e, stride_w1f, stride_w1d, offs_n, n_mask, F,
                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)

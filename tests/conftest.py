@@ -5,6 +5,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying for ~46 s
 
+try:  # a core dependency, absent only on the bare GPU machine: there the end-to-end files are not collected
+    import open_clip  # noqa: F401
+except ImportError:
+    collect_ignore = ["test_bad_input_cli.py", "test_cluster.py", "test_contrastive.py", "test_demo.py",
+                      "test_encode.py", "test_evaluate.py", "test_hf_model.py", "test_multinode.py",
+                      "test_pipeline.py"]
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_precision():
