@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -303,6 +304,10 @@ def phase_tuned(check):
                           reference=reference)
     finally:
         os.environ.pop("TRITON_PRINT_AUTOTUNING", None)
+        # The chosen configs, in the format of clipmoe_kernels/tuned_configs.json: copy that file over the shipped
+        # one and commit it, so later processes on this device start tuned (docs/kernels.md).
+        from clipmoe_kernels.tuned_configs import save_tuned_configs
+        save_tuned_configs(Path(check.json_path).with_name(Path(check.json_path).stem + "-tuned_configs.json"))
 
 
 class Skip(Exception):
