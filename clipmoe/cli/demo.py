@@ -81,8 +81,12 @@ def report(results: dict, scale) -> str:
     out.append(f"Main table: mean ± std over {scale.seeds} seeds, % on {scale.test_samples} held-out images; "
                f"retrieval with the full captions (the fine-tuning task); fine-tuning steps of batch "
                f"{scale.batch_size} in brackets")
-    out.append(_table(["method"] + [h for _, h in MAIN_METRICS],
-                      [[labels[m]] + [ms(m, k) for k, _ in MAIN_METRICS] for m in METHODS]))
+    def params(model):
+        p = results["models"][0][model]["parameters"]
+        return f"{p['total'] / 1e6:.2f}/{p['active'] / 1e6:.2f}"
+
+    out.append(_table(["method"] + [h for _, h in MAIN_METRICS] + ["params total/active (M)"],
+                      [[labels[m]] + [ms(m, k) for k, _ in MAIN_METRICS] + [params(m)] for m in METHODS]))
     out.append(f"\nPaired bootstrap ({scale.bootstrap} resamples of the test images; per-sample outcomes averaged "
                f"over the seeds): difference A − B and its 95 % interval, in points")
     rows = []

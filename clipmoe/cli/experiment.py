@@ -38,7 +38,7 @@ class DemoScale:
     finetune_samples: int = 4096
     test_samples: int = 1024
     batch_size: int = 64
-    pretrain_steps: int = 500
+    pretrain_steps: int = 400
     pretrain_lr: float = 2e-3
     finetune_steps: int = 160        # F
     router_steps: int = 40           # R
@@ -49,7 +49,7 @@ class DemoScale:
     clusters: int = 3                # per modality and stage (CLIP-MoE: 3); 3 values per attribute
     expert_dropout: float = 0.1
     label_smoothing: float = 0.0     # pre-training and fine-tuning alike
-    width: int = 128                 # both towers; 2 blocks each; 8-px patches on 32-px images
+    width: int = 64                  # both towers; 2 blocks each; 8-px patches on 32-px images
     layers: int = 2
     seeds: int = 3
     sweep_experts: tuple[int, ...] = (2, 4, 8)
@@ -110,6 +110,18 @@ def _cfg(scale: DemoScale, steps: int, lr: float, seed: int, logit_scale: float 
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
+def parameter_counts(model) -> dict:
+    """Total parameters, and those active for one token (top-k of E experts in each MoE layer)."""
+    from clipmoe.moe_ffn import MoEFFN
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, MoEFFN):
+            per_expert = (m.w1.numel() + m.b1.numel() + m.w2.numel() + m.b2.numel()) // m.num_experts
+            inactive += (m.num_experts - m.top_k) * per_expert
+    return {"total": total, "active": total - inactive}
+
+
 @torch.no_grad()
 def evaluate(model, test) -> dict:
     """Per-sample outcomes on the held-out split (bool arrays; their mean x 100 is the metric in %), routing
@@ -129,7 +141,7 @@ def evaluate(model, test) -> dict:
         for j, attribute in enumerate(test.attributes):
             classifier = class_embeddings(model, test.tokenizer, test.zero_shot_prompts(attribute), progress=False)
             hits[f"zs_{attribute}"] = zero_shot_hits(images, classifier, test.labels[:, j])
-    out = {"hits": {k: v.astype(bool) for k, v in hits.items()}}
+    out = {"hits": {k: v.astype(bool) for k, v in hits.items()}, "parameters": parameter_counts(model)}
     if is_moe:
         stats = routing_statistics(model, routing)
         out["routing"] = {tower: np.mean([layer["first_choice_share"] for layer in t["layers"].values()],
@@ -180,7 +192,7 @@ def task_pretrain(scale: DemoScale, seed: int, out: Path) -> dict:
     final = check_pretraining(losses, scale.batch_size, scale.collapse_ratio)
     torch.save(model.state_dict(), out / f"seed{seed}" / "base.pt")
     return {"models": {"base": evaluate(model, test)}, "pretrain_final_loss": final,
-            "logit_scale": float(model.logit_scale.exp())}
+            "logit_scale": float(model.logit_scale.detach().exp())}
 
 
 def _ffn_run(scale, seed, out, name, steps, clusters, stages):
@@ -188,7 +200,7 @@ def _ffn_run(scale, seed, out, name, steps, clusters, stages):
     from clipmoe.train.dmu import run_mcl
     _, finetune, _ = datasets(scale)
     base = _load_base(scale, seed, out)
-    cfg = _cfg(scale, steps, scale.ffn_lr, seed, float(base.logit_scale.exp()))
+    cfg = _cfg(scale, steps, scale.ffn_lr, seed, float(base.logit_scale.detach().exp()))
     ffns = run_mcl(base, finetune, cfg, out / f"seed{seed}" / name / "mcl", DistInfo(device=torch.device("cpu")),
                    stages=stages, clusters=clusters, small_cluster="remainder")
     return base, finetune, ffns
@@ -199,7 +211,7 @@ def _router(scale, seed, base, ffns, top_k, finetune, run_dir):
     from clipmoe.train.dmu import build_clip_moe, train_router
     torch.manual_seed(seed)  # router initialisation independent of what this process ran before
     model = build_clip_moe(base, ffns, top_k=top_k, dropout=scale.expert_dropout)
-    cfg = _cfg(scale, scale.router_steps, scale.router_lr, seed, float(base.logit_scale.exp()), wd=0.01)
+    cfg = _cfg(scale, scale.router_steps, scale.router_lr, seed, float(base.logit_scale.detach().exp()), wd=0.01)
     train_router(model, finetune, cfg, run_dir, DistInfo(device=torch.device("cpu")))
     return model
 
@@ -253,7 +265,7 @@ def task_baselines(scale: DemoScale, seed: int, out: Path) -> dict:
     _, finetune, test = datasets(scale)
     base = _load_base(scale, seed, out)
     info = DistInfo(device=torch.device("cpu"))
-    scale_t = float(base.logit_scale.exp())
+    scale_t = float(base.logit_scale.detach().exp())
     f, r = scale.finetune_steps, scale.router_steps
     cfg = _cfg(scale, f, scale.ffn_lr, seed, scale_t)
     router_cfg = _cfg(scale, r, scale.router_lr, seed, scale_t, wd=0.01)
@@ -293,7 +305,7 @@ def task_sweep(scale: DemoScale, seed: int, out: Path, experts: int) -> dict:
 TASKS = {"pretrain": task_pretrain, "baselines": task_baselines, "mcl": task_mcl, "sweep": task_sweep}
 
 
-def _run_task(kind: str, args: tuple) -> tuple[dict, float, str]:
+def run_task(kind: str, args: tuple) -> tuple[dict, float, str]:
     set_threads()
     start = time.time()
     stack, buffer = _quiet()
@@ -349,12 +361,12 @@ def run_all(scale: DemoScale, out, jobs: int = 2, log=print) -> dict:
     if jobs <= 1:
         while len(done) < len(tasks):
             name = ready()[0]
-            finish(name, *_run_task(tasks[name][0], tasks[name][1]))
+            finish(name, *run_task(tasks[name][0], tasks[name][1]))
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=set_threads) as pool:
             while len(done) < len(tasks):
                 for name in ready()[: max(0, jobs - len(running))]:
-                    running[pool.submit(_run_task, tasks[name][0], tasks[name][1])] = name
+                    running[pool.submit(run_task, tasks[name][0], tasks[name][1])] = name
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in finished:
                     finish(running.pop(future), *future.result())
