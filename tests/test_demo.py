@@ -3,6 +3,7 @@ the random-negative control, the sweep; tables and files written), its pre-train
 parameter counts of its table."""
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -54,6 +55,13 @@ def test_collapse_check():
     with pytest.raises(ValueError, match="no loss"):
         check_pretraining([], batch)
     assert 0.9 * math.log(batch) < 4.15  # the threshold used above
+
+
+def test_collapsed_pretraining_stops_the_demo(tmp_path):
+    (tmp_path / "seed0").mkdir()
+    with pytest.raises(ValueError, match="seed 0: pre-training collapsed"):  # lr 0.05: the towers collapse
+        run_task("pretrain", (replace(SCALES["tiny"], pretrain_lr=0.05), 0, tmp_path))
+    assert not (tmp_path / "seed0" / "base.pt").exists()
 
 
 def test_demo_bad_arguments(capsys):

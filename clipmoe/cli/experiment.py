@@ -97,8 +97,8 @@ def check_pretraining(losses: list[float], batch_size: int, ratio: float = 0.9, 
     final = float(np.mean(losses[-tail:]))
     if final > ratio * math.log(batch_size):
         raise ValueError(f"pre-training collapsed: its final loss {final:.3f} stays near ln(batch) = "
-                         f"{math.log(batch_size):.3f} (uniform similarities), so every fine-tune would start from a "
-                         f"model that matches nothing; try other --seeds or a lower pre-training lr")
+                         f"{math.log(batch_size):.3f} (uniform similarities); every fine-tune would start from a "
+                         f"model that matches nothing, so the demo stops here (lower DemoScale.pretrain_lr)")
     return final
 
 
@@ -189,7 +189,10 @@ def task_pretrain(scale: DemoScale, seed: int, out: Path) -> dict:
     train(model, pretrain_data, sampler, ContrastiveLoss(label_smoothing=scale.label_smoothing), cfg, run_dir,
           trainable="all", info=DistInfo(device=torch.device("cpu")), desc=f"pre-train seed {seed}")
     losses = [json.loads(line)["clip_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    final = check_pretraining(losses, scale.batch_size, scale.collapse_ratio)
+    try:
+        final = check_pretraining(losses, scale.batch_size, scale.collapse_ratio)
+    except ValueError as exc:
+        raise ValueError(f"seed {seed}: {exc}") from None
     torch.save(model.state_dict(), out / f"seed{seed}" / "base.pt")
     return {"models": {"base": evaluate(model, test)}, "pretrain_final_loss": final,
             "logit_scale": float(model.logit_scale.detach().exp())}
