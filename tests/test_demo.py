@@ -35,6 +35,12 @@ def test_demo_tiny_cli(tmp_path, capsys):
     hits = np.load(tmp_path / "hits.npz")
     assert hits["seed1/dmu_stage/full_t2i_R@1"].shape == (scale.test_samples,)
     assert (tmp_path / "sweep.png").stat().st_size > 0
+    # --resume loads every saved task and prints the same tables
+    assert main(["demo", "--scale", "tiny", "--jobs", "1", "--output-dir", str(tmp_path), "--resume"]) == 0
+    again = capsys.readouterr().out
+    assert again.count("loaded ") == len(list((tmp_path / "tasks").glob("*.npz"))) and "  done " not in again
+    assert (tmp_path / "results.md").read_text().strip() in again
+    assert again.split("\n\n", 1)[1].rsplit("written:", 1)[0] == printed.split("\n\n", 1)[1].rsplit("written:", 1)[0]
 
 
 def test_tasks_repeat_exactly(tmp_path):

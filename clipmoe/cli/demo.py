@@ -210,6 +210,8 @@ def add_commands(sub):
     p.add_argument("--jobs", type=int, default=2,
                    help="worker processes (one torch thread each; the numbers do not depend on it)")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the tasks an earlier run with the same preset saved in --output-dir/tasks")
     p.set_defaults(func=cmd_demo)
 
 
@@ -226,7 +228,7 @@ def cmd_demo(args):
     print(f"clipmoe demo --scale {args.scale}: {scale.seeds} seeds, {args.jobs} processes of 1 torch thread; "
           f"recipe: label smoothing {scale.label_smoothing} in pre-training and fine-tuning, logit scale learned in "
           f"pre-training and then fixed at the base's value", flush=True)
-    results = run_all(scale, out, jobs=args.jobs)
+    results = run_all(scale, out, jobs=args.jobs, resume=args.resume)
     scales = ", ".join(f"seed {s}: loss {p['final_loss']:.3f}, scale {p['logit_scale']:.1f}"
                        for s, p in sorted(results["pretrain"].items()))
     table = report(results, scale)

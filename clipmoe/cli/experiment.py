@@ -339,8 +339,35 @@ def plan(scale: DemoScale, out: Path) -> dict[str, tuple[str, tuple, list[str], 
     return tasks
 
 
-def run_all(scale: DemoScale, out, jobs: int = 2, log=print) -> dict:
-    """Run every task (in-process when jobs <= 1) and return {"models": {seed: {model: outcomes}}, ...}."""
+def save_task(path: Path, result: dict, seconds: float, scale: DemoScale):
+    """A finished task as path.json (everything but the per-sample outcomes) and path.npz (those), written last:
+    its presence marks the task done (for --resume)."""
+    arrays = {f"{model}/{k}": v for model, r in result["models"].items() for k, v in r["hits"].items()}
+    light = {**result, "models": {m: {k: v for k, v in r.items() if k != "hits"} for m, r in result["models"].items()}}
+    path.with_suffix(".json").write_text(json.dumps({"scale": asdict(scale), "seconds": seconds, "result": light}))
+    np.savez_compressed(path.with_suffix(".tmp.npz"), **arrays)
+    path.with_suffix(".tmp.npz").replace(path.with_suffix(".npz"))
+
+
+def load_task(path: Path, scale: DemoScale) -> tuple[dict, float] | None:
+    """(result, seconds) of a task saved by save_task with the same scale, else None."""
+    if not (path.with_suffix(".npz").exists() and path.with_suffix(".json").exists()):
+        return None
+    saved = json.loads(path.with_suffix(".json").read_text())
+    if saved["scale"] != json.loads(json.dumps(asdict(scale))):
+        return None
+    result = saved["result"]
+    with np.load(path.with_suffix(".npz")) as arrays:
+        for key in arrays.files:
+            model, metric = key.split("/", 1)
+            result["models"][model].setdefault("hits", {})[metric] = arrays[key]
+    return result, saved["seconds"]
+
+
+def run_all(scale: DemoScale, out, jobs: int = 2, log=print, resume: bool = False) -> dict:
+    """Run every task (in-process when jobs <= 1) and return {"models": {seed: {model: outcomes}}, ...}. Each
+    finished task is saved under out/tasks; resume=True loads those saved with the same scale instead of rerunning.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for seed in range(scale.seeds):
@@ -351,15 +378,22 @@ def run_all(scale: DemoScale, out, jobs: int = 2, log=print) -> dict:
 
     def ready():
         return sorted((n for n, (_, _, deps, _) in tasks.items()
-                       if n not in done and n not in running and all(d in done for d in deps)),
+                       if n not in done and n not in running.values() and all(d in done for d in deps)),
                       key=lambda n: -tasks[n][3])
 
     def finish(name, result, took, text):
         done[name], seconds[name] = result, took
         (out / "logs").mkdir(exist_ok=True)
         (out / "logs" / f"{name}.log").write_text(text)
+        save_task(out / "tasks" / name, result, took, scale)
         log(f"  done {name} ({took:.0f} s; {len(done)}/{len(tasks)} tasks)")
 
+    (out / "tasks").mkdir(exist_ok=True)
+    for name in tasks if resume else ():
+        saved = load_task(out / "tasks" / name, scale)
+        if saved is not None:
+            done[name], seconds[name] = saved
+            log(f"  loaded {name} (saved by an earlier run)")
     running: dict[object, str] = {}
     if jobs <= 1:
         while len(done) < len(tasks):
@@ -374,9 +408,10 @@ def run_all(scale: DemoScale, out, jobs: int = 2, log=print) -> dict:
                 for future in finished:
                     finish(running.pop(future), *future.result())
     results = {"scale": asdict(scale), "seconds": seconds, "models": {}, "clusters": {}, "pretrain": {}}
-    for name, result in done.items():
+    for name, result in sorted(done.items(), key=lambda item: list(tasks).index(item[0])):
         seed = tasks[name][1][1]
         results["models"].setdefault(seed, {}).update(result["models"])
+        results["models"][seed] = dict(sorted(results["models"][seed].items()))  # the same order however run
         if "clusters" in result:
             results["clusters"][seed] = result["clusters"]
         if "logit_scale" in result:
