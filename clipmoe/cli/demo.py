@@ -173,12 +173,12 @@ def plot_sweep(results: dict, scale, path, metric: str = "full_t2i_R@1"):
                                                  metric, SHIFT_ATTRIBUTES), num_resamples=scale.bootstrap))
                   for e in scale.sweep_experts if sweep_name(scale, e, k)]
         xs = [e for e, _ in points]
-        ax.plot(xs, [v[0] for _, v in points], marker="o", label=f"top-{k}")
-        ax.fill_between(xs, [v[1] for _, v in points], [v[2] for _, v in points], alpha=0.2)
+        (line,) = ax.plot(xs, [v[0] for _, v in points], marker="o", label=f"top-{k}")
+        ax.fill_between(xs, [v[1] for _, v in points], [v[2] for _, v in points], alpha=0.2, color=line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(scale.sweep_experts), [str(e) for e in scale.sweep_experts])
     ax.set_xlabel("experts (base FFN + first E − 1 MCL stages)")
-    ax.set_ylabel(f"{metric} (%), held-out split")
+    ax.set_ylabel(f"{metric.replace('full_', 'full-caption ')} (%), held-out split")
     ax.set_title("clipmoe demo: experts x top-k (seed 0; bands: 95 % bootstrap)")
     ax.legend()
     fig.tight_layout()

@@ -40,9 +40,9 @@ class DemoScale:
     batch_size: int = 64
     pretrain_steps: int = 400
     pretrain_lr: float = 2e-3
-    finetune_steps: int = 160        # F
+    finetune_steps: int = 320        # F
     router_steps: int = 40           # R
-    ffn_lr: float = 5e-4
+    ffn_lr: float = 2e-3
     router_lr: float = 1e-3          # routers start random: higher than the paper's 1e-6 for so few steps
     num_experts: int = 4             # main table: 3 MCL stages + the base FFN
     top_k: int = 2
