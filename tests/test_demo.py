@@ -1,35 +1,78 @@
-"""`clipmoe demo` at a micro scale: every method trains, is evaluated, and the table and files are written."""
+"""`clipmoe demo` at a tiny scale (every task of the full demo runs: pre-training, baselines, MCL at both budgets,
+the random-negative control, the sweep; tables and files written), its pre-training collapse check, and the
+parameter counts of its table."""
 import json
+import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
-from clipmoe.cli.demo import (
-    METHODS,
-    DemoScale,
-    parameter_counts,
-    results_table,
-    run_demo,
-)
+from clipmoe.cli import main
+from clipmoe.cli.demo import METHODS, method_labels
+from clipmoe.cli.experiment import SCALES, check_pretraining, parameter_counts, run_task
 from clipmoe.models import create_model
 from clipmoe.upcycle import upcycle
 
-MICRO = DemoScale(train_samples=256, test_samples=64, pretrain_steps=4, batch_size=32, finetune_steps=8)
+
+def test_demo_tiny_cli(tmp_path, capsys):
+    assert main(["demo", "--scale", "tiny", "--jobs", "1", "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    scale = SCALES["tiny"]
+    for label in method_labels(scale).values():
+        assert label in printed
+    for heading in ("Main table", "Paired bootstrap", "Zero-shot top-1 per attribute", "MCL clusterings",
+                    "Routing", "Sweep", "wall time"):
+        assert heading in printed
+    assert (tmp_path / "results.md").read_text().strip() in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(results["models"]) == ["0", "1"]
+    seed0 = results["models"]["0"]
+    assert set(METHODS) | {"stage1", "stage2", "stage3", "sweep_e2_k1", "sweep_e2_k2", "sweep_e4_k1"} <= set(seed0)
+    assert seed0["dmu_stage"]["parameters"]["total"] > seed0["dmu_stage"]["parameters"]["active"]
+    assert len(seed0["dmu_stage"]["routing"]["visual"]) == scale.num_experts
+    assert len(results["clusters"]["0"]) == max(scale.sweep_experts) - 1  # seed 0 runs the sweep's stages
+    hits = np.load(tmp_path / "hits.npz")
+    assert hits["seed1/dmu_stage/full_t2i_R@1"].shape == (scale.test_samples,)
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    # --resume loads every saved task and prints the same tables
+    assert main(["demo", "--scale", "tiny", "--jobs", "1", "--output-dir", str(tmp_path), "--resume"]) == 0
+    again = capsys.readouterr().out
+    assert again.count("loaded ") == len(list((tmp_path / "tasks").glob("*.npz"))) and "  done " not in again
+    assert (tmp_path / "results.md").read_text().strip() in again
+    assert again.split("\n\n", 1)[1].rsplit("written:", 1)[0] == printed.split("\n\n", 1)[1].rsplit("written:", 1)[0]
 
 
-@pytest.mark.slow
-def test_demo_micro_run(tmp_path):
-    results = run_demo(MICRO, tmp_path, seed=0)
-    assert list(results["methods"]) == list(METHODS)
-    for method, m in results["methods"].items():
-        assert set(m["retrieval"]) >= {"i2t_R@1", "i2t_R@10", "t2i_R@5"}
-        assert set(m["zero_shot"]) == {"colour", "size", "shape", "texture", "count", "position"}
-        moe = method in ("sparse_upcycling", "wo_mcl", "dmu")
-        assert (m["parameters"]["total"] > m["parameters"]["active"]) == (method in ("sparse_upcycling", "dmu"))
-        assert (m["parameters"]["total"] > results["methods"]["base"]["parameters"]["total"]) == moe
-    for name in ("results.json", "results.md", "attributes.png", "routing_dmu.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    table = results_table(json.loads((tmp_path / "results.json").read_text()))
-    assert table.count("\n") == len(METHODS) + 1 and "CLIP-MoE (DMU)" in table
+def test_tasks_repeat_exactly(tmp_path):
+    """The same task twice gives the same per-sample outcomes (one torch thread per task, seeded)."""
+    scale = SCALES["tiny"]
+    (tmp_path / "seed0").mkdir()
+    first, _, _ = run_task("pretrain", (scale, 0, tmp_path))
+    second, _, _ = run_task("pretrain", (scale, 0, tmp_path))
+    for key, value in first["models"]["base"]["hits"].items():
+        assert np.array_equal(value, second["models"]["base"]["hits"][key]), key
+
+
+def test_collapse_check():
+    batch = 64
+    assert check_pretraining([4.2] * 10 + [1.5] * 20, batch) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match=r"collapsed: its final loss 4\.15.*ln\(batch\) = 4\.159"):
+        check_pretraining([4.16] * 5 + [4.15] * 20, batch)
+    with pytest.raises(ValueError, match="no loss"):
+        check_pretraining([], batch)
+    assert 0.9 * math.log(batch) < 4.15  # the threshold used above
+
+
+def test_collapsed_pretraining_stops_the_demo(tmp_path):
+    (tmp_path / "seed0").mkdir()
+    with pytest.raises(ValueError, match="seed 0: pre-training collapsed"):  # lr 0.05: the towers collapse
+        run_task("pretrain", (replace(SCALES["tiny"], pretrain_lr=0.05), 0, tmp_path))
+    assert not (tmp_path / "seed0" / "base.pt").exists()
+
+
+def test_demo_bad_arguments(capsys):
+    assert main(["demo", "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
 
 
 def test_parameter_counts_active_experts():

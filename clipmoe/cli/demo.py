@@ -1,227 +1,244 @@
-"""`clipmoe demo`: the CLIP-MoE paper's comparison in miniature, from one command, on CPU in minutes.
+"""`clipmoe demo`: the CLIP-MoE paper's comparison in miniature, on CPU in minutes (runner: clipmoe.cli.experiment).
 
-1. Pre-train a tiny CLIP on the synthetic attribute data (clipmoe.data.synthetic; no weights can be downloaded here) —
-   or take a real open_clip model with --model/--pretrained.
-2. From that base, with the same data and the same number of training steps and batch size for every method:
-   direct fine-tuning (FFNs only, random batches), sparse upcycling (E copies, experts + routers trained),
-   "w/o MCL" (2 experts: base FFN + a directly fine-tuned FFN, then router training) and DMU (3 MCL stages + router
-   training; each MCL stage and the router training get a quarter of the steps, the "w/o MCL" fine-tune three
-   quarters).
-3. Evaluate every model on the held-out split: retrieval R@1/5/10 both ways, zero-shot accuracy per attribute and
-   its mean; parameters total and active per token; wall time of each stage. Print the table, save results.json,
-   results.md and PNG plots (per-attribute accuracy, routing of the DMU model) in the output folder.
-
-Scaled down from the paper for 4096 samples: 2 clusters per modality and stage (4 joint, 64 accumulated after three
-clusterings; the paper's 3 would give 729 clusters of about 5 samples) and the "remainder" small-cluster policy.
+Prints and saves (results.md, results.json, hits.npz, sweep.png): the main table (mean ± std over seeds), paired
+bootstrap intervals of DMU against direct fine-tuning, against the random-negative control and against "w/o MCL",
+the per-attribute zero-shot table (each MCL stage model alone: the paper's Table 1 in spirit), the clustering
+diagnostics (ARI of consecutive clusterings, NMI with every attribute, a warning when two agree), routing shares per
+expert, and the experts x top-k sweep.
 """
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from clipmoe.moe_ffn import MoEFFN
-from clipmoe.train.distributed import DistInfo
-from clipmoe.train.loop import TrainConfig, train
+from clipmoe.cli.common import UsageError
+from clipmoe.cli.experiment import SCALES, run_all, summary
 
-METHODS = ("base", "direct", "sparse_upcycling", "wo_mcl", "dmu")
-LABELS = {"base": "base (pre-trained)", "direct": "direct fine-tune", "sparse_upcycling": "sparse upcycling",
-          "wo_mcl": "w/o MCL (2 experts)", "dmu": "CLIP-MoE (DMU)"}
-
-
-@dataclass
-class DemoScale:
-    model: str = "clipmoe-tiny"     # open_clip config; clipmoe-tiny: 2+2 layers of width 128, 32 px images
-    train_samples: int = 4096       # synthetic train split
-    test_samples: int = 1024        # synthetic held-out split
-    pretrain_steps: int = 400       # the base model's own contrastive pre-training (all parameters)
-    pretrain_lr: float = 2e-3
-    batch_size: int = 64
-    finetune_steps: int = 160       # every method's budget (DMU: 4 x 40)
-    ffn_lr: float = 5e-4            # FFN / expert fine-tuning
-    router_lr: float = 1e-3         # routers start random: a higher rate than the paper's 1e-6 for so few steps
-    num_experts: int = 4
-    top_k: int = 2
-    clusters: int = 2               # per modality and stage
-    expert_dropout: float = 0.1
+ARI_WARNING = 0.9
+METHODS = ("base", "direct", "sparse_upcycling", "wo_mcl_compute", "control_compute", "dmu_compute",
+           "wo_mcl_stage", "control_stage", "dmu_stage")
+COMPARISONS = (("dmu_stage", "direct"), ("dmu_stage", "control_stage"), ("dmu_stage", "wo_mcl_stage"),
+               ("dmu_stage", "base"), ("dmu_compute", "direct"), ("dmu_compute", "control_compute"),
+               ("control_stage", "direct"), ("sparse_upcycling", "direct"))
+MAIN_METRICS = (("full_t2i_R@1", "T2I R@1"), ("full_t2i_R@10", "T2I R@10"), ("full_i2t_R@1", "I2T R@1"),
+                ("full_i2t_R@10", "I2T R@10"), ("zs_easy", "zero-shot easy"), ("zs_hard", "zero-shot hard"),
+                ("short_t2i_R@1", "pre-train task T2I R@1"))
+INTERVAL_METRICS = (("full_t2i_R@1", "T2I R@1"), ("full_i2t_R@1", "I2T R@1"), ("zs_mean", "zero-shot mean"),
+                    ("zs_hard", "zero-shot hard"), ("short_t2i_R@1", "pre-train task T2I R@1"))
 
 
-SCALES = {
-    "cpu": DemoScale(),
-    "gpu": DemoScale(train_samples=65536, test_samples=4096, pretrain_steps=3000, batch_size=256,
-                     finetune_steps=1200, clusters=3),
-}
+def method_labels(scale) -> dict:
+    f, r, stages = scale.finetune_steps, scale.router_steps, scale.num_experts - 1
+    cs = (f - r) // stages
+    return {"base": "base (pre-trained, short captions)", "direct": f"direct fine-tune ({f})",
+            "sparse_upcycling": f"sparse upcycling ({f})",
+            "wo_mcl_compute": f"w/o MCL, compute ({f - r}+{r})",
+            "control_compute": f"random-negative control, compute ({stages}x{cs}+{r})",
+            "dmu_compute": f"CLIP-MoE (DMU), compute ({stages}x{cs}+{r})",
+            "wo_mcl_stage": f"w/o MCL, stage ({f}+{r})",
+            "control_stage": f"random-negative control, stage ({stages}x{f}+{r})",
+            "dmu_stage": f"CLIP-MoE (DMU), stage ({stages}x{f}+{r})"}
 
 
-def parameter_counts(model) -> dict:
-    """Total parameters, and those active for one token (top-k of E experts in each MoE layer)."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for m in model.modules():
-        if isinstance(m, MoEFFN):
-            per_expert = (m.w1.numel() + m.b1.numel() + m.w2.numel() + m.b2.numel()) // m.num_experts
-            inactive += (m.num_experts - m.top_k) * per_expert
-    return {"total": total, "active": total - inactive}
+def _table(head, rows) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def _cfg(scale: DemoScale, steps: int, lr: float, seed: int, **kw) -> TrainConfig:
-    return TrainConfig(lr=lr, weight_decay=kw.pop("weight_decay", 0.2), warmup_steps=max(1, steps // 10),
-                       max_steps=steps, batch_size=scale.batch_size, checkpoint_every=max(1, steps), seed=seed,
-                       **kw)
+def _per_seed(results, model, metric, attributes):
+    return [summary(results["models"][seed][model]["hits"], attributes)[metric] for seed in results["models"]
+            if model in results["models"][seed]]
 
 
-def run_demo(scale: DemoScale, out_dir, *, seed: int = 0, pretrained=None, device="cpu") -> dict:
-    from clipmoe.data.sampler import ClusterBatchSampler
-    from clipmoe.data.synthetic import SyntheticShapes
-    from clipmoe.eval import (
-        collect_routing,
-        evaluate_synthetic,
-        plot_routing_heatmap,
-        routing_statistics,
-    )
-    from clipmoe.models import create_model
-    from clipmoe.train.contrastive import ContrastiveLoss
-    from clipmoe.train.dmu import (
-        build_clip_moe,
-        finetune_baseline,
-        run_mcl,
-        train_router,
-    )
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    info = DistInfo(device=torch.device(device))
-    torch.manual_seed(seed)
-    base, preprocess_train, preprocess_val, tokenizer = create_model(scale.model, pretrained)
-    train_data = SyntheticShapes(scale.train_samples, split="train", seed=seed, preprocess=preprocess_train,
-                                 tokenizer=tokenizer)
-    embed_data = SyntheticShapes(scale.train_samples, split="train", seed=seed, preprocess=preprocess_val,
-                                 tokenizer=tokenizer)
-    test_data = SyntheticShapes(scale.test_samples, split="test", seed=seed, preprocess=preprocess_val,
-                                tokenizer=tokenizer)
-    timings, models = {}, {}
-
-    start = time.time()
-    if pretrained is None:
-        sampler = ClusterBatchSampler(None, scale.batch_size, num_samples=len(train_data), world_size=1, rank=0,
-                                      seed=seed)
-        cfg = _cfg(scale, scale.pretrain_steps, scale.pretrain_lr, seed, label_smoothing=0.0, logit_scale=None,
-                   weight_decay=0.1)
-        train(base, train_data, sampler, ContrastiveLoss(), cfg, out_dir / "pretrain", trainable="all", info=info,
-              desc="pre-train base")
-    timings["base"] = {"pre-train": time.time() - start}
-    models["base"] = base
-
-    # Fine-tuning keeps the temperature fixed, as CLIP-MoE does, at the base model's own value (CLIP-MoE's 100 is
-    # OpenAI CLIP's learned one; forcing 100 on a base that learned another would change every method's objective).
-    temperature = float(base.logit_scale.exp())
-    steps = scale.finetune_steps
-    ffn_cfg = _cfg(scale, steps, scale.ffn_lr, seed, logit_scale=temperature)
-    router_cfg = _cfg(scale, steps // 4, scale.router_lr, seed, weight_decay=0.01, logit_scale=temperature)
-    for method in ("direct", "sparse_upcycling", "wo_mcl"):
-        start = time.time()
-        cfg = replace(ffn_cfg, max_steps=3 * steps // 4) if method == "wo_mcl" else ffn_cfg
-        models[method] = finetune_baseline(method, base, train_data, cfg, out_dir / method, info,
-                                           num_experts=scale.num_experts, top_k=scale.top_k, router_cfg=router_cfg,
-                                           expert_dropout=scale.expert_dropout)
-        timings[method] = {"train": time.time() - start}
-
-    start = time.time()
-    stage_cfg = replace(ffn_cfg, max_steps=steps // 4)
-    ffns = run_mcl(base, train_data, stage_cfg, out_dir / "dmu" / "mcl", info, stages=scale.num_experts - 1,
-                   clusters=scale.clusters, small_cluster="remainder", embed_data=embed_data)
-    timings["dmu"] = {"MCL stages (incl. clustering)": time.time() - start}
-    start = time.time()
-    dmu = build_clip_moe(base, ffns, top_k=scale.top_k, dropout=scale.expert_dropout)
-    train_router(dmu, train_data, router_cfg, out_dir / "dmu" / "router", info)
-    timings["dmu"]["router training"] = time.time() - start
-    models["dmu"] = dmu
-
-    results = {"scale": asdict(scale), "seed": seed, "pretrained": pretrained, "logit_scale": temperature,
-               "methods": {}}
-    for method in METHODS:
-        model = models[method].eval()
-        start = time.time()
-        with collect_routing(model) as routing:  # over the whole held-out evaluation (images, captions, prompts)
-            metrics = evaluate_synthetic(model, test_data, tokenizer, device=device)
-        metrics["parameters"] = parameter_counts(model)
-        metrics["seconds"] = {**timings[method], "eval": time.time() - start}
-        if method == "dmu":
-            metrics["routing"] = routing_statistics(model, routing)
-            plot_routing_heatmap(metrics["routing"], out_dir / "routing_dmu.png")
-        results["methods"][method] = metrics
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    table = results_table(results)
-    (out_dir / "results.md").write_text(table + "\n")
-    plot_attributes(results, out_dir / "attributes.png")
-    return results
+def _pooled(results, model, metric, attributes):
+    """Per-sample outcome (%) averaged over the seeds that ran `model`: the input of the bootstrap."""
+    rows = []
+    for seed in results["models"]:
+        if model in results["models"][seed]:
+            hits = results["models"][seed][model]["hits"]
+            if metric.startswith("zs_") and metric[3:] in ("mean", "easy", "hard"):
+                from clipmoe.cli.experiment import ZS_EASY
+                names = {"mean": attributes, "easy": ZS_EASY,
+                         "hard": [a for a in attributes if a not in ZS_EASY]}[metric[3:]]
+                rows.append(np.mean([hits[f"zs_{a}"] for a in names], axis=0))
+            else:
+                rows.append(hits[metric].astype(float))
+    return 100.0 * np.mean(rows, axis=0)
 
 
-def results_table(results: dict) -> str:
-    methods = results["methods"]
-    attributes = list(next(iter(methods.values()))["zero_shot"])
-    head = (["method", "I2T R@1/5/10", "T2I R@1/5/10", "zero-shot"] + attributes
-            + ["params total/active (M)", "train s"])
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, m in methods.items():
-        r = m["retrieval"]
-        train_seconds = sum(v for k, v in m["seconds"].items() if k != "eval")
-        cells = [LABELS[method],
-                 "/".join(f"{r[f'i2t_R@{k}']:.1f}" for k in (1, 5, 10)),
-                 "/".join(f"{r[f't2i_R@{k}']:.1f}" for k in (1, 5, 10)),
-                 f"{m['zero_shot_mean_top1']:.1f}"]
-        cells += [f"{m['zero_shot'][a]['top1']:.1f}" for a in attributes]
-        cells += [f"{m['parameters']['total'] / 1e6:.2f}/{m['parameters']['active'] / 1e6:.2f}", f"{train_seconds:.0f}"]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+def report(results: dict, scale) -> str:
+    from clipmoe.data.synthetic import SHIFT_ATTRIBUTES as attributes
+    from clipmoe.eval.stats import bootstrap_interval, mean_std, paired_bootstrap
+    labels = method_labels(scale)
+    out = []
+
+    def ms(model, metric):
+        m, s = mean_std(_per_seed(results, model, metric, attributes))
+        return f"{m:.1f} ± {s:.1f}"
+
+    out.append(f"Main table: mean ± std over {scale.seeds} seeds, % on {scale.test_samples} held-out images; "
+               f"retrieval with the full captions (the fine-tuning task); fine-tuning steps of batch "
+               f"{scale.batch_size} in brackets")
+    def params(model):
+        p = results["models"][0][model]["parameters"]
+        return f"{p['total'] / 1e6:.2f}/{p['active'] / 1e6:.2f}"
+
+    out.append(_table(["method"] + [h for _, h in MAIN_METRICS] + ["params total/active (M)"],
+                      [[labels[m]] + [ms(m, k) for k, _ in MAIN_METRICS] + [params(m)] for m in METHODS]))
+    out.append(f"\nPaired bootstrap ({scale.bootstrap} resamples of the test images; per-sample outcomes averaged "
+               f"over the seeds): difference A − B and its 95 % interval, in points")
+    rows = []
+    for a, b in COMPARISONS:
+        cells = []
+        for metric, _ in INTERVAL_METRICS:
+            d, lo, hi = paired_bootstrap(_pooled(results, a, metric, attributes),
+                                         _pooled(results, b, metric, attributes), num_resamples=scale.bootstrap)
+            cells.append(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+        rows.append([f"{labels[a]} − {labels[b]}"] + cells)
+    out.append(_table(["A − B"] + [h for _, h in INTERVAL_METRICS], rows))
+
+    stage_models = [f"stage{s}" for s in range(1, scale.num_experts)]
+    zs_rows = [["base (expert 0)"] + [ms("base", f"zs_{a}") for a in attributes]]
+    zs_rows += [[f"MCL stage {m[5:]} alone (expert {m[5:]})"] + [ms(m, f"zs_{a}") for a in attributes]
+                for m in stage_models]
+    zs_rows += [[labels[m]] + [ms(m, f"zs_{a}") for a in attributes] for m in METHODS[1:]]
+    out.append("\nZero-shot top-1 per attribute (mean ± std over seeds; chance 33.3; the short pre-training "
+               "captions name colour, size and position); MCL stage models of the stage-budget run")
+    out.append(_table(["model"] + list(attributes), zs_rows))
+
+    out.append("\nMCL clusterings of the stage-budget run (on the fine-tuning data, k = "
+               f"{scale.clusters} per modality): ARI with the previous clustering, NMI of the image and the text "
+               "clusters with each attribute (" + "/".join(attributes) + "); seed 0")
+    rows, warnings = [], []
+    for seed, clusterings in results["clusters"].items():
+        for c in clusterings:
+            if c["ari_previous"] is not None and c["ari_previous"] > ARI_WARNING:
+                warnings.append(f"WARNING: seed {seed}: clusterings {c['clustering'] - 1} and {c['clustering']} agree "
+                                f"(ARI {c['ari_previous']:.3f} > {ARI_WARNING}); stage {c['clustering'] + 1} "
+                                f"samples the same negatives as stage {c['clustering']}")
+    for c in results["clusters"].get(0, []):
+        ari = "-" if c["ari_previous"] is None else f"{c['ari_previous']:.3f}"
+        rows.append([c["clustering"], c["accumulated_clusters"], ari,
+                     "/".join(f"{c['nmi_image'][a]:.2f}" for a in attributes),
+                     "/".join(f"{c['nmi_text'][a]:.2f}" for a in attributes)])
+    out.append(_table(["clustering (model)", "accumulated clusters", "ARI vs previous", "NMI image", "NMI text"],
+                      rows))
+    out.extend(warnings or [f"no two consecutive clusterings agree (ARI <= {ARI_WARNING} for every seed)"])
+
+    out.append("\nRouting: share of tokens whose first choice is each expert, mean over layers and seeds, on the "
+               "test evaluation (images, captions, prompts)")
+    rows = []
+    for m in ("dmu_stage", "dmu_compute", "control_stage", "wo_mcl_stage", "sparse_upcycling"):
+        for tower in ("visual", "text"):
+            shares = np.mean([results["models"][s][m]["routing"][tower] for s in results["models"]], axis=0)
+            rows.append([labels[m], tower, " / ".join(f"{100 * x:.0f}" for x in shares)])
+    out.append(_table(["model", "tower", "% per expert (0 = base FFN)"], rows))
+
+    out.append(f"\nSweep (seed 0; routers on the first E − 1 stages of the stage-budget MCL run, {scale.router_steps} "
+               f"steps each): value and 95 % bootstrap interval")
+    rows = []
+    for e in scale.sweep_experts:
+        for k in scale.sweep_top_k:
+            name = sweep_name(scale, e, k)
+            if name is None:
+                continue
+            cells = []
+            for metric in ("full_t2i_R@1", "full_i2t_R@1", "zs_mean"):
+                m, lo, hi = bootstrap_interval(_pooled({"models": {0: results["models"][0]}}, name, metric,
+                                                       attributes), num_resamples=scale.bootstrap)
+                cells.append(f"{m:.1f} [{lo:.1f}, {hi:.1f}]")
+            rows.append([e, k] + cells)
+    out.append(_table(["experts", "top-k", "T2I R@1", "I2T R@1", "zero-shot mean"], rows))
+    return "\n".join(out)
 
 
-def plot_attributes(results: dict, path):
+def sweep_name(scale, experts: int, top_k: int):
+    if top_k > experts:
+        return None
+    return "dmu_stage" if (experts, top_k) == (scale.num_experts, scale.top_k) else f"sweep_e{experts}_k{top_k}"
+
+
+def plot_sweep(results: dict, scale, path, metric: str = "full_t2i_R@1"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    methods = results["methods"]
-    attributes = list(next(iter(methods.values()))["zero_shot"])
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(methods)
-    for i, (method, m) in enumerate(methods.items()):
-        ax.bar([a + i * width for a in range(len(attributes))], [m["zero_shot"][a]["top1"] for a in attributes],
-               width=width, label=LABELS[method])
-    ax.set_xticks([a + 0.4 - width / 2 for a in range(len(attributes))], attributes)
-    ax.set_ylabel("zero-shot top-1 accuracy (%)")
-    ax.set_title("Held-out synthetic split: which attributes each model tells apart")
-    ax.legend(fontsize=8)
+
+    from clipmoe.data.synthetic import SHIFT_ATTRIBUTES
+    from clipmoe.eval.stats import bootstrap_interval
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in scale.sweep_top_k:
+        points = [(e, bootstrap_interval(_pooled({"models": {0: results["models"][0]}}, sweep_name(scale, e, k),
+                                                 metric, SHIFT_ATTRIBUTES), num_resamples=scale.bootstrap))
+                  for e in scale.sweep_experts if sweep_name(scale, e, k)]
+        xs = [e for e, _ in points]
+        (line,) = ax.plot(xs, [v[0] for _, v in points], marker="o", label=f"top-{k}")
+        ax.fill_between(xs, [v[1] for _, v in points], [v[2] for _, v in points], alpha=0.2, color=line.get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(scale.sweep_experts), [str(e) for e in scale.sweep_experts])
+    ax.set_xlabel("experts (base FFN + first E − 1 MCL stages)")
+    ax.set_ylabel(f"{metric.replace('full_', 'full-caption ')} (%), held-out split")
+    ax.set_title("clipmoe demo: experts x top-k (seed 0; bands: 95 % bootstrap)")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def save(results: dict, scale, table: str, out: Path):
+    arrays = {f"seed{seed}/{model}/{metric}": v for seed, models in results["models"].items()
+              for model, r in models.items() for metric, v in r["hits"].items()}
+    np.savez_compressed(out / "hits.npz", **arrays)
+    from clipmoe.data.synthetic import SHIFT_ATTRIBUTES
+    light = {**results, "models": {
+        seed: {model: {"metrics": summary(r["hits"], SHIFT_ATTRIBUTES), **{k: v for k, v in r.items() if k != "hits"}}
+               for model, r in models.items()} for seed, models in results["models"].items()}}
+    (out / "results.json").write_text(json.dumps(light, indent=1, default=str))
+    (out / "results.md").write_text(table + "\n")
+    plot_sweep(results, scale, out / "sweep.png")
+
+
 def add_commands(sub):
-    p = sub.add_parser("demo", help="the paper's comparison in miniature on synthetic data (base, direct "
-                                    "fine-tune, sparse upcycling, w/o MCL, DMU), printed as a table")
+    p = sub.add_parser("demo", help="the paper's comparison in miniature on synthetic data with a caption shift "
+                                    "(base, direct fine-tune, sparse upcycling, w/o MCL, random-negative control, "
+                                    "DMU at two budgets, experts x top-k sweep), printed as tables")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                   help="preset sizes: cpu (minutes on 2 cores, default) or gpu (a bigger run)")
-    p.add_argument("--model", default=None, help="open_clip model instead of the preset's tiny one")
-    p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint: skips the demo's pre-training")
+                   help="preset sizes: cpu (the demo, minutes on 2 cores) or tiny (a seconds-long smoke run)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="worker processes (one torch thread each; the numbers do not depend on it)")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the tasks an earlier run with the same preset saved in --output-dir/tasks")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args):
     scale = SCALES[args.scale]
-    if args.model:
-        scale = replace(scale, model=args.model)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+        scale = replace(scale, seeds=args.seeds)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    out = Path(args.output_dir)
     start = time.time()
-    results = run_demo(scale, args.output_dir, seed=args.seed, pretrained=args.pretrained, device=args.device)
+    print(f"clipmoe demo --scale {args.scale}: {scale.seeds} seeds, {args.jobs} processes of 1 torch thread; "
+          f"recipe: label smoothing {scale.label_smoothing} in pre-training and fine-tuning, logit scale learned in "
+          f"pre-training and then fixed at the base's value", flush=True)
+    results = run_all(scale, out, jobs=args.jobs, resume=args.resume)
+    scales = ", ".join(f"seed {s}: loss {p['final_loss']:.3f}, scale {p['logit_scale']:.1f}"
+                       for s, p in sorted(results["pretrain"].items()))
+    table = report(results, scale)
+    header = (f"ShiftShapes: {scale.pretrain_samples} pre-training samples (short captions), "
+              f"{scale.finetune_samples} NEW fine-tuning samples (full captions), {scale.test_samples} held-out; "
+              f"pre-training {scale.pretrain_steps} steps ({scales})")
+    text = header + "\n\n" + table
     print()
-    print(f"clipmoe demo --scale {args.scale} (seed {args.seed}): {scale.model}, {scale.train_samples} train / "
-          f"{scale.test_samples} held-out synthetic samples, {scale.finetune_steps} fine-tuning steps of batch "
-          f"{scale.batch_size} per method; metrics in % on the held-out split")
-    print(results_table(results))
-    print(f"\nwritten: {Path(args.output_dir) / 'results.json'}, results.md, attributes.png, routing_dmu.png "
-          f"(total {time.time() - start:.0f} s)")
+    print(text)
+    save(results, scale, text, out)
+    print(f"\nwritten: {out / 'results.md'}, results.json, hits.npz, sweep.png, logs/ "
+          f"(wall time {time.time() - start:.0f} s; task seconds summed {sum(results['seconds'].values()):.0f})")
     return 0

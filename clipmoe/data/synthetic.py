@@ -62,7 +62,7 @@ import io
 import os
 import re
 import tarfile
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ SUPERSAMPLE = 4      # shapes are drawn at 4x and box-filtered: anti-aliased edg
 BACKGROUND = (40, 40, 40)
 
 ATTRIBUTES = ("colour", "size", "shape", "texture", "count", "position")
-CLASSES: Dict[str, Tuple[str, ...]] = {
+CLASSES: dict[str, tuple[str, ...]] = {
     "colour": ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"),
     "size": ("small", "large"),
     "shape": ("circle", "square", "triangle", "cross"),
@@ -95,7 +95,7 @@ JITTER = (-0.5, -0.25, 0.0, 0.25, 0.5)
 NUM_JITTERS = len(JITTER) ** 2
 CHUNK = 4096          # samples drawn per RNG chunk (fixed: the first n samples never depend on num_samples)
 
-ZERO_SHOT_TEMPLATES: Dict[str, Tuple[str, ...]] = {
+ZERO_SHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "colour": ("{} objects", "a photo of a {} object"),
     "size": ("{} objects", "a photo of a {} object"),
     "shape": ("a {}", "a photo of a {}"),
@@ -103,7 +103,7 @@ ZERO_SHOT_TEMPLATES: Dict[str, Tuple[str, ...]] = {
     "count": ("{} objects", "a photo of {} objects"),
     "position": ("objects at the {}", "a photo of objects at the {}"),
 }
-VOCAB: Tuple[str, ...] = tuple(dict.fromkeys(
+VOCAB: tuple[str, ...] = tuple(dict.fromkeys(
     [w for attr in ATTRIBUTES for name in CLASSES[attr] for w in name.split()]
     + list(PLURAL.values()) + ["a", "an", "the", "at", "of", "photo", "object", "objects"]))
 
@@ -126,10 +126,10 @@ class WordTokenizer:
         self.vocab_size = len(self.vocab) + 4
         self.context_length = context_length
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         return [self.word_ids.get(w, self.unk_id) for w in re.findall(r"[a-z]+", text.lower())]
 
-    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
         length = context_length or self.context_length
         out = torch.zeros(len(texts), length, dtype=torch.long)
@@ -140,7 +140,7 @@ class WordTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------------- rendering
-def _draw_shape(draw, shape: str, cx: float, cy: float, d: float) -> None:
+def draw_shape(draw, shape: str, cx: float, cy: float, d: float) -> None:
     s = SUPERSAMPLE
     if shape == "circle":
         r = 0.85 * d / 2
@@ -159,7 +159,7 @@ def _draw_shape(draw, shape: str, cx: float, cy: float, d: float) -> None:
         raise ValueError(f"unknown shape {shape!r}")
 
 
-_MASKS: Dict[Tuple[int, int, int, int, int], np.ndarray] = {}
+_MASKS: dict[tuple[int, int, int, int, int], np.ndarray] = {}
 
 
 def _mask(shape: int, size: int, count: int, position: int, jitter: int) -> np.ndarray:
@@ -173,7 +173,7 @@ def _mask(shape: int, size: int, count: int, position: int, jitter: int) -> np.n
         ox, oy = QUADRANTS[position]
         dx, dy = JITTER[jitter % len(JITTER)], JITTER[jitter // len(JITTER)]
         for sx, sy in SLOTS[count + 1]:
-            _draw_shape(draw, CLASSES["shape"][shape], ox + sx + dx, oy + sy + dy, SIZES[size])
+            draw_shape(draw, CLASSES["shape"][shape], ox + sx + dx, oy + sy + dy, SIZES[size])
         small = big.resize((CANVAS, CANVAS), Image.BOX)
         _MASKS[key] = np.asarray(small, dtype=np.float32) / 255.0
     return _MASKS[key]
@@ -193,7 +193,7 @@ def render(labels: np.ndarray, jitters: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     col, size, shape, tex, count, pos = (labels[:, a] for a in range(len(ATTRIBUTES)))
     masks = np.stack([_mask(*k) for k in zip(shape.tolist(), size.tolist(), count.tolist(), pos.tolist(),
-                                             np.asarray(jitters).tolist())]) if len(labels) else \
+                                             np.asarray(jitters).tolist(), strict=True)]) if len(labels) else \
         np.zeros((0, CANVAS, CANVAS), np.float32)
     bg = np.asarray(BACKGROUND, np.float32)
     fill = PALETTE[col][:, None, None, :] * _texture_patterns()[tex][..., None]   # [N, 32, 32, 3]
@@ -203,12 +203,12 @@ def render(labels: np.ndarray, jitters: np.ndarray) -> np.ndarray:
 
 def caption_for(labels: Sequence[int]) -> str:
     """Caption of one sample's attribute labels (ATTRIBUTES order)."""
-    name = {a: CLASSES[a][int(v)] for a, v in zip(ATTRIBUTES, labels)}
+    name = {a: CLASSES[a][int(v)] for a, v in zip(ATTRIBUTES, labels, strict=False)}
     shape = name["shape"] if name["count"] == "one" else PLURAL[name["shape"]]
     return f"{name['count']} {name['size']} {name['colour']} {name['texture']} {shape} at the {name['position']}"
 
 
-def parse_caption(caption: str) -> Dict[str, str]:
+def parse_caption(caption: str) -> dict[str, str]:
     """Inverse of caption_for: attribute -> class name (raises ValueError on a caption not of this grammar)."""
     words = caption.split()
     if len(words) != 9 or words[5:7] != ["at", "the"]:
@@ -223,22 +223,24 @@ def parse_caption(caption: str) -> Dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------------- dataset
-def _split_table(seed: int, test_fraction: float) -> np.ndarray:
+def _split_table(seed: int, test_fraction: float, cards: Sequence[int], version: int) -> np.ndarray:
     """[num_combinations, 25] bool: True where (combination, jitter) belongs to the test split."""
     n_test = int(round(test_fraction * NUM_JITTERS))
     if not 1 <= n_test <= NUM_JITTERS - 1:
         raise ValueError(f"test_fraction must give 1..{NUM_JITTERS - 1} of {NUM_JITTERS} jitters, got "
                          f"{test_fraction!r}")
-    combos = int(np.prod([len(CLASSES[a]) for a in ATTRIBUTES]))
-    rng = np.random.default_rng([seed, DESIGN_VERSION, 0x5E11])
-    ranks = np.argsort(np.argsort(rng.random((combos, NUM_JITTERS)), axis=1), axis=1)
+    rng = np.random.default_rng([seed, version, 0x5E11])
+    ranks = np.argsort(np.argsort(rng.random((int(np.prod(cards)), NUM_JITTERS)), axis=1), axis=1)
     return ranks < n_test
 
 
-def _draw(num_samples: int, seed: int, split: str, test_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
-    cards = [len(CLASSES[a]) for a in ATTRIBUTES]
-    is_test = _split_table(seed, test_fraction)
-    rng = np.random.default_rng([seed, DESIGN_VERSION, 0 if split == "train" else 1])
+def _draw(num_samples: int, seed: int, split: str, test_fraction: float, cards: Sequence[int] | None = None,
+          version: int = DESIGN_VERSION, stream: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(attribute labels [n, A], jitter ids [n]) of a split; `stream` picks an independent draw of the same split
+    (default: 0 for train, 1 for test)."""
+    cards = [len(CLASSES[a]) for a in ATTRIBUTES] if cards is None else list(cards)
+    is_test = _split_table(seed, test_fraction, cards, version)
+    rng = np.random.default_rng([seed, version, (0 if split == "train" else 1) if stream is None else stream])
     labels, jitters, have = [], [], 0
     while have < num_samples:
         attrs = np.stack([rng.integers(0, c, CHUNK) for c in cards], axis=1)
@@ -293,9 +295,9 @@ class SyntheticShapes(MapCaptionDataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def label(self, index: int) -> Dict[str, str]:
+    def label(self, index: int) -> dict[str, str]:
         """Attribute -> class name of sample `index`."""
-        return {a: CLASSES[a][int(v)] for a, v in zip(ATTRIBUTES, self.labels[index])}
+        return {a: CLASSES[a][int(v)] for a, v in zip(ATTRIBUTES, self.labels[index], strict=False)}
 
     def image(self, index: int):
         """Sample `index` as a PIL RGB image of image_size x image_size."""
@@ -308,7 +310,7 @@ class SyntheticShapes(MapCaptionDataset):
         return self.image(index), self.captions[index]
 
     @staticmethod
-    def zero_shot_prompts(attribute: str) -> List[List[str]]:
+    def zero_shot_prompts(attribute: str) -> list[list[str]]:
         """Per class of `attribute` (CLASSES order), its prompts (ZERO_SHOT_TEMPLATES filled with the class name)."""
         if attribute not in CLASSES:
             raise ValueError(f"unknown attribute {attribute!r}; attributes are {ATTRIBUTES}")
@@ -319,7 +321,7 @@ class SyntheticShapes(MapCaptionDataset):
         self.image(index).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
         return buf.getvalue()
 
-    def write_csv(self, directory: Union[str, os.PathLike], *, ext: str = "png", sep: str = "\t") -> str:
+    def write_csv(self, directory: str | os.PathLike, *, ext: str = "png", sep: str = "\t") -> str:
         """Write the images to `directory/{split}/{i:06d}.{ext}` and a table `directory/{split}.tsv` (or .csv when
         sep is ",") with columns filepath (relative), title, and one column per attribute. Returns the table path."""
         fmt = _format(ext)
@@ -336,7 +338,7 @@ class SyntheticShapes(MapCaptionDataset):
                 writer.writerow([rel, self.captions[i], *self.label(i).values()])
         return table
 
-    def write_webdataset(self, directory: Union[str, os.PathLike], *, samples_per_shard: int = 1000,
+    def write_webdataset(self, directory: str | os.PathLike, *, samples_per_shard: int = 1000,
                          ext: str = "png") -> str:
         """Write tar shards `directory/{split}-{k:06d}.tar` (members {i:09d}.{ext}, .txt caption, .json labels),
         byte-identical for the same dataset. Returns the brace pattern of the shards, for WebDatasetCaptions."""
@@ -366,3 +368,131 @@ def _format(ext: str) -> str:
     if ext not in formats:
         raise ValueError(f"ext must be one of {tuple(formats)}, got {ext!r}")
     return formats[ext]
+
+
+# --------------------------------------------------------------------------------------------------- shift design
+# ShiftShapes: the data of `clipmoe demo`, a miniature of CLIP-MoE's setting (a web-trained base, fine-tuned on
+# re-captioned data). Six attributes of three values each (k-means with k = 3 per modality can isolate any one);
+# pre-training captions name only the three easy ones (the alt-text analogue), fine-tuning uses NEW samples whose
+# captions name all six (the re-caption analogue). Rendering as SyntheticShapes (4x supersampling, the same jitter
+# and textures, the same kind of held-out split) on a 32-px canvas split into three columns.
+SHIFT_VERSION = 1
+SHIFT_ATTRIBUTES = ("colour", "size", "position", "shape", "texture", "count")
+SHIFT_CLASSES: dict[str, tuple[str, ...]] = {
+    "colour": ("red", "green", "blue"),
+    "size": ("small", "medium", "large"),
+    "position": ("left", "centre", "right"),
+    "shape": ("circle", "square", "cross"),
+    "texture": ("plain", "striped", "checkered"),
+    "count": ("one", "two", "three"),
+}
+SHIFT_EASY = ("colour", "size", "position")           # the attributes the short (pre-training) captions name
+SHIFT_PALETTE = np.array([(175, 40, 40), (40, 165, 50), (50, 80, 175)], dtype=np.float32)
+SHIFT_SIZES = (5.0, 7.0, 9.0)                          # object size d (px)
+SHIFT_COLUMNS = (5.5, 16.0, 26.5)                      # x centre of each position's column
+SHIFT_ROWS = {1: (16.0,), 2: (10.5, 21.5), 3: (6.0, 16.0, 26.0)}  # y centres of the objects, by count
+SHIFT_SOURCES = {"pretrain": 10, "finetune": 11, "test": 1}     # independent draws (RNG streams)
+SHIFT_PROMPTS: dict[str, tuple[str, ...]] = {
+    "colour": ("{} objects", "a {} object"), "size": ("{} objects", "a {} object"),
+    "position": ("objects at the {}", "an object at the {}"), "shape": ("{}", "a {}"),
+    "texture": ("{} objects", "a {} object"), "count": ("{} objects", "{} objects at the"),
+}
+SHIFT_VOCAB: tuple[str, ...] = tuple(dict.fromkeys(
+    [w for attr in SHIFT_ATTRIBUTES for w in SHIFT_CLASSES[attr]] + [PLURAL[s] for s in SHIFT_CLASSES["shape"]]
+    + ["a", "an", "at", "the", "object", "objects"]))
+SHIFT_CONTEXT = 16
+
+_SHIFT_MASKS: dict[tuple[int, int, int, int, int], np.ndarray] = {}
+
+
+def _shift_mask(shape: int, size: int, count: int, position: int, jitter: int) -> np.ndarray:
+    key = (shape, size, count, position, jitter)
+    if key not in _SHIFT_MASKS:
+        from PIL import Image, ImageDraw
+
+        big = Image.new("L", (CANVAS * SUPERSAMPLE,) * 2, 0)
+        draw = ImageDraw.Draw(big)
+        dx, dy = JITTER[jitter % len(JITTER)], JITTER[jitter // len(JITTER)]
+        for y in SHIFT_ROWS[count + 1]:
+            draw_shape(draw, SHIFT_CLASSES["shape"][shape], SHIFT_COLUMNS[position] + dx, y + dy, SHIFT_SIZES[size])
+        _SHIFT_MASKS[key] = np.asarray(big.resize((CANVAS, CANVAS), Image.BOX), dtype=np.float32) / 255.0
+    return _SHIFT_MASKS[key]
+
+
+def shift_render(labels: np.ndarray, jitters: np.ndarray) -> np.ndarray:
+    """Images for ShiftShapes labels [N, 6] (SHIFT_ATTRIBUTES order) and jitter ids [N] -> uint8 [N, 32, 32, 3]."""
+    labels = np.asarray(labels, dtype=np.int64)
+    col, size, pos, shape, tex, count = (labels[:, a] for a in range(len(SHIFT_ATTRIBUTES)))
+    masks = np.stack([_shift_mask(*k) for k in zip(shape.tolist(), size.tolist(), count.tolist(), pos.tolist(),
+                                                   np.asarray(jitters).tolist(), strict=True)])
+    bg = np.asarray(BACKGROUND, np.float32)
+    fill = SHIFT_PALETTE[col][:, None, None, :] * _texture_patterns()[tex][..., None]
+    return np.clip(np.rint(bg + masks[..., None] * (fill - bg)), 0, 255).astype(np.uint8)
+
+
+def shift_caption(labels: Sequence[int], style: str = "full") -> str:
+    """"full": every attribute ("two medium red striped circles at the left"); "short": the easy ones only
+    ("a medium red object at the left")."""
+    name = {a: SHIFT_CLASSES[a][int(v)] for a, v in zip(SHIFT_ATTRIBUTES, labels, strict=False)}
+    if style == "short":
+        return f"a {name['size']} {name['colour']} object at the {name['position']}"
+    if style != "full":
+        raise ValueError(f"caption style must be 'short' or 'full', got {style!r}")
+    shape = name["shape"] if name["count"] == "one" else PLURAL[name["shape"]]
+    return f"{name['count']} {name['size']} {name['colour']} {name['texture']} {shape} at the {name['position']}"
+
+
+class ShiftShapes(torch.utils.data.Dataset):
+    """The miniature's data (design above), with items (float image [3, 32, 32] in [0, 1], tokens [16]).
+
+    Args:
+        num_samples: samples to draw.
+        source: "pretrain" (train split, short captions: the base's web data), "finetune" (train split, NEW
+            samples, full captions: the re-captioned data) or "test" (held-out split: jitter values no training
+            image has for that attribute combination).
+        captions: "short" or "full" (default: short for pretrain, full otherwise).
+        seed: everything (split table, attributes, jitter) derives from it.
+
+    Attributes: images uint8 [N, 32, 32, 3]; labels long [N, 6] (SHIFT_ATTRIBUTES order); captions (the chosen
+    style), short_captions, full_captions; tokens long [N, 16]; tokenizer (WordTokenizer over SHIFT_VOCAB);
+    attributes, classes.
+    """
+
+    attributes, classes = SHIFT_ATTRIBUTES, SHIFT_CLASSES
+
+    def __init__(self, num_samples: int, *, source: str = "finetune", captions: str | None = None,
+                 seed: int = 0, test_fraction: float = 0.2):
+        if source not in SHIFT_SOURCES:
+            raise ValueError(f"source must be one of {tuple(SHIFT_SOURCES)}, got {source!r}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        captions = captions or ("short" if source == "pretrain" else "full")
+        if captions not in ("short", "full"):
+            raise ValueError(f"captions must be 'short' or 'full', got {captions!r}")
+        self.source, self.seed, self.caption_style = source, seed, captions
+        cards = [len(SHIFT_CLASSES[a]) for a in SHIFT_ATTRIBUTES]
+        labels, jitters = _draw(num_samples, seed, "test" if source == "test" else "train", test_fraction, cards,
+                                version=1000 + SHIFT_VERSION, stream=SHIFT_SOURCES[source])
+        self.images = shift_render(labels, jitters)
+        self.labels, self.jitters = torch.from_numpy(labels), torch.from_numpy(jitters)
+        self.short_captions = [shift_caption(row, "short") for row in labels.tolist()]
+        self.full_captions = [shift_caption(row, "full") for row in labels.tolist()]
+        self.captions = self.short_captions if captions == "short" else self.full_captions
+        self.tokenizer = WordTokenizer(SHIFT_VOCAB, SHIFT_CONTEXT)
+        self.tokens = self.tokenizer(self.captions)
+        self._pixels = torch.from_numpy(self.images).permute(0, 3, 1, 2)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int):
+        return self._pixels[index].float() / 255.0, self.tokens[index]
+
+    @staticmethod
+    def zero_shot_prompts(attribute: str) -> list[list[str]]:
+        """Per class of `attribute`, its prompts (SHIFT_PROMPTS filled with the class name; shapes in plural too)."""
+        if attribute not in SHIFT_CLASSES:
+            raise ValueError(f"unknown attribute {attribute!r}; attributes are {SHIFT_ATTRIBUTES}")
+        if attribute == "shape":
+            return [[f"a {name}", PLURAL[name]] for name in SHIFT_CLASSES["shape"]]
+        return [[t.format(name) for t in SHIFT_PROMPTS[attribute]] for name in SHIFT_CLASSES[attribute]]
