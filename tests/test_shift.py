@@ -5,14 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipmoe.data.synthetic import (
-    BACKGROUND,
-    SHIFT_ATTRIBUTES,
-    SHIFT_CLASSES,
-    SHIFT_EASY,
-    ShiftShapes,
-    shift_caption,
-)
+from clipmoe.data.synthetic import BACKGROUND, SHIFT_ATTRIBUTES, SHIFT_CLASSES, SHIFT_EASY, ShiftShapes, shift_caption
 from clipmoe.eval.stats import normalized_mutual_info
 from clipmoe.train.cluster import kmeans
 
