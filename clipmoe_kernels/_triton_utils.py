@@ -42,8 +42,8 @@ ENV_TRITON_CONFIG = "CLIPMOE_TRITON_CONFIG"
 # On a GPU: 64 (at most E partial tiles wasted; BLOCK_N up to 256 keeps the accumulator in registers at 4-8 warps).
 # The switch to 128-row tiles beyond 4096 rows per expert (CLIP training batches: tens of thousands of rows per
 # expert, where 128-row tiles halve the weight reads per output and feed two wgmma m64 warpgroups) is built and
-# tested but off on GPUs (LARGE_SEGMENT_BUCKET_GPU = None): the 128-row variants spill registers in all but one
-# kernel (tests/test_triton_compile.py), so they would be slower until the kernels are reworked. In the interpreter
+# tested but off on GPUs (LARGE_SEGMENT_BUCKET_GPU = None): the 128-row variants spill registers in most row-tile
+# kernels (tests/test_triton_compile.py), so they would be slower until the kernels are reworked. In the interpreter
 # 16 and 32 (beyond 16 rows per expert), so that tiny test shapes cover both tile tables, with several tiles per
 # expert and partial tiles.
 BLOCK_M_GPU = 64
