@@ -46,7 +46,7 @@ from clipmoe_kernels.grouped_gemm import (
     min_block_n,
     row_tile_program,
     rows_matmul,
-    slot_combine,
+    rows_to_slots,
 )
 
 
@@ -72,45 +72,6 @@ def grouped_down_bwd_ref(dy, h, w2, b2, topk_weights, sorted_to_flat, expert_off
         s = topk_weights.detach().requires_grad_()
         y = grouped_down_ref(get_activation(activation)(h), w2, b2, s, sorted_to_flat, expert_offsets)
         return torch.autograd.grad(y, (h, s), dy)
-
-
-@triton.jit(do_not_specialize=["ROWS_BUCKET"])
-def _grouped_down_fwd_kernel(
-    a_ptr,               # [TK, F] expert-sorted rows
-    w2_ptr,              # [E, D, F]
-    b2_ptr,              # [E, D]
-    topk_weights_ptr,    # [TK] fp32, flat order
-    out_ptr,             # [TK, D] out, flat order (the [T, k, D] slots), or [T, D] = y itself when TOP_K == 1
-    sorted_to_flat_ptr,  # [TK] int32
-    expert_offsets_ptr,  # [E+1] int32
-    tile_expert_ptr,     # [num_tiles] int32, -1 = unused
-    tile_row_start_ptr,  # [num_tiles] int32
-    D, F, ROWS_BUCKET,
-    stride_am, stride_ak, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_om, stride_od,
-    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
-    e, rows, row_mask, pid_n = row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, D, GROUP_M,
-                                                BLOCK_M, BLOCK_N)
-    if e < 0:  # an unused slot of the tile table
-        return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < D
-    # B[f, n] = W2[e, n, f]: a · W2[e]ᵀ.
-    acc = rows_matmul(a_ptr, rows, row_mask, stride_am, stride_ak,
-                       w2_ptr + e * stride_w2e, stride_w2f, stride_w2d, offs_n, n_mask, F,
-                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-    bias = tl.load(b2_ptr + e * stride_b2e + offs_n * stride_b2d, mask=n_mask, other=0.0).to(tl.float32)
-    flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
-    y = (acc + bias[None, :]) * s[:, None]
-    tl.store(out_ptr + flat[:, None] * stride_om + offs_n[None, :] * stride_od, y.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & n_mask[None, :])
-
-
-_grouped_down_fwd = TunedKernel(_grouped_down_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
-                        large_configs=GEMM_CONFIGS_LARGE)
 
 
 @triton.jit(do_not_specialize=["ROWS_BUCKET", "NUM_N_ALLOC", "DROPOUT_THRESHOLD"])
@@ -188,25 +149,9 @@ def grouped_down(a: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, topk_weigh
     """y [T, D] in a.dtype = Σ_j s·(a W2[e]ᵀ + b2[e]), token order. a [TK, F] expert-sorted; topk_weights [T, k] fp32
     contiguous. The moe_align tile table must have been built with block_m = block_m_for(a.device, TK, E)."""
     T, k = topk_weights.shape
-    tk = sorted_to_flat.shape[0]
-    E, D, F = w2.shape
-    y = a.new_empty((T, D))
-    # k = 1: one slot per token, so the GEMM writes y directly; else fp32 slots, summed in slot order.
-    out = y if k == 1 else a.new_empty((tk, D), dtype=torch.float32)
-    num_tiles = tile_expert.shape[0]
-
-    def grid(block_n, block_k):
-        return (num_tiles * cdiv(D, block_n),)
-
-    args = (a, w2, b2, topk_weights, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F,
-            rows_bucket(tk, E), a.stride(0), a.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
-            b2.stride(0), b2.stride(1), out.stride(0), out.stride(1))
-    meta = dict(INPUT_PRECISION=dot_precision(a.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(a.device, tk, E))
-    if tk > 0:
-        _grouped_down_fwd(grid, a.device, args, meta)
-    if k > 1:
-        slot_combine(out.view(T, k, D), y)
-    return y
+    # B[f, n] = W2[e, n, f]: a · W2[e]ᵀ, then + b2[e] and × the routing weight on the fp32 accumulator.
+    return rows_to_slots(a, w2, w2.stride(2), w2.stride(1), w2.shape[1], b2, topk_weights, sorted_to_flat,
+                         expert_offsets, tile_expert, tile_row_start, T, k)
 
 
 @grouped_down.register_fake

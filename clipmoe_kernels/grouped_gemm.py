@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 
 from clipmoe_kernels._triton_utils import (
+    GEMM_CONFIGS,
+    GEMM_CONFIGS_LARGE,
     WGRAD_CONFIGS,
     TunedKernel,
     block_m_for,
@@ -297,6 +299,45 @@ def _grouped_wgrad_kernel(
 _grouped_wgrad = TunedKernel(_grouped_wgrad_kernel, WGRAD_CONFIGS, key=["N", "K", "ROWS_BUCKET"])
 
 
+@triton.jit(do_not_specialize=["ROWS_BUCKET"])
+def _rows_to_slots_kernel(
+    a_ptr,               # [TK, K] expert-sorted rows
+    w_ptr,               # [E, ...] expert weights: B[kk, n] = w[e] at kk·stride_wk + n·stride_wn
+    b_ptr,               # [E, N] bias (read when BIAS_AND_WEIGHT)
+    topk_weights_ptr,    # [TK] fp32, flat order (read when BIAS_AND_WEIGHT)
+    out_ptr,             # [TK, N] out, flat order (the [T, k, N] slots), or [T, N] itself when top-k is 1
+    sorted_to_flat_ptr,  # [TK] int32
+    expert_offsets_ptr,  # [E+1] int32
+    tile_expert_ptr,     # [num_tiles] int32, -1 = unused
+    tile_row_start_ptr,  # [num_tiles] int32
+    N, K, ROWS_BUCKET,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om, stride_on,
+    BIAS_AND_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of N; rows scatter to their flat slot.
+    # The down-projection (a W2[e]ᵀ + b2[e], times the routing weight) and the up-projection's dx (dh W1[e]).
+    e, rows, row_mask, pid_n = row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, N, GROUP_M,
+                                                BLOCK_M, BLOCK_N)
+    if e < 0:  # an unused slot of the tile table
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = rows_matmul(a_ptr, rows, row_mask, stride_am, stride_ak, w_ptr + e * stride_we, stride_wk, stride_wn,
+                      offs_n, n_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    if BIAS_AND_WEIGHT:  # the weight multiplies the fp32 accumulator, before the single cast
+        bias = tl.load(b_ptr + e * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+        s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
+        acc = (acc + bias[None, :]) * s[:, None]
+    tl.store(out_ptr + flat[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+_rows_to_slots = TunedKernel(_rows_to_slots_kernel, GEMM_CONFIGS, key=["N", "K", "ROWS_BUCKET"],
+                             large_configs=GEMM_CONFIGS_LARGE)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _slot_combine_kernel(
     slots_ptr,  # [T, TOP_K, D] contiguous (fp32 accumulator, or any float)
@@ -332,6 +373,34 @@ def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     launch(_slot_combine_kernel, grid, slots.device, slots, out, T, D, out.stride(0), out.stride(1),
            TOP_K=k, BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D, num_warps=4)
     return out
+
+
+def rows_to_slots(a: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wn: int, n: int, bias, topk_weights,
+                  sorted_to_flat, expert_offsets, tile_expert, tile_row_start, num_tokens: int, top_k: int):
+    """[T, n] in a.dtype: Σ over the k slots of each token of a_r · B[e(r)] (B[kk, j] = w[e] at kk·stride_wk +
+    j·stride_wn), with bias and routing weight (`bias` [E, n] and `topk_weights` given) or without (both None); fp32
+    slots summed in slot order (deterministic). a [TK, K] expert-sorted rows."""
+    tk, num_experts = sorted_to_flat.shape[0], w.shape[0]
+    y = a.new_empty((num_tokens, n))
+    # k = 1: one slot per token, so the GEMM writes y directly; else fp32 slots, summed in slot order.
+    out = y if top_k == 1 else a.new_empty((tk, n), dtype=torch.float32)
+    num_tiles = tile_expert.shape[0]
+
+    def grid(block_n, block_k):
+        return (num_tiles * cdiv(n, block_n),)
+
+    with_bias = bias is not None
+    args = (a, w, bias if with_bias else w, topk_weights if with_bias else w, out, sorted_to_flat, expert_offsets,
+            tile_expert, tile_row_start, n, a.shape[1], rows_bucket(tk, num_experts), a.stride(0), a.stride(1),
+            w.stride(0), stride_wk, stride_wn, bias.stride(0) if with_bias else 0, bias.stride(1) if with_bias else 0,
+            out.stride(0), out.stride(1))
+    meta = dict(BIAS_AND_WEIGHT=with_bias, INPUT_PRECISION=dot_precision(a.dtype), GROUP_M=GROUP_M,
+                BLOCK_M=block_m_for(a.device, tk, num_experts))
+    if tk > 0:
+        _rows_to_slots(grid, a.device, args, meta)
+    if top_k > 1:
+        slot_combine(out.view(num_tokens, top_k, n), y)
+    return y
 
 
 @custom_op("clipmoe::grouped_wgrad")

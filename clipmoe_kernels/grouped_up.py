@@ -34,7 +34,7 @@ from clipmoe_kernels._triton_utils import (
 )
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
-from clipmoe_kernels.grouped_gemm import GROUP_M, apply_activation, row_tile_program, rows_matmul, slot_combine
+from clipmoe_kernels.grouped_gemm import GROUP_M, apply_activation, row_tile_program, rows_matmul, rows_to_slots
 
 
 def grouped_up_ref(x, w1, b1, sorted_to_flat, expert_offsets, top_k, activation):
@@ -107,40 +107,6 @@ _grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F
                         large_configs=GEMM_CONFIGS_LARGE)
 
 
-@triton.jit(do_not_specialize=["ROWS_BUCKET"])
-def _grouped_up_bwd_dx_kernel(
-    dh_ptr,              # [TK, F] expert-sorted rows, contiguous
-    w1_ptr,              # [E, F, D]
-    out_ptr,             # [TK, D] out, flat order (the [T, k, D] slots), or [T, D] = dx itself when TOP_K == 1
-    sorted_to_flat_ptr,  # [TK] int32
-    expert_offsets_ptr,  # [E+1] int32
-    tile_expert_ptr,     # [num_tiles] int32, -1 = unused
-    tile_row_start_ptr,  # [num_tiles] int32
-    D, F, ROWS_BUCKET,
-    stride_dhm, stride_w1e, stride_w1f, stride_w1d, stride_om, stride_od,
-    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of D; rows scatter to their flat slot.
-    e, rows, row_mask, pid_n = row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, D, GROUP_M,
-                                                BLOCK_M, BLOCK_N)
-    if e < 0:  # an unused slot of the tile table
-        return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < D
-    # B[f, n] = W1[e, f, n]: dh · W1[e].
-    acc = rows_matmul(dh_ptr, rows, row_mask, stride_dhm, 1,
-                       w1_ptr + e * stride_w1e, stride_w1f, stride_w1d, offs_n, n_mask, F,
-                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-    flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    tl.store(out_ptr + flat[:, None] * stride_om + offs_n[None, :] * stride_od, acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & n_mask[None, :])
-
-
-_grouped_up_bwd_dx = TunedKernel(_grouped_up_bwd_dx_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
-                        large_configs=GEMM_CONFIGS_LARGE)
-
-
 @custom_op("clipmoe::grouped_up")
 def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_flat: torch.Tensor,
                expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor, top_k: int,
@@ -184,25 +150,9 @@ def grouped_up_bwd_dx(dh: torch.Tensor, w1: torch.Tensor, sorted_to_flat: torch.
                       expert_offsets: torch.Tensor, tile_expert: torch.Tensor, tile_row_start: torch.Tensor,
                       num_tokens: int, top_k: int) -> torch.Tensor:
     """dx [T, D] in dh.dtype: Σ over the k slots of each token of dh_r W1[e(r)] (fp32 slot sum, deterministic)."""
-    tk = sorted_to_flat.shape[0]
-    E, F, D = w1.shape
-    dh = dh.contiguous()
-    dx = dh.new_empty((num_tokens, D))
-    # k = 1: one slot per token, so the GEMM writes dx directly; else fp32 slots, summed in slot order.
-    out = dx if top_k == 1 else dh.new_empty((tk, D), dtype=torch.float32)
-    num_tiles = tile_expert.shape[0]
-
-    def grid(block_n, block_k):
-        return (num_tiles * cdiv(D, block_n),)
-
-    args = (dh, w1, out, sorted_to_flat, expert_offsets, tile_expert, tile_row_start, D, F, rows_bucket(tk, E),
-            dh.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1))
-    meta = dict(INPUT_PRECISION=dot_precision(dh.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(dh.device, tk, E))
-    if tk > 0:
-        _grouped_up_bwd_dx(grid, dh.device, args, meta)
-    if top_k > 1:
-        slot_combine(out.view(num_tokens, top_k, D), dx)
-    return dx
+    # B[f, n] = W1[e, f, n]: dh · W1[e].
+    return rows_to_slots(dh.contiguous(), w1, w1.stride(1), w1.stride(2), w1.shape[2], None, None, sorted_to_flat,
+                         expert_offsets, tile_expert, tile_row_start, num_tokens, top_k)
 
 
 @grouped_up_bwd_dx.register_fake

@@ -84,19 +84,19 @@ def test_a_cached_config_is_launched_instead_of_the_default(tuned_file, monkeypa
     x, params = torch.randn(T, D), expert_weights(D, F, E)
     y = expert_ffn_triton(x, ids, w, *params)
     assert seen["_grouped_up_fwd_kernel"] == (cached.BLOCK_N, cached.BLOCK_K)
-    assert seen["_grouped_down_fwd_kernel"] == (INTERPRET_CONFIG.BLOCK_N, INTERPRET_CONFIG.BLOCK_K)
+    assert seen["_rows_to_slots_kernel"] == (INTERPRET_CONFIG.BLOCK_N, INTERPRET_CONFIG.BLOCK_K)
     assert_close(y, expert_ffn_torch(x.double(), ids, w.double(), *[p.double() for p in params]), torch.float32)
 
 
 def test_autotune_choices_are_saved_and_read_back(tuned_file):
     device = torch.device("cpu")
-    tuned_configs.record(device, "_grouped_down_fwd_kernel", "D=1024,F=4096,ROWS_BUCKET=32768",
+    tuned_configs.record(device, "_rows_to_slots_kernel", "N=1024,K=4096,ROWS_BUCKET=32768",
                          dict(GEMM_CONFIGS[3]._asdict()))
     assert tuned_configs.save_tuned_configs() == tuned_file
     tuned_configs.forget_tuned_configs()
-    assert tuned_configs.lookup(device, "_grouped_down_fwd_kernel", "D=1024,F=4096,ROWS_BUCKET=32768") == \
+    assert tuned_configs.lookup(device, "_rows_to_slots_kernel", "N=1024,K=4096,ROWS_BUCKET=32768") == \
         GEMM_CONFIGS[3]._asdict()
-    assert tuned_configs.lookup(device, "_grouped_down_fwd_kernel", "D=768,F=3072,ROWS_BUCKET=32768") is None
+    assert tuned_configs.lookup(device, "_rows_to_slots_kernel", "N=768,K=3072,ROWS_BUCKET=32768") is None
 
 
 @pytest.mark.parametrize("content,words", [("[1, 2]", "JSON object"), ("{not json", "valid"),

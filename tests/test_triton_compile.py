@@ -66,9 +66,12 @@ def _gemm_cases(dt, block_m, block_n, block_k, dropout=False):
         "up_fwd": (grouped_up._grouped_up_fwd_kernel,
                    dict(META, x_ptr=dt, w1_ptr=dt, b1_ptr=dt, a_ptr=dt, h_ptr=dt),
                    dict(row, TOP_K=2, ACTIVATION="quick_gelu", STORE_H=True, DROPOUT=dropout)),
-        "up_bwd_dx": (grouped_up._grouped_up_bwd_dx_kernel, dict(META, dh_ptr=dt, w1_ptr=dt, out_ptr="fp32"), row),
-        "down_fwd": (grouped_down._grouped_down_fwd_kernel,
-                     dict(META, a_ptr=dt, w2_ptr=dt, b2_ptr=dt, topk_weights_ptr="fp32", out_ptr=dt), row),
+        "up_bwd_dx": (grouped_gemm._rows_to_slots_kernel,  # dh W1[e] into fp32 slots
+                      dict(META, a_ptr=dt, w_ptr=dt, b_ptr=dt, topk_weights_ptr=dt, out_ptr="fp32"),
+                      dict(row, BIAS_AND_WEIGHT=False)),
+        "down_fwd": (grouped_gemm._rows_to_slots_kernel,  # s·(a W2[e]ᵀ + b2[e]), k = 1: y directly
+                     dict(META, a_ptr=dt, w_ptr=dt, b_ptr=dt, topk_weights_ptr="fp32", out_ptr=dt),
+                     dict(row, BIAS_AND_WEIGHT=True)),
         "down_bwd": (grouped_down._grouped_down_bwd_kernel,
                      dict(META, dy_ptr=dt, h_ptr=dt, w2_ptr=dt, b2_ptr=dt, topk_weights_ptr="fp32", dh_ptr=dt,
                           ds_ptr="fp32"),
