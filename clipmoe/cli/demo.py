@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipmoe.cli.common import UsageError, positive_int
+from clipmoe.cli.common import UsageError
 from clipmoe.cli.experiment import SCALES, run_all, summary
 
 ARI_WARNING = 0.9
@@ -206,8 +206,8 @@ def add_commands(sub):
                                     "DMU at two budgets, experts x top-k sweep), printed as tables")
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                    help="preset sizes: cpu (the demo, minutes on 2 cores) or tiny (a seconds-long smoke run)")
-    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (none: the preset's)")
-    p.add_argument("--jobs", type=positive_int, default=2,
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (none: the preset's)")
+    p.add_argument("--jobs", type=int, default=2,
                    help="worker processes (one torch thread each; the numbers do not depend on it)")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--resume", action="store_true",
