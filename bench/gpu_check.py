@@ -47,6 +47,7 @@ import torch
 
 from bench import configs, providers
 from bench.configs import Case
+from bench.utils import clip_train_step
 
 TRAINING = ("vit_l14", 256)
 INFERENCE = (("vit_b16", 1), ("vit_b16", 8), ("vit_l14", 1), ("text_b", 1))
@@ -353,14 +354,14 @@ def phase_e2e(check):
                 print_e2e(rec)
                 continue
             try:
-                run_e2e(check, rec, model, variant, task, images, texts, want, autocast, loss_fn, clipmoe)
+                run_e2e(check, rec, model, variant, task, images, texts, want, autocast, loss_fn)
             except Exception as exc:
                 rec.update(status="error", error=short_error(exc))
                 traceback.print_exc()
             print_e2e(rec)
 
 
-def run_e2e(check, rec, model, variant, task, images, texts, want, autocast, loss_fn, clipmoe):
+def run_e2e(check, rec, model, variant, task, images, texts, want, autocast, loss_fn):
     rtol = 2e-2 if check.device == "cuda" else 1e-4
     # One pinned tile config for every MoE layer (chosen by the image tower's rows), so that the run compiles one.
     tokens = images.shape[0] * (model.visual.grid_size[0] * model.visual.grid_size[1] + 1)
@@ -381,17 +382,7 @@ def run_e2e(check, rec, model, variant, task, images, texts, want, autocast, los
                     model(images, texts)
         else:
             model.train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay as checked
-
-            def run():
-                with autocast:
-                    image_features, text_features, logit_scale = model(images, texts)[:3]
-                    loss = loss_fn(image_features, text_features, logit_scale)
-                    if variant != "dense":
-                        loss = loss + 0.01 * clipmoe.collect_aux_losses(model).balance
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            run = clip_train_step(model, images, texts, loss_fn, lambda: autocast, moe=variant != "dense")
         rec["peak_mib"] = peak_mib(run, check.device)
         rec.update(time_ms(run, check.device, dry_run=check.dry_run, bench_ms=E2E_BENCH_MS))
         rec["items_per_s"] = None if rec["median_ms"] is None else images.shape[0] / rec["median_ms"] * 1e3

@@ -11,7 +11,7 @@ import torch
 import clipmoe
 import clipmoe_kernels
 from bench import configs
-from bench.utils import relative_error, time_provider
+from bench.utils import clip_train_step, relative_error, time_provider
 from clipmoe.runtime import autocast
 
 VARIANTS = ("dense", "moe_naive", "moe_torch", "moe_triton")
@@ -74,18 +74,8 @@ def test_end_to_end(benchmark, models, variant, task):
     if task == "train_step":
         model.train()
         loss_fn = open_clip.ClipLoss()
-        # lr 0: the step costs what a real one does but leaves the weights as checked above for the next variant.
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-
-        def run():
-            with _autocast(device):
-                image_features, text_features, logit_scale = model(images, texts)[:3]
-                loss = loss_fn(image_features, text_features, logit_scale)
-                if variant != "dense":
-                    loss = loss + 0.01 * clipmoe.collect_aux_losses(model).balance
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        # lr 0: the weights stay as checked above for the next variant.
+        run = clip_train_step(model, images, texts, loss_fn, lambda: _autocast(device), moe=variant != "dense")
     else:
         encode = model.encode_image if task == "infer_image" else model.encode_text
         data = images if task == "infer_image" else texts

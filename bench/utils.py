@@ -27,3 +27,21 @@ def time_provider(benchmark, run, device: str, heavy: bool = False):
     rounds = ROUNDS["cuda"] if device == "cuda" else ROUNDS["cpu_heavy" if heavy else "cpu"]
     benchmark.pedantic(synced, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+
+def clip_train_step(model, images, texts, loss_fn, autocast, moe: bool):
+    """The timed closure of an end-to-end training step: contrastive loss (+ 0.01 · balance for a CLIP-MoE), backward,
+    SGD step at lr 0 (it costs what a real step does but leaves the weights as checked). `autocast()`: the context."""
+    import clipmoe
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def run():
+        with autocast():
+            image_features, text_features, logit_scale = model(images, texts)[:3]
+            loss = loss_fn(image_features, text_features, logit_scale)
+            if moe:
+                loss = loss + 0.01 * clipmoe.collect_aux_losses(model).balance
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return run

@@ -6,7 +6,6 @@ import io
 import itertools
 import logging
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from clipmoe.data.synthetic import (
     parse_caption,
 )
 from clipmoe.data.webdataset import WebDatasetCaptions
+from tests.tar_files import write_tar
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -62,17 +62,6 @@ def _write_images(folder, n, fmt="PNG", ext="png"):
         _image(i).save(os.path.join(folder, name), format=fmt)
         names.append(name)
     return names
-
-
-def _write_shard(path, samples):
-    """samples: list of (key, {ext: bytes})."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _pixel_id(image: torch.Tensor) -> int:
@@ -192,7 +181,7 @@ def _shards(tmp_path, n_shards=3, per_shard=4):
             samples.append((f"{i:06d}", {ext: _encode(_image(i), fmt), "txt": f"caption {i}".encode(),
                                          "json": b"{}"}))
             captions.append(f"caption {i}")
-        paths.append(_write_shard(tmp_path / f"shard-{s:06d}.tar", samples))
+        paths.append(write_tar(tmp_path / f"shard-{s:06d}.tar", samples))
     return paths, captions
 
 
@@ -235,7 +224,7 @@ def test_webdataset_bad_samples(tmp_path):
     good["003"]["png"] = b"broken"
     del good["005"]["txt"]
     good["008"]["txt"] = b"   "
-    shard = _write_shard(tmp_path / "bad.tar", list(good.items()))
+    shard = write_tar(tmp_path / "bad.tar", list(good.items()))
 
     ds = WebDatasetCaptions(shard, max_bad_fraction=0.5)
     assert [c for _, c in ds] == [f"c {i}" for i in range(10) if i not in (3, 5, 8)] and ds.num_skipped == 3

@@ -20,6 +20,7 @@ from clipmoe.data.shards import INDEX_SUFFIX, ShardCaptionDataset
 from clipmoe.data.synthetic import SyntheticShapes
 from clipmoe.data.webdataset import WebDatasetCaptions
 from tests.dist_utils import free_port
+from tests.tar_files import write_tar
 from tests.test_cli_pipeline import clipmoe_cmd, run
 
 
@@ -29,17 +30,6 @@ def write_shards(directory, n=40, per_shard=10, seed=0, ext="png"):
     pattern = ds.write_webdataset(directory, samples_per_shard=per_shard, ext=ext)
     paths = sorted(str(p) for p in directory.glob("train-*.tar"))
     return ds, pattern, paths
-
-
-def write_tar(path, samples):
-    """samples: (key, {ext: bytes}) in order, members written as given."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def png(ds, i):
