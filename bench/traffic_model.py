@@ -40,8 +40,7 @@ class Shape:
     hidden: int = 4096
     num_experts: int = 4
     top_k: int = 2
-    block_m: int = 64      # the kernels' BLOCK_M on a GPU (_triton_utils.BLOCK_M_GPU)
-    block_n: int = 256     # row-tile GEMMs: the widest autotune candidate (64x256 outputs)
+    block_m: int = 128     # the kernels' BLOCK_M on a GPU at this many rows per expert (block_m_for)
     wgrad_tile: int = 128  # weight-gradient kernels: 128x128 dW tiles
 
     @property
@@ -122,13 +121,19 @@ def orders(num_tiles, num_n, order):
     return list(zip(tiles.tolist(), ns.tolist(), strict=True))
 
 
+def widest_block_n(launcher, block_m):
+    """The widest BLOCK_N a kernel's autotune may pick at block_m-row tiles (its launcher's candidates)."""
+    return max(c.BLOCK_N for c in launcher.candidates(block_m))
+
+
 def row_tile_gemm(name, shape, order, n_total, k_total, a_gathered, a_bytes, extra_reads, out_bytes_per_row,
-                  extra_writes=0.0):
+                  block_n, extra_writes=0.0):
     """A row-tile grouped GEMM: program (tile, n) reads its tile's A rows (all K; gathered token rows or sorted rows),
-    the weight block W[e][n-block, :] and `extra_reads(tile, n)` chunks; writes out_bytes_per_row per row and block."""
+    the weight block W[e][n-block, :] and `extra_reads(tile, n)` chunks; writes out_bytes_per_row per row and
+    column."""
     tiles = tile_table(shape)
     tokens = token_of_row(shape)
-    num_n = -(-n_total // shape.block_n)
+    num_n = -(-n_total // block_n)
     cache = LRU(L2_BYTES)
     hbm = 0.0
     order_list = orders(len(tiles), num_n, order)
@@ -140,7 +145,7 @@ def row_tile_gemm(name, shape, order, n_total, k_total, a_gathered, a_bytes, ext
                     hbm += cache.read(("a", tokens[r]), k_total * a_bytes)
             else:
                 hbm += cache.read(("a", tile), rows * k_total * a_bytes)
-            hbm += cache.read(("w", e, n), min(shape.block_n, n_total - n * shape.block_n) * k_total * BF16)
+            hbm += cache.read(("w", e, n), min(block_n, n_total - n * block_n) * k_total * BF16)
             for key, size in extra_reads(tile, n, rows):
                 hbm += cache.read(key, size)
     width = n_total
@@ -151,7 +156,7 @@ def row_tile_gemm(name, shape, order, n_total, k_total, a_gathered, a_bytes, ext
                     for _, size in extra_reads(tile, n, tiles[tile][2]))
     flops = 2.0 * shape.rows * n_total * k_total
     return KernelTraffic(name, flops, hbm + writes, a_min + w_min + extra_min + writes, len(order_list),
-                         2.0 * shape.block_m * shape.block_n * k_total)
+                         2.0 * shape.block_m * block_n * k_total)
 
 
 def wgrad(name, shape, order, n_total, k_total, go_gathered, in_gathered):
@@ -192,32 +197,50 @@ def combine(name, shape):
 
 
 def training_step(shape, order):
-    D, F, bn = shape.d_model, shape.hidden, shape.block_n
+    from clipmoe_kernels import grouped_down, grouped_gemm, grouped_up
+    D, F = shape.d_model, shape.hidden
+    up_n = widest_block_n(grouped_up._grouped_up_fwd, shape.block_m)
+    slots_n = widest_block_n(grouped_gemm._rows_to_slots, shape.block_m)
+    down_bwd_n = widest_block_n(grouped_down._grouped_down_bwd, shape.block_m)
 
     def none(tile, n, rows):
         return ()
 
     def h_block(tile, n, rows):  # down_bwd reads the saved pre-activation h[rows, n-block]
-        return ((("h", tile, n), rows * min(bn, F - n * bn) * BF16),)
+        return ((("h", tile, n), rows * min(down_bwd_n, F - n * down_bwd_n) * BF16),)
 
     return [
         # x rows gathered, W1[e] -> a and h (both [TK, F] bf16)
-        row_tile_gemm("up forward", shape, order, F, D, True, BF16, none, 2 * BF16),
+        row_tile_gemm("up forward", shape, order, F, D, True, BF16, none, 2 * BF16, up_n),
         # a rows (sorted), W2[e] -> fp32 slots [TK, D]
-        row_tile_gemm("down forward", shape, order, D, F, False, BF16, none, FP32),
+        row_tile_gemm("down forward", shape, order, D, F, False, BF16, none, FP32, slots_n),
         combine("combine y", shape),
-        # dy rows gathered, W2[e], h -> dh [TK, F] (+ ds partials, small)
-        row_tile_gemm("down backward (dh, ds)", shape, order, F, D, True, BF16, h_block, BF16),
+        # dy rows gathered, W2[e], h -> dh and u = s·act(h) [TK, F] bf16 (+ ds partials, small)
+        row_tile_gemm("down backward (dh, ds, u)", shape, order, F, D, True, BF16, h_block, 2 * BF16, down_bwd_n),
         # dh rows (sorted), W1[e] -> fp32 slots [TK, D]
-        row_tile_gemm("up backward (dx)", shape, order, D, F, False, BF16, none, FP32),
+        row_tile_gemm("up backward (dx)", shape, order, D, F, False, BF16, none, FP32, slots_n),
         combine("combine dx", shape),
         wgrad("dW1, db1", shape, order, F, D, go_gathered=False, in_gathered=True),
-        wgrad("dW2, db2 (act(h) recomputed)", shape, order, D, F, go_gathered=True, in_gathered=False),
+        wgrad("dW2, db2 (from u)", shape, order, D, F, go_gathered=True, in_gathered=False),
     ]
 
 
 def bound_s(shape):
     return 6 * 2.0 * shape.rows * shape.d_model * shape.hidden / PEAK_FLOPS
+
+
+def layer_time_s(kernels, mainloop):
+    """The modelled layer time if the main loops ran at `mainloop` of the matmul rate instead of MAINLOOP."""
+    return sum(max(k.compute_s * MAINLOOP / mainloop, k.memory_s) for k in kernels)
+
+
+def mainloop_for_ratio(kernels, bound, goal):
+    """Smallest main-loop rate (fraction of PEAK_FLOPS, to 0.01) at which bound / layer time reaches `goal`, or None
+    if even 1.0 does not."""
+    for percent in range(1, 101):
+        if bound / layer_time_s(kernels, percent / 100) >= goal:
+            return percent / 100
+    return None
 
 
 def report(shape, order):
@@ -240,6 +263,10 @@ def report(shape, order):
     lines.append(f"six dense bf16 GEMMs of these shapes at {PEAK_FLOPS / 1e12:.0f} TFLOP/s: "
                  f"{bound_s(shape) * 1e3:.3f} ms; modelled layer time / bound = {ratio:.2f} of the bound "
                  f"(goal >= 0.8); HBM bytes / compulsory = {total_bytes / total_min:.2f} (goal <= 1.5)")
+    needed = mainloop_for_ratio(kernels, bound_s(shape), 0.8)
+    lines.append(f"main-loop rate assumed: {MAINLOOP:.2f} of the matmul rate; the 0.8 goal needs "
+                 + (f"{needed:.2f}" if needed is not None else "more than 1.0 (the waves' tile quantisation)")
+                 + " (a GPU measures it: bench/gpu_check.py)")
     return "\n".join(lines), kernels, ratio, total_bytes / total_min
 
 

@@ -39,16 +39,15 @@ ENV_TRITON_CONFIG = "CLIPMOE_TRITON_CONFIG"
 # Rows per tile of the grouped GEMMs. It is also the block_m of the moe_align tile table, so it is never autotuned
 # (a tile table built for one BLOCK_M is wrong for another): `block_m_for` picks it from the shapes alone (the
 # bucket of rows per expert, the same value that keys autotuning), and the table and every kernel use that rule.
-# On a GPU: 64 (at most E partial tiles wasted; BLOCK_N up to 256 keeps the accumulator in registers at 4-8 warps).
-# The switch to 128-row tiles beyond 4096 rows per expert (CLIP training batches: tens of thousands of rows per
-# expert, where 128-row tiles halve the weight reads per output and feed two wgmma m64 warpgroups) is built and
-# tested but off on GPUs (LARGE_SEGMENT_BUCKET_GPU = None): the 128-row variants spill registers in most row-tile
-# kernels (tests/test_triton_compile.py), so they would be slower until the kernels are reworked. In the interpreter
-# 16 and 32 (beyond 16 rows per expert), so that tiny test shapes cover both tile tables, with several tiles per
-# expert and partial tiles.
+# On a GPU: 64 up to 4096 rows per expert (at most E partial tiles wasted; inference and small batches), 128 beyond
+# (CLIP training batches: tens of thousands of rows per expert, where 128-row tiles halve the weight reads per output
+# and feed two wgmma m64 warpgroups). Every config autotune can pick at either size compiles for sm_90 without
+# register spills and with a pipelined wgmma loop (tests/test_triton_compile.py). In the interpreter 16 and 32
+# (beyond 16 rows per expert), so that tiny test shapes cover both tile tables, with several tiles per expert and
+# partial tiles.
 BLOCK_M_GPU = 64
 BLOCK_M_GPU_LARGE = 128
-LARGE_SEGMENT_BUCKET_GPU = None  # 8192 turns 128-row tiles on beyond 4096 rows per expert
+LARGE_SEGMENT_BUCKET_GPU = 8192  # 128-row tiles beyond 4096 rows per expert
 BLOCK_M_INTERPRET = 16
 BLOCK_M_INTERPRET_LARGE = 32
 LARGE_SEGMENT_BUCKET_INTERPRET = 32
@@ -71,11 +70,12 @@ GEMM_CONFIGS = [
     TileConfig(128, 64, 8, 3),
     TileConfig(256, 64, 8, 3),
 ]
-# 128-row tiles (large segments): 128x128 and 128x256 outputs at 8 warps (two warpgroups).
+# 128-row tiles (large segments): 128x64, 128x128 and 128x256 outputs at 8 warps (two warpgroups).
 GEMM_CONFIGS_LARGE = [
     TileConfig(128, 64, 8, 3),
     TileConfig(256, 64, 8, 3),
     TileConfig(128, 32, 8, 4),
+    TileConfig(64, 64, 8, 3),
 ]
 # Weight-gradient kernels own a [BLOCK_N, BLOCK_K] tile of dW[e] and loop over the expert's rows; square-ish tiles
 # balance the reuse of both operands.
@@ -252,17 +252,24 @@ class TunedKernel:
     @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import), whose
     choice is then cached for the process."""
 
-    def __init__(self, kernel, configs, key, large_configs=None):
-        """large_configs: the candidates for 128-row tiles (BLOCK_M_GPU_LARGE), when they differ."""
+    def __init__(self, kernel, configs, key, large_configs=None, max_outputs_per_thread=None):
+        """large_configs: the candidates for 128-row tiles (BLOCK_M_GPU_LARGE), when they differ.
+        max_outputs_per_thread: drop the configs whose BLOCK_M x BLOCK_N output tile gives a thread more elements
+        than this (kernels whose epilogue holds several fp32 tiles of that size spill registers beyond it)."""
         self.kernel, self.key = kernel, key
         self.configs = configs
         self._configs = {BLOCK_M_GPU_LARGE: large_configs or configs, BLOCK_M_INTERPRET_LARGE: large_configs or configs}
+        self.max_outputs_per_thread = max_outputs_per_thread
         self.name = kernel.fn.__name__
         self._key_index = [kernel.arg_names.index(k) for k in key]
         self._tuned = {}
 
-    def candidates(self, block_m: int):
-        return self._configs.get(block_m, self.configs)
+    def candidates(self, block_m: int) -> list[TileConfig]:
+        """The configs autotune may pick for tiles of `block_m` rows."""
+        configs = self._configs.get(block_m, self.configs)
+        if self.max_outputs_per_thread is None:
+            return configs
+        return [c for c in configs if block_m * c.BLOCK_N <= self.max_outputs_per_thread * 32 * c.num_warps]
 
     def __call__(self, grid, device: torch.device, args, meta):
         """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""

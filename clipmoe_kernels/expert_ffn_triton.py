@@ -9,12 +9,14 @@ Pipeline (every launch grid is sized from shapes only: no host synchronisation, 
             clipmoe::grouped_up        x rows gathered on load -> h = x W1ᵀ + b1 -> a = act(h)     [TK, F] sorted
             clipmoe::grouped_down      a W2ᵀ + b2, × routing weight on the fp32 accumulator -> [T, k, D] fp32 slots
                                        -> slot-order fp32 sum per token -> y [T, D] (k = 1: y directly)
-  backward  clipmoe::grouped_down_bwd  G = dy W2[e] per sorted row; dh = s·G⊙act'(h); ds = Σ G⊙a + dy·b2
+  backward  clipmoe::grouped_down_bwd  G = dy W2[e] per sorted row; dh = s·G⊙act'(h); ds = Σ G⊙a + dy·b2;
+                                       u = s·a (the dW2 input, [TK, F], freed once dW2 is done)
+            clipmoe::grouped_wgrad     dW2 = Σ dyᵀ u, db2 = Σ s·dy;  dW1 = Σ dhᵀ x, db1 = Σ dh
             clipmoe::grouped_up_bwd_dx dx = Σ_j dh W1[e] (slots + deterministic sum)
-            clipmoe::grouped_wgrad     dW1 = Σ dhᵀ x, db1 = Σ dh;  dW2 = Σ (s·dy)ᵀ act(h), db2 = Σ s·dy
 Saved for backward: x, w1, w2, b2, the fp32 routing weights, the pre-activation h [TK, F] (the only TK x F tensor
-kept) and the routing metadata. Recomputed: act(h) and act'(h) (elementwise, in the kernels' prologue/epilogue) and
-the expert outputs z (never cached: ds comes from G ⊙ a, see grouped_down). Weight gradients of experts without
+kept) and the routing metadata. Recomputed: act(h) and act'(h) (elementwise, once, in grouped_down_bwd's epilogue) and
+the expert outputs z (never cached: ds comes from G ⊙ a, see grouped_down). The backward holds at most two TK x F
+temporaries at once (dh and u). Weight gradients of experts without
 tokens are exact zeros. All sums are in a fixed order (no atomics): two runs give identical bits.
 
 Dtypes: fp32, fp16, bf16 (bf16 only on GPU: the Triton interpreter's bf16 math is wrong). fp32 GEMMs follow
@@ -29,8 +31,8 @@ used (autotune cannot run there). Autotune's choices are cached across processes
 (per device name and key).
 
 Dropout (dropout_p > 0 in training, CLIP-MoE's 0.1 between the activation and W2) is fused: grouped_up stores
-a' = act(h) ⊙ keep / (1 − p) for the down-projection, and the backward kernels (grouped_down_bwd, the dW2 grouped_wgrad)
-regenerate the same Philox mask from the saved [1] seed (dropout.py); no mask tensor exists. The seed comes from
+a' = act(h) ⊙ keep / (1 − p) for the down-projection, and grouped_down_bwd regenerates the same Philox mask from the
+saved [1] seed (dropout.py) for dh, ds and the dW2 input u = s·a'; no mask tensor exists. The seed comes from
 torch's generator of x's device, so runs repeat under torch.manual_seed; the draw is one tiny device op.
 """
 import torch
@@ -79,15 +81,17 @@ class ExpertFFNFunction(torch.autograd.Function):
         T, k = weights32.shape
         need_dh = need_x or need_w1 or need_b1
         dropout = (seed, ctx.dropout_p)  # the forward's mask, regenerated
-        dh, ds = grouped_down_bwd(dy, h, w2, b2, weights32, *table, ctx.activation, need_dh, need_s, *dropout)
+        need_u = need_w2 or need_b2
+        dh, ds, u = grouped_down_bwd(dy, h, w2, b2, weights32, *table, ctx.activation, need_dh, need_s, need_u,
+                                     *dropout)
         dx = dw1 = db1 = dw2 = db2 = None
+        if need_u:
+            dw2, db2 = grouped_wgrad(dy, u, weights32, sorted_to_flat, expert_offsets, k, True, False)
+            del u  # before the up-projection's gradients allocate theirs
         if need_x:
             dx = grouped_up_bwd_dx(dh, w1, *table, T, k)
         if need_w1 or need_b1:
-            dw1, db1 = grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k, False, True, "none")
-        if need_w2 or need_b2:
-            dw2, db2 = grouped_wgrad(dy, h, weights32, sorted_to_flat, expert_offsets, k, True, False,
-                                     ctx.activation, *dropout)
+            dw1, db1 = grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k, False, True)
         d_weights = ds.to(ctx.weights_dtype) if need_s else None
         return (dx, None, d_weights, dw1 if need_w1 else None, db1 if need_b1 else None,  # x, ids, weights, w1, b1
                 dw2 if need_w2 else None, db2 if need_b2 else None, None, None, None)  # w2, b2, activation, store_h, p

@@ -7,10 +7,11 @@ is the [T, k, ·] slot order; "token order" is [T, ·].
 
 Math.
   weight gradient (`grouped_wgrad`): for every expert e with rows R_e = [offsets[e], offsets[e+1]),
-      dW[e] = Σ_{r∈R_e} g_r ⊗ u_r  ([N, K]),     db[e] = Σ_{r∈R_e} g_r  ([N]),
-  where the grad-out row g_r is either an expert-sorted row (dh of the up-projection) or the token row dy[t(r)]
-  scaled by the routing weight s_r (down-projection), and the input row u_r is either the token row x[t(r)]
-  (up-projection) or act(h_r) recomputed from the saved pre-activation (down-projection).
+      dW[e] = Σ_{r∈R_e} g_r ⊗ u_r  ([N, K]),     db[e] = Σ_{r∈R_e} c_r g_r  ([N]),
+  up-projection: g_r = dh_r (expert-sorted), u_r = x[t(r)] (token row, gathered), c_r = 1;
+  down-projection: g_r = dy[t(r)] (token row, gathered), u_r = s_r·a'_r (expert-sorted, written by grouped_down_bwd:
+  the routing weight times the dropped-out activation), c_r = s_r. So dW2 = Σ (s_r dy)ᵀ a'_r with the activation
+  computed once per element (in grouped_down_bwd) rather than once per dW2 column block.
   combine (`slot_combine`): y[t] = Σ_{j<k} Y[t, j], summed in fp32 in slot order j = 0..k-1 (no atomics: two runs
   give identical bits).
 
@@ -43,8 +44,6 @@ from clipmoe_kernels._triton_utils import (
     launch,
     rows_bucket,
 )
-from clipmoe_kernels.activation import get_activation
-from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
 
 # Combine tile: tokens x columns per program of a bandwidth-bound pass: 32 x 128 elements per slot at 4 warps is 32
 # contiguous elements per thread and slot, enough for vector loads and small enough not to spill. Not yet timed on a
@@ -63,16 +62,13 @@ def slot_combine_ref(slots: torch.Tensor, out_dtype: torch.dtype) -> torch.Tenso
 
 
 def grouped_wgrad_ref(grad_out, inp, topk_weights, sorted_to_flat, expert_offsets, top_k, gather_grad_out,
-                      gather_inp, inp_activation):
+                      gather_inp):
     """Plain-torch twin of `grouped_wgrad` (see the module docstring) in its inputs' dtype; loops over experts."""
     flat = sorted_to_flat.long()
     tok = flat // top_k
     g = grad_out.index_select(0, tok) if gather_grad_out else grad_out
-    if gather_grad_out:
-        g = g * topk_weights.reshape(-1)[flat][:, None].to(g.dtype)
     u = inp.index_select(0, tok) if gather_inp else inp
-    if inp_activation != "none":
-        u = get_activation(inp_activation)(u)
+    gb = g * topk_weights.reshape(-1)[flat][:, None].to(g.dtype) if gather_grad_out else g
     bounds = expert_offsets.tolist()
     E = len(bounds) - 1
     dw = g.new_zeros(E, g.shape[1], u.shape[1])
@@ -80,7 +76,7 @@ def grouped_wgrad_ref(grad_out, inp, topk_weights, sorted_to_flat, expert_offset
     for e in range(E):
         lo, hi = bounds[e], bounds[e + 1]
         dw[e] = g[lo:hi].T @ u[lo:hi]
-        db[e] = g[lo:hi].sum(0)
+        db[e] = gb[lo:hi].sum(0)
     return dw, db
 
 
@@ -171,22 +167,18 @@ def apply_activation(h, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def activation_and_grad(h, ACTIVATION: tl.constexpr):
-    """(act(h), act'(h)) in fp32 (h fp32); the formulas of the module docstring."""
+def activation_grad(h, ACTIVATION: tl.constexpr):
+    """act'(h) in fp32 (h fp32); the formulas of the module docstring."""
     if ACTIVATION == "quick_gelu":
         sg = tl.sigmoid(1.702 * h)
-        a = h * sg
         da = sg + 1.702 * h * sg * (1.0 - sg)
     elif ACTIVATION == "gelu":
-        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
-        a = h * cdf
-        da = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+        da = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
     else:  # gelu_tanh
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         th = 2.0 * tl.sigmoid(2.0 * u) - 1.0
-        a = 0.5 * h * (1.0 + th)
         da = 0.5 * (1.0 + th) + 0.5 * h * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
-    return a, da
+    return da
 
 
 @triton.jit
@@ -230,27 +222,25 @@ def rows_matmul(a_ptr, a_rows, row_mask, stride_am, stride_ak,
 
 
 # ------------------------------------------------------------------------------------------------------- kernels
-@triton.jit(do_not_specialize=["ROWS_BUCKET", "DROPOUT_THRESHOLD"])
+@triton.jit(do_not_specialize=["ROWS_BUCKET"])
 def _grouped_wgrad_kernel(
     go_ptr,              # grad-out rows: [TK, N] expert-sorted, or [T, N] token order when GATHER_GO
     in_ptr,              # input rows: [T, K] token order when GATHER_IN, or [TK, K] expert-sorted
-    topk_weights_ptr,    # [TK] fp32 routing weights, flat order (read when SCALE_GO)
+    topk_weights_ptr,    # [TK] fp32 routing weights, flat order (read when SCALE_DB)
     dw_ptr,              # [E, N, K] out
     db_ptr,              # [E, N] out
     sorted_to_flat_ptr,  # [TK] int32
     expert_offsets_ptr,  # [E+1] int32
-    seed_ptr,            # [1] int64 Philox key of the dropout mask on act(input) (read when DROPOUT)
-    N, K, ROWS_BUCKET, DROPOUT_THRESHOLD, DROPOUT_SCALE,
+    N, K, ROWS_BUCKET,
     stride_gom, stride_gon, stride_inm, stride_ink,
     stride_dwe, stride_dwn, stride_dwk, stride_dbe, stride_dbn,
-    TOP_K: tl.constexpr, GATHER_GO: tl.constexpr, SCALE_GO: tl.constexpr, GATHER_IN: tl.constexpr,
-    IN_ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, GATHER_GO: tl.constexpr, SCALE_DB: tl.constexpr, GATHER_IN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (e, pid_n, pid_k) (order: wgrad_program) owns dW[e, pid_n·BLOCK_N:, pid_k·BLOCK_K:] and walks expert
-    # e's contiguous sorted rows
-    # BLOCK_M at a time (BLOCK_M is the grouped-GEMM constant; this loop does not read the tile table); programs with
-    # pid_k == 0 also own db[e, pid_n·BLOCK_N:].
+    # e's contiguous sorted rows BLOCK_M at a time (BLOCK_M is the grouped-GEMM constant; this loop does not read the
+    # tile table); programs with pid_k == 0 also store db[e, pid_n·BLOCK_N:]. Both operands go to the GEMM exactly as
+    # loaded (nothing is computed on them in registers), so the wgmma loop is pipelined like the row-tile GEMMs'.
     e, pid_n, pid_k = wgrad_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K))
     e = e.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -272,24 +262,18 @@ def _grouped_wgrad_kernel(
             go_rows = rows
         g = tl.load(go_ptr + go_rows[:, None] * stride_gom + offs_n[None, :] * stride_gon,
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        if SCALE_GO:
-            s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
-            g = g.to(tl.float32) * s[:, None]
         if GATHER_IN:
             in_rows = tok
         else:
             in_rows = rows
         u = tl.load(in_ptr + in_rows[:, None] * stride_inm + offs_k[None, :] * stride_ink,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if IN_ACTIVATION != "none":
-            u = apply_activation(u.to(tl.float32), IN_ACTIVATION)
-        if DROPOUT:  # input rows act(h) ⊙ keep / (1 - p), the forward's mask (K = F)
-            keep = dropout_keep(tl.load(seed_ptr), flat, offs_k, K, DROPOUT_THRESHOLD)
-            u = tl.where(keep, u * DROPOUT_SCALE, 0.0)
-        u = u.to(in_ptr.dtype.element_ty)
-        g = g.to(in_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(g), u, acc, input_precision=INPUT_PRECISION)
-        db_acc += tl.sum(g.to(tl.float32), axis=0)
+        if SCALE_DB:
+            s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
+            db_acc += tl.sum(g.to(tl.float32) * s[:, None], axis=0)
+        else:
+            db_acc += tl.sum(g.to(tl.float32), axis=0)
     tl.store(dw_ptr + e * stride_dwe + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
              acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
     if pid_k == 0:
@@ -406,12 +390,10 @@ def rows_to_slots(a: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wn: i
 @custom_op("clipmoe::grouped_wgrad")
 def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch.Tensor,
                   sorted_to_flat: torch.Tensor, expert_offsets: torch.Tensor, top_k: int,
-                  gather_grad_out: bool, gather_inp: bool, inp_activation: str,
-                  dropout_seed: torch.Tensor | None = None,
-                  dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  gather_grad_out: bool, gather_inp: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW [E, N, K], db [E, N]) in inp.dtype, see the module docstring. grad_out [TK or T, N], inp [T or TK, K],
-    topk_weights [T, k] fp32 contiguous (read only when gather_grad_out: the token rows are then scaled by s_r).
-    dropout_p > 0: the input rows are act(inp) ⊙ keep / (1 - p) with the Philox mask of dropout_seed."""
+    topk_weights [T, k] fp32 contiguous (read only when gather_grad_out: db then sums the token rows scaled by s_r;
+    dW takes the rows as they are, the scale being in inp)."""
     E = expert_offsets.shape[0] - 1
     N, K = grad_out.shape[1], inp.shape[1]
     dw = inp.new_empty((E, N, K))
@@ -421,21 +403,17 @@ def grouped_wgrad(grad_out: torch.Tensor, inp: torch.Tensor, topk_weights: torch
     def grid(block_n, block_k):
         return (E * cdiv(N, block_n) * cdiv(K, block_k),)
 
-    dropout = dropout_p > 0
-    args = (grad_out, inp, topk_weights, dw, db, sorted_to_flat, expert_offsets,
-            dropout_seed if dropout else sorted_to_flat, N, K, rows_bucket(tk, E), dropout_threshold(dropout_p),
-            1.0 / (1.0 - dropout_p), grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
+    args = (grad_out, inp, topk_weights, dw, db, sorted_to_flat, expert_offsets, N, K, rows_bucket(tk, E),
+            grad_out.stride(0), grad_out.stride(1), inp.stride(0), inp.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1))
-    meta = dict(TOP_K=top_k, GATHER_GO=gather_grad_out, SCALE_GO=gather_grad_out, GATHER_IN=gather_inp,
-                IN_ACTIVATION=inp_activation, DROPOUT=dropout, INPUT_PRECISION=dot_precision(inp.dtype),
-                BLOCK_M=block_m_for(inp.device, tk, E))
+    meta = dict(TOP_K=top_k, GATHER_GO=gather_grad_out, SCALE_DB=gather_grad_out, GATHER_IN=gather_inp,
+                INPUT_PRECISION=dot_precision(inp.dtype), BLOCK_M=block_m_for(inp.device, tk, E))
     _grouped_wgrad(grid, inp.device, args, meta)
     return dw, db
 
 
 @grouped_wgrad.register_fake
-def _(grad_out, inp, topk_weights, sorted_to_flat, expert_offsets, top_k, gather_grad_out, gather_inp,
-      inp_activation, dropout_seed=None, dropout_p=0.0):
+def _(grad_out, inp, topk_weights, sorted_to_flat, expert_offsets, top_k, gather_grad_out, gather_inp):
     E = expert_offsets.shape[0] - 1
     return inp.new_empty((E, grad_out.shape[1], inp.shape[1])), inp.new_empty((E, grad_out.shape[1]))
 

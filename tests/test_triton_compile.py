@@ -14,17 +14,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
 from clipmoe_kernels import grouped_down, grouped_gemm, grouped_up, router  # noqa: E402
-from clipmoe_kernels._triton_utils import (  # noqa: E402
-    BLOCK_M_GPU,
-    BLOCK_M_GPU_LARGE,
-    GEMM_CONFIGS,
-    GEMM_CONFIGS_LARGE,
-    WGRAD_CONFIGS,
-)
+from clipmoe_kernels._triton_utils import BLOCK_M_GPU, BLOCK_M_GPU_LARGE, block_m_for  # noqa: E402
 
 META = {"sorted_to_flat_ptr": "i32", "expert_offsets_ptr": "i32", "tile_expert_ptr": "i32",
         "tile_row_start_ptr": "i32", "seed_ptr": "i64"}
@@ -32,16 +27,24 @@ FLOAT_SCALARS = {"DROPOUT_SCALE"}
 # Integer arguments a CLIP shape makes multiples of 16 (D, F in {768, 1024, 3072, 4096} and the row strides), which
 # Triton specialises on at launch; marking them here compiles what those launches compile.
 ALIGNED = {"D", "F", "N", "K", "stride_xt", "stride_w1e", "stride_w1f", "stride_am", "stride_hm", "stride_dhm",
-           "stride_w2e", "stride_w2d", "stride_om", "stride_dyt", "stride_gom", "stride_inm", "stride_dwe",
-           "stride_dwn", "stride_b1e", "stride_b2e", "stride_dbe"}
+           "stride_um", "stride_w2e", "stride_w2d", "stride_w2f", "stride_om", "stride_dyt", "stride_gom",
+           "stride_inm", "stride_dwe", "stride_we", "stride_wk", "stride_wn", "stride_be", "stride_dsn", "stride_dwn",
+           "stride_b1e", "stride_b2e", "stride_dbe", "stride_ot",
+           "stride_bn"}  # stride_bn: 0 without a bias (up_bwd_dx)
+# Strides that are neither: the router logits' row stride is E (4, 8, ...).
+GENERIC_STRIDES = {"stride_lt"}
 
 
-def compile_for_sm90(kernel, pointer_types, constexprs, num_warps=4, num_stages=3):
+def compile_for_sm90(kernel, pointer_types, constexprs, num_warps=4, num_stages=3, unit_strides=()):
+    """What a launch compiles: pointers 16-byte aligned, the ALIGNED integers multiples of 16, and the strides in
+    `unit_strides` equal to 1 (a launch makes an integer argument equal to 1 a constant, so the contiguous
+    dimension's loads vectorise and go through asynchronous copies into shared memory)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    constexprs = dict(constexprs, **{name: 1 for name in unit_strides})
     signature, attrs = {}, {}
     for i, p in enumerate(kernel.params):
-        if p.is_constexpr:
+        if p.is_constexpr or p.name in unit_strides:
             signature[p.name] = "constexpr"
         elif p.name in pointer_types:
             signature[p.name] = "*" + pointer_types[p.name]
@@ -60,28 +63,31 @@ def _gemm_cases(dt, block_m, block_n, block_k, dropout=False):
     prec = "ieee" if dt == "fp32" else "tf32"
     gemm = {"INPUT_PRECISION": prec, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
     row = dict(gemm, GROUP_M=grouped_gemm.GROUP_M)
-    wgrad_ptrs = dict(sorted_to_flat_ptr="i32", expert_offsets_ptr="i32", seed_ptr="i64", go_ptr=dt, in_ptr=dt,
+    wgrad_ptrs = dict(sorted_to_flat_ptr="i32", expert_offsets_ptr="i32", go_ptr=dt, in_ptr=dt,
                       topk_weights_ptr="fp32", dw_ptr=dt, db_ptr=dt)
+    # what a launch with contiguous operands makes constant 1 (see compile_for_sm90)
+    wgrad_units = {"stride_gon", "stride_ink", "stride_dwk", "stride_dbn"}
     return {
         "up_fwd": (grouped_up._grouped_up_fwd_kernel,
                    dict(META, x_ptr=dt, w1_ptr=dt, b1_ptr=dt, a_ptr=dt, h_ptr=dt),
-                   dict(row, TOP_K=2, ACTIVATION="quick_gelu", STORE_H=True, DROPOUT=dropout)),
+                   dict(row, TOP_K=2, ACTIVATION="quick_gelu", STORE_H=True, DROPOUT=dropout),
+                   {"stride_xd", "stride_w1d", "stride_b1f"}),
         "up_bwd_dx": (grouped_gemm._rows_to_slots_kernel,  # dh W1[e] into fp32 slots
                       dict(META, a_ptr=dt, w_ptr=dt, b_ptr=dt, topk_weights_ptr=dt, out_ptr="fp32"),
-                      dict(row, BIAS_AND_WEIGHT=False)),
+                      dict(row, BIAS_AND_WEIGHT=False), {"stride_ak", "stride_wn", "stride_on"}),
         "down_fwd": (grouped_gemm._rows_to_slots_kernel,  # s·(a W2[e]ᵀ + b2[e]), k = 1: y directly
                      dict(META, a_ptr=dt, w_ptr=dt, b_ptr=dt, topk_weights_ptr="fp32", out_ptr=dt),
-                     dict(row, BIAS_AND_WEIGHT=True)),
+                     dict(row, BIAS_AND_WEIGHT=True), {"stride_ak", "stride_wk", "stride_bn", "stride_on"}),
         "down_bwd": (grouped_down._grouped_down_bwd_kernel,
                      dict(META, dy_ptr=dt, h_ptr=dt, w2_ptr=dt, b2_ptr=dt, topk_weights_ptr="fp32", dh_ptr=dt,
-                          ds_ptr="fp32"),
-                     dict(row, TOP_K=2, ACTIVATION="quick_gelu", COMPUTE_DH=True, COMPUTE_DS=True, DROPOUT=dropout)),
-        "wgrad_down": (grouped_gemm._grouped_wgrad_kernel, wgrad_ptrs,
-                       dict(gemm, TOP_K=2, GATHER_GO=True, SCALE_GO=True, GATHER_IN=False, IN_ACTIVATION="quick_gelu",
-                            DROPOUT=dropout)),
-        "wgrad_up": (grouped_gemm._grouped_wgrad_kernel, wgrad_ptrs,
-                     dict(gemm, TOP_K=2, GATHER_GO=False, SCALE_GO=False, GATHER_IN=True, IN_ACTIVATION="none",
-                          DROPOUT=False)),
+                          u_ptr=dt, ds_ptr="fp32"),
+                     dict(row, TOP_K=2, ACTIVATION="quick_gelu", COMPUTE_DH=True, COMPUTE_DS=True, STORE_U=True,
+                          DROPOUT=dropout),
+                     {"stride_dyd", "stride_w2f", "stride_b2d"}),
+        "wgrad_down": (grouped_gemm._grouped_wgrad_kernel, wgrad_ptrs,  # dW2 = Σ dyᵀ u, db2 = Σ s·dy
+                       dict(gemm, TOP_K=2, GATHER_GO=True, SCALE_DB=True, GATHER_IN=False), wgrad_units),
+        "wgrad_up": (grouped_gemm._grouped_wgrad_kernel, wgrad_ptrs,  # dW1 = Σ dhᵀ x, db1 = Σ dh
+                     dict(gemm, TOP_K=2, GATHER_GO=False, SCALE_DB=False, GATHER_IN=True), wgrad_units),
     }
 
 
@@ -89,22 +95,37 @@ def _cases(dt):
     cases = _gemm_cases(dt, 64, 128, 64, dropout=True)
     cases.update({
         "combine": (grouped_gemm._slot_combine_kernel, dict(slots_ptr="fp32", out_ptr=dt),
-                    dict(TOP_K=2, BLOCK_T=32, BLOCK_D=128)),
+                    dict(TOP_K=2, BLOCK_T=32, BLOCK_D=128), {"stride_od"}),
         "router": (router._router_fwd_kernel,
                    dict(logits_ptr=dt, probs_ptr="fp32", weights_ptr="fp32", ids_ptr="i32", lse_ptr="fp32",
                         counts_ptr="i32", topk_counts_ptr="i32", psums_ptr="fp32"),
-                   dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=8, BLOCK_K=2)),
+                   dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=8, BLOCK_K=2), {"stride_le"}),
         "program_order": (grouped_gemm._program_order_kernel, dict(out_ptr="i32"),
-                          dict(GROUP_M=8, WGRAD=False, BLOCK=1024)),
+                          dict(GROUP_M=8, WGRAD=False, BLOCK=1024), set()),
     })
     return cases
+
+
+def test_compiles_specialise_every_stride_as_a_launch_does():
+    """A launch makes an integer argument equal to 1 a constant and marks multiples of 16 (triton's own rule, checked
+    here); every stride of every kernel compiled below is one or the other for contiguous CLIP operands, so each must
+    be listed (a stride compiled as a generic i32 makes the loads scalar and the wgmma loop synchronous)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    assert native_specialize_impl(BaseBackend, 1, False, True, True)[0] == "constexpr"
+    assert native_specialize_impl(BaseBackend, 4096, False, True, True)[1] == "D"
+    for name, (kernel, _, _, unit_strides) in _cases("bf16").items():
+        strides = {p.name for p in kernel.params if p.name.startswith("stride_")}
+        assert unit_strides <= strides, f"{name}: unit strides {unit_strides - strides} are not parameters"
+        unlisted = strides - unit_strides - ALIGNED - GENERIC_STRIDES
+        assert not unlisted, f"{name}: strides {sorted(unlisted)} are neither unit (1) nor ALIGNED (multiple of 16)"
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(_cases("bf16")))
 def test_kernel_compiles_for_sm90(name, dtype):
-    kernel, pointer_types, constexprs = _cases(dtype)[name]
-    compiled = compile_for_sm90(kernel, pointer_types, constexprs)
+    kernel, pointer_types, constexprs, unit_strides = _cases(dtype)[name]
+    compiled = compile_for_sm90(kernel, pointer_types, constexprs, unit_strides=unit_strides)
     assert compiled.asm.get("cubin"), f"{name} produced no cubin"
 
 
@@ -119,23 +140,30 @@ def ptxas_report(ptx: str) -> str:
     return result.stderr
 
 
-GEMMS = ["up_fwd", "up_bwd_dx", "down_fwd", "down_bwd", "wgrad_up", "wgrad_down"]
+# Each GEMM's autotuned launcher (its candidates are what autotune can pick).
+GEMMS = {"up_fwd": grouped_up._grouped_up_fwd, "up_bwd_dx": grouped_gemm._rows_to_slots,
+         "down_fwd": grouped_gemm._rows_to_slots, "down_bwd": grouped_down._grouped_down_bwd,
+         "wgrad_up": grouped_gemm._grouped_wgrad, "wgrad_down": grouped_gemm._grouped_wgrad}
 
 
 def _autotune_space():
-    """Every (kernel, BLOCK_M, config) autotune can pick on CUDA: the row-tile GEMMs over GEMM_CONFIGS at 64-row tiles
-    (ViT-B/16 batch 1: D 768, F 3072, 197 tokens, 99 rows per expert) and over GEMM_CONFIGS_LARGE at 128-row tiles
-    (ViT-L/14 training: D 1024, F 4096, 65,792 tokens, 32,896 rows per expert), the weight-gradient kernels over
-    WGRAD_CONFIGS at both. Both shapes specialise D, F and the strides as multiples of 16; the token count is a
-    runtime value."""
-    for name in GEMMS:
+    """Every (kernel, BLOCK_M, config) autotune can pick on CUDA (the launcher's `candidates`) at 64-row tiles
+    (ViT-B/16 batch 1: D 768, F 3072, 197 tokens, 99 rows per expert) and at 128-row tiles (ViT-L/14 training: D 1024,
+    F 4096, 65,792 tokens, 32,896 rows per expert). Both shapes specialise D, F and the strides as multiples of 16
+    (and the unit strides as 1); the token count is a runtime value."""
+    for name, tuned in GEMMS.items():
         for block_m in (BLOCK_M_GPU, BLOCK_M_GPU_LARGE):
-            if name.startswith("wgrad"):
-                configs = WGRAD_CONFIGS
-            else:
-                configs = GEMM_CONFIGS if block_m == BLOCK_M_GPU else GEMM_CONFIGS_LARGE
-            for cfg in configs:
+            for cfg in tuned.candidates(block_m):
                 yield name, block_m, cfg
+
+
+def test_autotune_space_covers_both_tile_tables():
+    """The rule that picks BLOCK_M sends both shapes above to the tiles compiled here."""
+    cuda = torch.device("cuda")  # block_m_for reads only the device type
+    assert block_m_for(cuda, 197 * 2, 4) == BLOCK_M_GPU
+    assert block_m_for(cuda, 65_792 * 2, 4) == BLOCK_M_GPU_LARGE
+    assert all(any(c[0] == name and c[1] == bm for c in _autotune_space())
+               for name in GEMMS for bm in (BLOCK_M_GPU, BLOCK_M_GPU_LARGE))
 
 
 def _id(name, block_m, cfg):
@@ -145,46 +173,28 @@ def _id(name, block_m, cfg):
 @functools.cache
 def compiled_gemm(name, block_m, cfg):
     """(PTX, ptxas -v report) of a GEMM kernel in bf16 at a tile config (one compile shared by the tests below)."""
-    kernel, pointer_types, constexprs = _gemm_cases("bf16", block_m, cfg.BLOCK_N, cfg.BLOCK_K)[name]
-    ptx = compile_for_sm90(kernel, pointer_types, constexprs, cfg.num_warps, cfg.num_stages).asm["ptx"]
+    kernel, pointer_types, constexprs, unit_strides = _gemm_cases("bf16", block_m, cfg.BLOCK_N, cfg.BLOCK_K)[name]
+    ptx = compile_for_sm90(kernel, pointer_types, constexprs, cfg.num_warps, cfg.num_stages, unit_strides).asm["ptx"]
     return ptx, ptxas_report(ptx)
 
 
-# What the compiler makes of the kernels today (issue 10, item 3, open): every wgmma loop waits for each group to
-# retire (`wait_group 0`: the operands are gathered by pointer loads and, in dW2, transformed in registers), and
-# several configs spill. The marks are strict: a test starts failing when a kernel improves, so its mark must go.
-KNOWN_SYNC_ONLY = {_id(*case) for case in _autotune_space()}
-# With the shared row-tile prologue (grouped_gemm.row_tile_program), the 64-row tiles spill only in down_bwd; the
-# 128-row tiles still spill in most row-tile kernels (their gathered-row addresses and the fp32 accumulator do not
-# fit 255 registers): _triton_utils keeps 64-row tiles on GPUs until they compile clean.
-KNOWN_SPILLS = {
-    "down_bwd-M128-N128-K32-w8-s4", "down_bwd-M128-N128-K64-w8-s3", "down_bwd-M128-N256-K64-w8-s3",
-    "down_bwd-M64-N128-K32-w4-s4", "down_bwd-M64-N256-K64-w8-s3", "down_fwd-M128-N128-K32-w8-s4",
-    "down_fwd-M128-N128-K64-w8-s3", "down_fwd-M128-N256-K64-w8-s3", "up_bwd_dx-M128-N128-K64-w8-s3",
-    "up_bwd_dx-M128-N256-K64-w8-s3", "up_fwd-M128-N256-K64-w8-s3", "wgrad_down-M128-N128-K128-w8-s3",
-    "wgrad_down-M128-N128-K64-w8-s3", "wgrad_up-M128-N128-K128-w8-s3"}
+AUTOTUNE_SPACE = [pytest.param(*case, id=_id(*case)) for case in _autotune_space()]
 
 
-def _params(known, reason):
-    return [pytest.param(*case, id=_id(*case),
-                         marks=[pytest.mark.xfail(strict=True, reason=reason)] if _id(*case) in known else [])
-            for case in _autotune_space()]
-
-
-@pytest.mark.parametrize("name,block_m,cfg", _params(set(), ""))
+@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
 def test_autotune_configs_use_wgmma(name, block_m, cfg):
     ptx, _ = compiled_gemm(name, block_m, cfg)
     assert "wgmma.mma_async" in ptx, f"{name}: no wgmma (the GEMM would run on the pre-Hopper mma path)"
 
 
-@pytest.mark.parametrize("name,block_m,cfg", _params(KNOWN_SPILLS, "spills registers (issue 10, item 3)"))
+@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
 def test_autotune_configs_do_not_spill(name, block_m, cfg):
     _, report = compiled_gemm(name, block_m, cfg)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     assert spills and not any(spills), f"{name}: register spills {spills}"
 
 
-@pytest.mark.parametrize("name,block_m,cfg", _params(KNOWN_SYNC_ONLY, "wgmma waits synchronously (issue 10, item 3)"))
+@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
 def test_autotune_configs_pipeline_wgmma(name, block_m, cfg):
     ptx, _ = compiled_gemm(name, block_m, cfg)
     waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]

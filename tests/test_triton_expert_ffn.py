@@ -316,10 +316,10 @@ def test_custom_ops_pass_opcheck():
         (torch.ops.clipmoe.grouped_up, (x, w1, b1, *table, k, "gelu", True)),
         (torch.ops.clipmoe.grouped_up, (x, w1, b1, *table, k, "gelu", False)),
         (torch.ops.clipmoe.grouped_down, (a, w2, b2, w, *table)),
-        (torch.ops.clipmoe.grouped_down_bwd, (dy, h, w2, b2, w, *table, "gelu", True, True)),
+        (torch.ops.clipmoe.grouped_down_bwd, (dy, h, w2, b2, w, *table, "gelu", True, True, True)),
         (torch.ops.clipmoe.grouped_up_bwd_dx, (dh, w1, *table, T, k)),
-        (torch.ops.clipmoe.grouped_wgrad, (dh, x, w, meta.sorted_to_flat, meta.expert_offsets, k, False, True,
-                                           "none")),
+        (torch.ops.clipmoe.grouped_wgrad, (dh, x, w, meta.sorted_to_flat, meta.expert_offsets, k, False, True)),
+        (torch.ops.clipmoe.grouped_wgrad, (dy, h, w, meta.sorted_to_flat, meta.expert_offsets, k, True, False)),
         (torch.ops.clipmoe.route_topk, (torch.randn(T, E), k, True)),
     ]
     for op, args in cases:

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from clipmoe_kernels._triton_utils import block_m_for  # noqa: E402
 from clipmoe_kernels.activation import get_activation  # noqa: E402
-from clipmoe_kernels.grouped_down import grouped_down_bwd_ref, grouped_down_ref  # noqa: E402
+from clipmoe_kernels.grouped_down import grouped_down_bwd_ref, grouped_down_dw2_input_ref, grouped_down_ref  # noqa: E402
 from clipmoe_kernels.grouped_gemm import grouped_wgrad_ref, slot_combine, slot_combine_ref  # noqa: E402
 from clipmoe_kernels.grouped_up import grouped_up_bwd_dx_ref, grouped_up_ref  # noqa: E402
 from clipmoe_kernels.routing import moe_align  # noqa: E402
@@ -102,18 +102,21 @@ def test_grouped_down_bwd(T, D, F, E, k, activation, dtype):
     ids, w, meta, x, w1, b1, w2, b2 = problem(T, D, F, E, k, dtype)
     h = torch.randn(T * k, F).to(dtype)
     dy = (torch.randn(T, D) * 0.5).to(dtype)
-    dh, ds = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, True, True)
-    assert dh.dtype == dtype and ds.dtype == torch.float32 and ds.shape == (T, k)
+    dh, ds, u = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, True, True, True)
+    assert dh.dtype == dtype and ds.dtype == torch.float32 and ds.shape == (T, k) and u.shape == h.shape
     stf, off = meta.sorted_to_flat, meta.expert_offsets
 
     def ref(i):
         return lambda dy_, h_, w2_, b2_, w_: grouped_down_bwd_ref(dy_, h_, w2_, b2_, w_, stf, off, activation)[i]
     check(dtype, "dh", dh, ref(0), dy, h, w2, b2, w)
     check(dtype, "ds", ds, ref(1), dy, h, w2, b2, w)
-    dh_only, ds_none = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, True, False)
-    dh_none, ds_only = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, False, True)
-    assert torch.equal(dh_only, dh) and torch.equal(ds_only, ds)
-    assert ds_none.numel() == 0 and dh_none.numel() == 0
+    check(dtype, "u", u, lambda h_, w_: grouped_down_dw2_input_ref(h_, w_, stf, activation), h, w)
+    # each output alone is the same bits (the flags only skip work)
+    dh_only, ds_none, u_none = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, True, False)
+    dh_none, ds_only, _ = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, False, True)
+    _, _, u_only = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, False, False, True)
+    assert torch.equal(dh_only, dh) and torch.equal(ds_only, ds) and torch.equal(u_only, u)
+    assert ds_none.numel() == 0 and dh_none.numel() == 0 and u_none.numel() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -134,18 +137,18 @@ def test_grouped_wgrad_both_projections(T, D, F, E, k, activation, dtype):
     stf, off = meta.sorted_to_flat, meta.expert_offsets
     dh = (torch.randn(T * k, F) * 0.25).to(dtype)
     # up-projection: dW1 = Σ dhᵀ x[t(r)], db1 = Σ dh
-    dw1, db1 = ops.grouped_wgrad(dh, x, w, stf, off, k, False, True, "none")
+    dw1, db1 = ops.grouped_wgrad(dh, x, w, stf, off, k, False, True)
     for i, (name, got) in enumerate((("dw1", dw1), ("db1", db1))):
         check(dtype, name, got,
-              lambda g_, x_, w_, i=i: grouped_wgrad_ref(g_, x_, w_, stf, off, k, False, True, "none")[i], dh, x, w)
-    # down-projection: dW2 = Σ (s·dy[t(r)])ᵀ act(h), db2 = Σ s·dy[t(r)]
+              lambda g_, x_, w_, i=i: grouped_wgrad_ref(g_, x_, w_, stf, off, k, False, True)[i], dh, x, w)
+    # down-projection: dW2 = Σ dy[t(r)]ᵀ u (u = s·act(h), expert-sorted), db2 = Σ s·dy[t(r)]
     dy = (torch.randn(T, D) * 0.25).to(dtype)
-    h = torch.randn(T * k, F).to(dtype)
-    dw2, db2 = ops.grouped_wgrad(dy, h, w, stf, off, k, True, False, activation)
+    u = torch.randn(T * k, F).to(dtype)
+    dw2, db2 = ops.grouped_wgrad(dy, u, w, stf, off, k, True, False)
     assert dw2.shape == (E, D, F) and db2.shape == (E, D) and dw2.dtype == dtype
     for i, (name, got) in enumerate((("dw2", dw2), ("db2", db2))):
         check(dtype, name, got,
-              lambda g_, h_, w_, i=i: grouped_wgrad_ref(g_, h_, w_, stf, off, k, True, False, activation)[i], dy, h, w)
+              lambda g_, u_, w_, i=i: grouped_wgrad_ref(g_, u_, w_, stf, off, k, True, False)[i], dy, u, w)
 
 
 def test_grouped_wgrad_empty_experts_are_exact_zeros():
@@ -154,7 +157,7 @@ def test_grouped_wgrad_empty_experts_are_exact_zeros():
     w = torch.ones(T, k)
     meta = moe_align(ids, E, block_m_for(ids.device, ids.numel(), E))
     dh, x = torch.randn(T, F), torch.randn(T, D)
-    dw, db = ops.grouped_wgrad(dh, x, w, meta.sorted_to_flat, meta.expert_offsets, k, False, True, "none")
+    dw, db = ops.grouped_wgrad(dh, x, w, meta.sorted_to_flat, meta.expert_offsets, k, False, True)
     assert torch.all(dw[[0, 2, 4]] == 0) and torch.all(db[[0, 2, 4]] == 0)
     assert (dw[[1, 3]] != 0).any()
 
@@ -173,7 +176,7 @@ def test_activation_derivatives_match_autograd():
     h = torch.linspace(-6, 6, T * F).reshape(T, F)
     dy = torch.randn(T, D)
     for activation in ("quick_gelu", "gelu", "gelu_tanh"):
-        dh, _ = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, True, False)
+        dh, _, _ = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, True, False)
         hd = h.double().requires_grad_()
         a = get_activation(activation)(hd)
         (dref,) = torch.autograd.grad(a, hd, (dy.double() @ w2[0].double()) * w[:, :1].double())
