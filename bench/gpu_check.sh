@@ -128,7 +128,8 @@ PYTHONPATH="$PWD${SITE:+:$SITE}" timeout -k 5 $(( BUDGET + 15 )) "$PY" -m bench.
 RC=$?
 [ "$RC" -ne 0 ] && { loud "measurements: exit status $RC (see ERROR lines above)"; [ "$STATUS" -eq 0 ] && STATUS=1; }
 
-# -- gpu tests: what only a GPU checks (bf16, determinism, compile, graph capture, int32 bound), torch and triton
+# -- gpu tests: what only a GPU checks (bf16, determinism, compile, graph capture, int32 bound, encode under
+#    autocast), torch and triton
 #    only: the tests run without the wheels, with open_clip, ftfy and webdataset blocked as on the bare machine.
 LEFT=$(( TOTAL_LIMIT - $(elapsed) - RESERVE ))
 [ "$LEFT" -gt "$TESTS_LIMIT" ] && LEFT=$TESTS_LIMIT
