@@ -129,8 +129,8 @@ RC=$?
 [ "$RC" -ne 0 ] && { loud "measurements: exit status $RC (see ERROR lines above)"; [ "$STATUS" -eq 0 ] && STATUS=1; }
 
 # -- gpu tests: what only a GPU checks (bf16, determinism, compile, graph capture, int32 bound, encode under
-#    autocast), torch and triton
-#    only: the tests run without the wheels, with open_clip, ftfy and webdataset blocked as on the bare machine.
+#    autocast), torch and triton only: the tests run without the wheels, with open_clip, ftfy and webdataset
+#    blocked as on the bare machine.
 LEFT=$(( TOTAL_LIMIT - $(elapsed) - RESERVE ))
 [ "$LEFT" -gt "$TESTS_LIMIT" ] && LEFT=$TESTS_LIMIT
 TEST_FLAGS=(-p bench.without_extras -p no:cacheprovider -q -rfEs --junitxml "$BASE-tests.xml")
