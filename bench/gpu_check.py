@@ -332,14 +332,15 @@ def import_open_clip():
 
 
 def clip_pair(check, open_clip):
-    """(dense random-init CLIP, its E2E_EXPERTS top-2 upcycling with copied experts, name): ViT-B/16, or a tiny
-    CLIP in a dry run."""
+    """(dense random-init CLIP, its E2E_EXPERTS top-2 upcycling with copied experts, name), in eval mode: ViT-B/16,
+    or a tiny CLIP in a dry run."""
     import clipmoe
     torch.manual_seed(0)
     if check.dry_run:
         dense, name = open_clip.CLIP(**TINY_CLIP).to(check.device), "tiny CLIP"
     else:
         dense, name = open_clip.create_model(E2E_MODEL, pretrained=None, device=check.device), E2E_MODEL
+    dense.eval()
     return dense, clipmoe.upcycle(copy.deepcopy(dense), num_experts=E2E_EXPERTS, top_k=configs.TOP_K), name
 
 
@@ -368,7 +369,6 @@ def phase_e2e(check):
     images = torch.randn(batch, 3, *dense.visual.image_size, device=device)
     texts = torch.randint(1, dense.vocab_size, (batch, dense.context_length), device=device)
     autocast = bf16_autocast(device)
-    dense.eval()
     with torch.no_grad(), autocast:
         want = (dense.encode_image(images), dense.encode_text(texts))
     loss_fn = open_clip.ClipLoss()
@@ -438,8 +438,6 @@ def phase_encode(check):
 
     from clipmoe.eval.encode import read_items
     dense, moe, name = clip_pair(check, open_clip)
-    dense.eval()
-    moe.eval()
     preprocess = open_clip.image_transform(dense.visual.image_size, is_train=False)
     batch, count = (2, 3) if check.dry_run else (ENCODE_BATCH, ENCODE_ITEMS)
     autocast = bf16_autocast(check.device)
@@ -448,18 +446,16 @@ def phase_encode(check):
         for i in range(count):
             Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(f"{tmp}/{i:05d}.png")
         items = read_items(tmp)
-        images = torch.stack([preprocess(Image.open(item["image"]).convert("RGB")) for item in items])
-        images = images.to(check.device)
+        images = torch.stack([preprocess(Image.open(item["image"]).convert("RGB")) for item in items]).to(check.device)
         with torch.inference_mode(), autocast:
             want = torch.nn.functional.normalize(dense.encode_image(images).float(), dim=-1)
         for variant in ENCODE_VARIANTS:
             model = dense if variant == "dense" else moe
             set_backend(model, variant)
             rec = {"phase": "encode", "model": name, "batch": batch, "items": count, "experts": E2E_EXPERTS,
-                   "top_k": configs.TOP_K, "variant": variant, "status": "ok", "error": None,
-                   "check_rel_err": None, "tile_config": None, "median_ms": None, "p20_ms": None, "p80_ms": None,
-                   "items_per_s": None, "pipeline_s": [], "pipeline_items_per_s": None,
-                   "workers": 0 if check.dry_run else ENCODE_WORKERS}
+                   "top_k": configs.TOP_K, "variant": variant, "status": "ok", "error": None, "check_rel_err": None,
+                   "tile_config": None, "median_ms": None, "p20_ms": None, "p80_ms": None, "items_per_s": None,
+                   "pipeline_s": [], "pipeline_items_per_s": None, "workers": 0 if check.dry_run else ENCODE_WORKERS}
             check.results["encode"].append(rec)
             reason = check.unavailable(variant) or ("not measured: the time budget ran out" if check.left() <= 0
                                                     else None)
@@ -477,9 +473,7 @@ def phase_encode(check):
 def run_encode(check, rec, model, variant, items, images, want, preprocess, autocast, tmp):
     from clipmoe.eval.encode import encode_dataset, read_shards
     rtol = 2e-2 if check.device == "cuda" else 1e-4
-    config = image_tile_config(model, rec["batch"])
-    if variant == "triton":
-        rec["tile_config"] = config
+    config = rec["tile_config"] = image_tile_config(model, rec["batch"]) if variant == "triton" else None
     runs = iter(range(1000))
 
     def pipeline():
@@ -501,8 +495,7 @@ def run_encode(check, rec, model, variant, items, images, want, preprocess, auto
         if not err <= rtol:
             raise AssertionError(f"{variant}: encoded rows differ from the dense model's by {err:.2e} > {rtol:.0e}")
         rec.update(time_ms(forward, check.device, dry_run=check.dry_run, bench_ms=E2E_BENCH_MS))
-        if rec["median_ms"] is not None:
-            rec["items_per_s"] = rec["batch"] / rec["median_ms"] * 1e3
+        rec["items_per_s"] = rec["median_ms"] and rec["batch"] / rec["median_ms"] * 1e3
         seconds = []
         for _ in range(1 if check.dry_run else ENCODE_REPEATS):
             start = time.perf_counter()

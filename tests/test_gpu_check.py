@@ -150,7 +150,7 @@ def test_encode_phase_runs_every_variant_on_the_cpu(triton_interpreter, capsys):
         gpu_check.phase_encode(check)
         rows = {r["variant"]: r for r in check.results["encode"]}
         assert list(rows) == list(gpu_check.ENCODE_VARIANTS) and gpu_check.failures(check.results) == []
-        assert rows["dense"]["status"] == "ok" and rows["dense"]["check_rel_err"] == 0.0
+        assert rows["dense"]["status"] == "ok" and rows["dense"]["check_rel_err"] < 1e-6
         for variant in ("torch", "triton"):
             assert rows[variant]["status"] == ("ok" if extension else "skipped"), rows[variant]
             if extension:
