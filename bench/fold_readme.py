@@ -32,9 +32,9 @@ def readme_block(results, json_path) -> str:
              f"`naive / triton` etc.: the speed-up of triton).")
     lines = textwrap.wrap(intro, width=118, break_on_hyphens=False) + [""]
     lines += gpu_table.layer_table(results)
-    e2e = gpu_table.e2e_table(results)
-    if e2e:
-        lines += [""] + e2e
+    for table in (gpu_table.e2e_table(results), gpu_table.encode_table(results)):
+        if table:
+            lines += [""] + table
     tests = results.get("tests")
     if tests:
         lines += ["", f"GPU tests in the same run: {tests['passed']} passed, {tests['failures']} failed, "

@@ -13,6 +13,9 @@ compile, ten kernel variants per tile config; do_bench 25 ms warm-up + 100 ms of
   routing    E 8 uniform and E 4 skewed (Zipf) at the training shape, forward and forward+backward.          20 s
   e2e        a whole random-init ViT-B/16 CLIP, dense vs its E 4 top-2 upcycling on the naive and the triton
              backend: forward and one training step (bf16 autocast), batch 64. Needs open_clip (the wheels). 30 s
+  encode     `clipmoe encode` throughput of the same models, dense vs upcycled on the torch and triton backends
+             (bf16 autocast): encode_image of one batch of 256 (do_bench) and the whole pipeline (512 PNG files ->
+             DataLoader, 8 workers -> float16 shards; median of 3 runs after a warm-up), in images/s.      10 s
   tuned      the training shape once more with the triton provider autotuned over its candidate configs
              instead of the pinned one (the table's "tuned" rows; about 30 extra compiles).                   60 s
 A phase starts only while its expected time is left in the budget (a running autotune cannot be cut short); a
@@ -37,8 +40,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -53,6 +58,8 @@ TRAINING = ("vit_l14", 256)
 INFERENCE = (("vit_b16", 1), ("vit_b16", 8), ("vit_l14", 1), ("text_b", 1))
 ROUTING_VARIANTS = ((8, "uniform"), (4, "skewed"))
 E2E_MODEL, E2E_BATCH, E2E_EXPERTS = "ViT-B-16", 64, 4
+ENCODE_VARIANTS = ("dense", "torch", "triton")
+ENCODE_BATCH, ENCODE_ITEMS, ENCODE_WORKERS, ENCODE_REPEATS = 256, 512, 8, 3
 # Pinned tile configs (CLIPMOE_TRITON_CONFIG): wide output tiles where every expert has thousands of rows, narrow
 # ones where few rows leave the 132 SMs short of programs. One config per regime: each is a set of compiles.
 TILE_CONFIGS = {"large": "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3",
@@ -60,7 +67,7 @@ TILE_CONFIGS = {"large": "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3",
 LARGE_ROWS_PER_EXPERT = 4096
 USES_MOE_ALIGN = ("triton", "torch")  # providers whose routing metadata comes from the extension's moe_align
 AUTOTUNE = "autotune"  # the tuned rows' config: CLIPMOE_TRITON_CONFIG unset
-PHASE_SECONDS = {"training": 40, "inference": 25, "routing": 20, "e2e": 30, "tuned": 60}
+PHASE_SECONDS = {"training": 40, "inference": 25, "routing": 20, "e2e": 30, "encode": 10, "tuned": 60}
 BENCH_MS = {"warmup": 25, "rep": 100}          # do_bench milliseconds: thousands of repeats of a small shape
 BENCH_MS_LARGE = {"warmup": 50, "rep": 250}    # shapes over LARGE_FLOPS: 10-50 ms calls still get 5-25 repeats
 LARGE_FLOPS = 1e11
@@ -103,7 +110,7 @@ class Check:
         self.extension = not args.no_extension
         self.deadline = time.monotonic() + args.budget_s
         self.results = {"schema": SCHEMA, "dry_run": args.dry_run, "machine": machine_info(self.device),
-                        "budget_s": args.budget_s, "phases": [], "layer": [], "e2e": []}
+                        "budget_s": args.budget_s, "phases": [], "layer": [], "e2e": [], "encode": []}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -315,33 +322,59 @@ class Skip(Exception):
     """A phase that cannot run here, with the reason."""
 
 
-def phase_e2e(check):
+def import_open_clip():
     try:
         import open_clip
     except ImportError as exc:
         raise Skip(f"open_clip is missing ({exc}): make the wheels with bash bench/gpu_wheels.sh and carry "
                    f"bench/wheels") from None
+    return open_clip
+
+
+def clip_pair(check, open_clip):
+    """(dense random-init CLIP, its E2E_EXPERTS top-2 upcycling with copied experts, name), in eval mode: ViT-B/16,
+    or a tiny CLIP in a dry run."""
     import clipmoe
-    device = check.device
     torch.manual_seed(0)
     if check.dry_run:
-        dense, batch, name = open_clip.CLIP(**TINY_CLIP).to(device), 2, "tiny CLIP"
+        dense, name = open_clip.CLIP(**TINY_CLIP).to(check.device), "tiny CLIP"
     else:
-        dense, batch, name = open_clip.create_model(E2E_MODEL, pretrained=None, device=device), E2E_BATCH, E2E_MODEL
-    moe = clipmoe.upcycle(copy.deepcopy(dense), num_experts=E2E_EXPERTS, top_k=configs.TOP_K)
+        dense, name = open_clip.create_model(E2E_MODEL, pretrained=None, device=check.device), E2E_MODEL
+    dense.eval()
+    return dense, clipmoe.upcycle(copy.deepcopy(dense), num_experts=E2E_EXPERTS, top_k=configs.TOP_K), name
+
+
+def set_backend(model, backend):
+    import clipmoe
+    for m in model.modules():
+        if isinstance(m, clipmoe.MoEFFN):
+            m.backend = backend
+
+
+def bf16_autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def image_tile_config(model, batch):
+    """One pinned tile config for every MoE layer, chosen by the image tower's rows, so that a run compiles one."""
+    tokens = batch * (model.visual.grid_size[0] * model.visual.grid_size[1] + 1)
+    return TILE_CONFIGS["large" if tokens * configs.TOP_K / E2E_EXPERTS >= LARGE_ROWS_PER_EXPERT else "small"]
+
+
+def phase_e2e(check):
+    open_clip = import_open_clip()
+    device = check.device
+    dense, moe, name = clip_pair(check, open_clip)
+    batch = 2 if check.dry_run else E2E_BATCH
     images = torch.randn(batch, 3, *dense.visual.image_size, device=device)
     texts = torch.randint(1, dense.vocab_size, (batch, dense.context_length), device=device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    dense.eval()
+    autocast = bf16_autocast(device)
     with torch.no_grad(), autocast:
         want = (dense.encode_image(images), dense.encode_text(texts))
     loss_fn = open_clip.ClipLoss()
     for variant in ("dense", "naive", "triton"):
         model = dense if variant == "dense" else moe
-        for m in model.modules():
-            if isinstance(m, clipmoe.MoEFFN):
-                m.backend = variant
+        set_backend(model, variant)
         for task in ("forward", "train_step"):
             rec = {"phase": "e2e", "model": name, "batch": batch, "experts": E2E_EXPERTS, "top_k": configs.TOP_K,
                    "variant": variant, "task": task, "status": "ok", "error": None, "median_ms": None,
@@ -363,9 +396,7 @@ def phase_e2e(check):
 
 def run_e2e(check, rec, model, variant, task, images, texts, want, autocast, loss_fn):
     rtol = 2e-2 if check.device == "cuda" else 1e-4
-    # One pinned tile config for every MoE layer (chosen by the image tower's rows), so that the run compiles one.
-    tokens = images.shape[0] * (model.visual.grid_size[0] * model.visual.grid_size[1] + 1)
-    config = TILE_CONFIGS["large" if tokens * configs.TOP_K / E2E_EXPERTS >= LARGE_ROWS_PER_EXPERT else "small"]
+    config = image_tile_config(model, images.shape[0])
     if variant == "triton":
         rec["tile_config"] = config
     with pinned(config):
@@ -399,8 +430,96 @@ def print_e2e(rec):
               f"{rec['peak_mib']:.0f} MiB, check {rec['check_rel_err']:.1e}", flush=True)
 
 
+def phase_encode(check):
+    """`clipmoe encode` throughput: the model's encode_image on one batch, then the whole pipeline over PNG files."""
+    open_clip = import_open_clip()
+    import numpy as np
+    from PIL import Image
+
+    from clipmoe.eval.encode import read_items
+    dense, moe, name = clip_pair(check, open_clip)
+    preprocess = open_clip.image_transform(dense.visual.image_size, is_train=False)
+    batch, count = (2, 3) if check.dry_run else (ENCODE_BATCH, ENCODE_ITEMS)
+    autocast = bf16_autocast(check.device)
+    with tempfile.TemporaryDirectory(prefix="clipmoe-encode-") as tmp:
+        rng = np.random.default_rng(0)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(f"{tmp}/{i:05d}.png")
+        items = read_items(tmp)
+        images = torch.stack([preprocess(Image.open(item["image"]).convert("RGB")) for item in items]).to(check.device)
+        with torch.inference_mode(), autocast:
+            want = torch.nn.functional.normalize(dense.encode_image(images).float(), dim=-1)
+        for variant in ENCODE_VARIANTS:
+            model = dense if variant == "dense" else moe
+            set_backend(model, variant)
+            rec = {"phase": "encode", "model": name, "batch": batch, "items": count, "experts": E2E_EXPERTS,
+                   "top_k": configs.TOP_K, "variant": variant, "status": "ok", "error": None, "check_rel_err": None,
+                   "tile_config": None, "median_ms": None, "p20_ms": None, "p80_ms": None, "items_per_s": None,
+                   "pipeline_s": [], "pipeline_items_per_s": None, "workers": 0 if check.dry_run else ENCODE_WORKERS}
+            check.results["encode"].append(rec)
+            reason = check.unavailable(variant) or ("not measured: the time budget ran out" if check.left() <= 0
+                                                    else None)
+            if reason:
+                rec.update(status="skipped", error=reason)
+            else:
+                try:
+                    run_encode(check, rec, model, variant, items, images, want, preprocess, autocast, Path(tmp))
+                except Exception as exc:
+                    rec.update(status="error", error=short_error(exc))
+                    traceback.print_exc()
+            print_encode(rec)
+
+
+def run_encode(check, rec, model, variant, items, images, want, preprocess, autocast, tmp):
+    from clipmoe.eval.encode import encode_dataset, read_shards
+    rtol = 2e-2 if check.device == "cuda" else 1e-4
+    config = rec["tile_config"] = image_tile_config(model, rec["batch"]) if variant == "triton" else None
+    runs = iter(range(1000))
+
+    def pipeline():
+        out = tmp / f"out-{variant}-{next(runs)}"  # a fresh folder: nothing to resume
+        encode_dataset(model, items, preprocess, None, out, settings={"model": variant}, shard_size=len(items),
+                       batch_size=rec["batch"], num_workers=rec["workers"], device=check.device,
+                       dtype="float32" if check.dry_run else "float16", amp_dtype=torch.bfloat16)
+        synchronize(check.device)
+        return out
+
+    def forward():
+        with torch.inference_mode(), autocast:
+            model.encode_image(images[:rec["batch"]])
+
+    with pinned(config):
+        rows = torch.from_numpy(read_shards(pipeline())["image"]).float()  # also the pipeline's warm-up
+        err = providers.relative_error(rows, want)  # float16 rows of the bf16 model against the dense model's
+        rec["check_rel_err"] = err
+        if not err <= rtol:
+            raise AssertionError(f"{variant}: encoded rows differ from the dense model's by {err:.2e} > {rtol:.0e}")
+        rec.update(time_ms(forward, check.device, dry_run=check.dry_run, bench_ms=E2E_BENCH_MS))
+        rec["items_per_s"] = rec["median_ms"] and rec["batch"] / rec["median_ms"] * 1e3
+        seconds = []
+        for _ in range(1 if check.dry_run else ENCODE_REPEATS):
+            start = time.perf_counter()
+            pipeline()
+            seconds.append(time.perf_counter() - start)
+        if not check.dry_run:  # a dry run keeps no timings
+            rec.update(pipeline_s=seconds, pipeline_items_per_s=len(items) / statistics.median(seconds))
+
+
+def print_encode(rec):
+    where = f"encode {rec['model']} {rec['variant']}"
+    if rec["status"] != "ok":
+        print(f"  {where}: {rec['status'].upper()}: {rec['error']}", flush=True)
+    elif rec["median_ms"] is None:
+        print(f"  {where}: run once (dry run), check {rec['check_rel_err']:.1e}", flush=True)
+    else:
+        print(f"  {where}: encode_image b{rec['batch']} {rec['median_ms']:.2f} ms ({rec['items_per_s']:.0f} "
+              f"images/s); pipeline {rec['items']} images {rec['pipeline_items_per_s']:.0f} images/s "
+              f"(runs {', '.join(f'{t:.2f}' for t in rec['pipeline_s'])} s), check {rec['check_rel_err']:.1e}",
+              flush=True)
+
+
 PHASES = (("training", phase_training), ("inference", phase_inference), ("routing", phase_routing),
-          ("e2e", phase_e2e), ("tuned", phase_tuned))
+          ("e2e", phase_e2e), ("encode", phase_encode), ("tuned", phase_tuned))
 
 
 def run_phases(check):
@@ -432,7 +551,7 @@ def run_phases(check):
 def failures(results):
     """Measurements and phases that errored (skips are not failures: they say why in the table)."""
     bad = [p for p in results["phases"] if p["status"] == "error"]
-    bad += [r for r in results["layer"] + results["e2e"] if r["status"] == "error"]
+    bad += [r for r in results["layer"] + results["e2e"] + results["encode"] if r["status"] == "error"]
     return bad
 
 

@@ -9,7 +9,7 @@
 # Output: $OUT/gpu-<UTC time>.{json,md,png,log} and the tests' JUnit XML (-tests.xml) when OUT is set, else
 # bench/results/ (a dry run: a temporary folder unless OUT is set). Then, here: python -m bench.fold_readme
 # <the JSON> copies the files into bench/results/ and folds the table into the README's performance section.
-# The end-to-end phase needs open_clip: `bash bench/gpu_wheels.sh` here makes bench/wheels/, which this script
+# The end-to-end and encode phases need open_clip: `bash bench/gpu_wheels.sh` here makes bench/wheels/, which this script
 # installs offline into a temporary target when it is there (carry it with the tree).
 #
 # Budget (expected seconds on one H200; the hard limits keep the whole run under TOTAL_LIMIT):
@@ -17,11 +17,12 @@
 #   extension build, sm_90 only (nvcc, 3 files) 75   limit BUILD_LIMIT; beside it, on the idle cores, a
 #                                                      warm-up compiles the measured Triton kernels
 #   wheels installed offline                     5
-#   measurements (bench/gpu_check.py phases)   175   training 40, inference 25, routing 20, e2e 30, tuned 60;
+#   measurements (bench/gpu_check.py phases)   185   training 40, inference 25, routing 20, e2e 30, encode 10,
+#                                                      tuned 60;
 #                                                      a phase starts only while its expected time is left
 #   gpu tests (pytest -m gpu, 8 workers)        75   limit TESTS_LIMIT, each test at most 120 s
 #   tables and plot                              5
-#   total                                      340   limit TOTAL_LIMIT = 355 s
+#   total                                      350   limit TOTAL_LIMIT = 355 s
 # Exit status: 0 all measured and passed; 1 a measurement or test failed; 2 the set-up failed (no GPU, no build:
 # then nothing that would use the host-synchronising fallback is measured).
 set -uo pipefail
@@ -107,16 +108,16 @@ else
     rm -f "$BASE.build.txt" "$BASE.warmup.txt"  # their tails are in the log; $OUT holds at most 8 files
 fi
 
-# -- wheels: open_clip and friends for the end-to-end phase, into a temporary target (never over the image's own).
+# -- wheels: open_clip and friends for the end-to-end and encode phases, into a temporary target (never over the image's own).
 SITE=""
 if ls bench/wheels/*.whl > /dev/null 2>&1; then
     SITE=$(mktemp -d -t clipmoe-site.XXXXXX)
     say "wheels: installing bench/wheels offline into $SITE"
     if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" bench/wheels/*.whl; then
-        echo "NOTE: the wheels did not install: the end-to-end phase is skipped"; SITE=""
+        echo "NOTE: the wheels did not install: the end-to-end and encode phases are skipped"; SITE=""
     fi
 else
-    say "wheels: bench/wheels is not here (bash bench/gpu_wheels.sh makes it); the end-to-end phase needs an installed open_clip"
+    say "wheels: bench/wheels is not here (bash bench/gpu_wheels.sh makes it); the end-to-end and encode phases need an installed open_clip"
 fi
 
 # -- measurements
@@ -127,8 +128,9 @@ PYTHONPATH="$PWD${SITE:+:$SITE}" timeout -k 5 $(( BUDGET + 15 )) "$PY" -m bench.
 RC=$?
 [ "$RC" -ne 0 ] && { loud "measurements: exit status $RC (see ERROR lines above)"; [ "$STATUS" -eq 0 ] && STATUS=1; }
 
-# -- gpu tests: what only a GPU checks (bf16, determinism, compile, graph capture, int32 bound), torch and triton
-#    only: the tests run without the wheels, with open_clip, ftfy and webdataset blocked as on the bare machine.
+# -- gpu tests: what only a GPU checks (bf16, determinism, compile, graph capture, int32 bound, encode under
+#    autocast), torch and triton only: the tests run without the wheels, with open_clip, ftfy and webdataset
+#    blocked as on the bare machine.
 LEFT=$(( TOTAL_LIMIT - $(elapsed) - RESERVE ))
 [ "$LEFT" -gt "$TESTS_LIMIT" ] && LEFT=$TESTS_LIMIT
 TEST_FLAGS=(-p bench.without_extras -p no:cacheprovider -q -rfEs --junitxml "$BASE-tests.xml")

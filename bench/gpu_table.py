@@ -90,6 +90,28 @@ def e2e_table(results):
     return lines
 
 
+def encode_table(results):
+    """`clipmoe encode` throughput per variant: encode_image of one batch and the whole pipeline, each with its
+    ratio to the dense model's images/s."""
+    rows = results.get("encode", [])
+    if not rows:
+        return []
+    dense = next((r for r in rows if r["variant"] == "dense" and r["status"] == "ok"), {})
+    first = rows[0]
+    lines = [f"| model | variant | encode_image b{first['batch']} ms [p20, p80] | images/s | images/s / dense | "
+             f"pipeline images/s ({first['items']} PNGs, {first['workers']} workers) | pipeline / dense |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ok = r["status"] == "ok" and r["median_ms"] is not None
+        ms = f"{r['median_ms']:.2f} [{r['p20_ms']:.2f}, {r['p80_ms']:.2f}]" if ok else \
+            ("run once" if r["status"] == "ok" else r["status"])
+        model, pipeline = (r.get(k) if ok else None for k in ("items_per_s", "pipeline_items_per_s"))
+        lines.append(f"| {r['model']} | {r['variant']} | {ms} | {_fmt(model, '.0f')} | "
+                     f"{_fmt(ratio(model, dense.get('items_per_s')))} | {_fmt(pipeline, '.0f')} | "
+                     f"{_fmt(ratio(pipeline, dense.get('pipeline_items_per_s')))} |")
+    return lines
+
+
 def not_measured(results):
     out = []
     for r in results["layer"]:
@@ -98,6 +120,9 @@ def not_measured(results):
     for r in results["e2e"]:
         if r["status"] != "ok":
             out.append(f"- e2e {r['model']} {r['task']} `{r['variant']}`: {r['status']}: {r['error']}")
+    for r in results.get("encode", []):
+        if r["status"] != "ok":
+            out.append(f"- encode {r['model']} `{r['variant']}`: {r['status']}: {r['error']}")
     for p in results["phases"]:
         if p["status"] != "ok":
             out.append(f"- phase {p['name']}: {p['status']}: {p['note']}")
@@ -130,6 +155,10 @@ def markdown(results) -> str:
     e2e = e2e_table(results)
     if e2e:
         lines += ["", "Whole model (bf16 autocast): median ms per batch."] + [""] + e2e
+    encode = encode_table(results)
+    if encode:
+        lines += ["", "`clipmoe encode` (bf16 autocast, float16 rows): images/s; A / dense = a variant's images/s "
+                      "over the dense model's."] + [""] + encode
     phases = results["phases"]
     lines += ["", "| phase | expected s | wall s | status |", "|---|---:|---:|---|"]
     lines += [f"| {p['name']} | {p['expected_s']} | {_fmt(p['wall_s'], '.1f')} | {p['status']} |" for p in phases]

@@ -92,12 +92,24 @@ def results_json(dry_run=False):
     e2e = [{"phase": "e2e", "model": "ViT-B-16", "batch": 64, "variant": v, "task": "train_step", "status": "ok",
             "error": None, "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mib": 2048.0, "check_rel_err": 1e-3,
             "items_per_s": 64 / ms * 1e3} for v, ms in (("dense", 100.0), ("naive", 200.0), ("triton", 125.0))]
+    encode = [encode_row(v, ms, pipeline) for v, ms, pipeline in (("dense", 10.0, 2.0), ("torch", 20.0, 2.5),
+                                                                   ("triton", 16.0, 2.2))]
+    encode.append(encode_row("naive", None, None, status="skipped"))
     return {"schema": "clipmoe-gpu-check/1", "dry_run": dry_run, "budget_s": 200,
             "machine": {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
                         "python": "3.12.3", "git": "abc1234", "date": "2026-12-01 12:00 UTC"},
             "phases": [{"name": "training", "expected_s": 40, "wall_s": 33.0, "status": "ok", "note": None},
                        {"name": "tuned", "expected_s": 60, "wall_s": None, "status": "skipped", "note": "no time"}],
-            "layer": layer, "e2e": e2e}
+            "layer": layer, "e2e": e2e, "encode": encode}
+
+
+def encode_row(variant, ms, pipeline_s, status="ok"):
+    return {"phase": "encode", "model": "ViT-B-16", "batch": 256, "items": 512, "experts": 4, "top_k": 2,
+            "variant": variant, "status": status, "error": None if status == "ok" else "no time",
+            "check_rel_err": 1e-3, "tile_config": None, "median_ms": ms, "p20_ms": ms and ms * 0.9,
+            "p80_ms": ms and ms * 1.1, "items_per_s": ms and 256 / ms * 1e3,
+            "pipeline_s": [pipeline_s] * 3 if pipeline_s else [],
+            "pipeline_items_per_s": pipeline_s and 512 / pipeline_s, "workers": 8}
 
 
 def cells(line):
@@ -118,8 +130,34 @@ def test_ratio_table_divides_the_medians():
     e2e = gpu_table.e2e_table(results_json())
     e2e_row = dict(zip(cells(e2e[0]), cells(e2e[2]), strict=True))
     assert e2e_row["naive / triton"] == "1.60" and e2e_row["triton / dense"] == "1.25"
+    encode = {cells(line)[1]: dict(zip(cells(gpu_table.encode_table(results_json())[0]), cells(line), strict=True))
+              for line in gpu_table.encode_table(results_json())[2:]}
+    assert encode["dense"]["images/s"] == "25600" and encode["torch"]["images/s / dense"] == "0.50"
+    assert encode["triton"]["pipeline images/s (512 PNGs, 8 workers)"] == "233"
+    assert encode["triton"]["pipeline / dense"] == f"{2.0 / 2.2:.2f}" and encode["naive"]["images/s / dense"] == "–"
     missing = "\n".join(gpu_table.not_measured(results_json()))
     assert "not capturable: reason" in missing and "phase tuned: skipped: no time" in missing
+    assert "encode ViT-B-16 `naive`: skipped: no time" in missing
+    assert gpu_table.encode_table({"encode": []}) == [] and gpu_table.not_measured({**results_json(), "encode": []})
+
+
+def test_encode_phase_runs_every_variant_on_the_cpu(triton_interpreter, capsys):
+    """The encode phase of a dry run: tiny CLIP, the pipeline over real PNG files, each variant checked against the
+    dense model; without the extension the variants that route with moe_align are skipped, not failed."""
+    pytest.importorskip("open_clip")
+    for extension in (True, False):
+        check = gpu_check.Check(argparse.Namespace(dry_run=True, json=None, no_extension=not extension, budget_s=60))
+        gpu_check.phase_encode(check)
+        rows = {r["variant"]: r for r in check.results["encode"]}
+        assert list(rows) == list(gpu_check.ENCODE_VARIANTS) and gpu_check.failures(check.results) == []
+        assert rows["dense"]["status"] == "ok" and rows["dense"]["check_rel_err"] < 1e-6
+        for variant in ("torch", "triton"):
+            assert rows[variant]["status"] == ("ok" if extension else "skipped"), rows[variant]
+            if extension:
+                assert 0.0 < rows[variant]["check_rel_err"] < 1e-5  # the MoE layers ran, copied experts agree
+    gpu_check.print_encode(encode_row("triton", 16.0, 2.2))
+    assert "encode ViT-B-16 triton: encode_image b256 16.00 ms (16000 images/s); pipeline 512 images 233 images/s" \
+        in capsys.readouterr().out
 
 
 def test_tests_summary_reads_junit(tmp_path):
@@ -147,6 +185,7 @@ def test_fold_readme_rewrites_only_the_gpu_block(tmp_path, capsys):
     assert text.startswith(before) and text.endswith(after) and "Not measured yet" not in text
     row = "| training | vit_l14 b256 T65792 E4 uniform | forward_backward | no | 10.000 [9.000, 11.000] | 2.00 |"
     assert row in text
+    assert "| ViT-B-16 | torch | 20.00 [18.00, 22.00] | 12800 | 0.50 | 205 | 0.80 |" in text  # the encode table
     assert "python -m bench.fold_readme" in text
     stored = sorted(os.listdir(tmp_path / "results"))
     assert stored == ["gpu-20261201-120000.json", "gpu-20261201-120000.log", "gpu-20261201-120000.md"]

@@ -51,6 +51,9 @@ def test_upcycled_clip_model_save_pretrained_round_trip(tmp_path):
         assert loaded.vision_model.encoder.layers[0].mlp.activation == "gelu"
         assert _max_diff(_clip_features(loaded, pixel_values, input_ids), want) <= ROUND_TRIP_TOL
     torch.testing.assert_close(loaded.encode_image(pixel_values), want[0], rtol=0, atol=0)
+    # the README's warning: transformers' plain class only warns and builds dense, newly initialised MLPs
+    dense = transformers.CLIPModel.from_pretrained(tmp_path / "moe", local_files_only=True)
+    assert type(dense) is transformers.CLIPModel and not any(isinstance(m, MoEFFN) for m in dense.modules())
 
 
 @pytest.mark.parametrize("cls_name", ["CLIPVisionModel", "CLIPTextModel"])

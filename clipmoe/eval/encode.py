@@ -211,10 +211,10 @@ def _check_run(out: Path, settings: dict):
 def encode_dataset(model, items, preprocess, tokenizer, out, *, settings: dict, shard_size: int = 10000,
                    batch_size: int = 256, num_workers: int = 0, normalize: bool = True, dtype: str = "float16",
                    fmt: str = "npy", metadata_format: str = "csv", device="cpu", autocast: bool = True,
-                   compile: bool = False, progress: bool = False) -> dict:
+                   compile: bool = False, progress: bool = False, amp_dtype: torch.dtype = torch.float16) -> dict:
     """Encode `items` (from read_items) into shards under `out` (module docstring), skipping shards already done;
     returns the totals written to encode.json. `settings` describes the model and data (kept in encode.json; a
-    resumed run must give the same); autocast (fp16) applies on CUDA only."""
+    resumed run must give the same); autocast (to amp_dtype) applies on CUDA only."""
     if dtype not in DTYPES or fmt not in ("npy", "safetensors") or metadata_format not in ("csv", "parquet"):
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, fmt npy or safetensors, metadata_format csv or "
                          f"parquet; got {dtype!r}, {fmt!r}, {metadata_format!r}")
@@ -244,7 +244,7 @@ def encode_dataset(model, items, preprocess, tokenizer, out, *, settings: dict, 
     loader = DataLoader(EncodeItems(items, preprocess, tokenizer, images, texts), batch_sampler=batches,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     param = next(model.parameters())
-    amp = torch.autocast("cuda", dtype=torch.float16) if autocast and device.type == "cuda" else nullcontext()
+    amp = torch.autocast("cuda", dtype=amp_dtype) if autocast and device.type == "cuda" else nullcontext()
 
     def run(fn, x):
         with amp:
