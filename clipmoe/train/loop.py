@@ -3,8 +3,9 @@ warmup + cosine, optional autocast, DDP under torchrun, a progress bar, JSON-lin
 checkpoints written atomically.
 
 Resume contract: the batch order of an epoch is a function of (seed, epoch) only (the batch samplers' `set_epoch`);
-each sample is read with the RNGs seeded from (seed, rank, step, slot in the batch), so random augmentation depends on
-which draw it is, not on the process or DataLoader worker that makes it; the DataLoader gets its own generator so
+each sample is read with the RNGs seeded from (seed, step, position in the global batch), so random augmentation
+depends on which draw it is, not on the rank, process or DataLoader worker that makes it (N ranks draw what one
+process with their global batch draws); the DataLoader gets its own generator so
 creating it draws nothing from the global RNG; and a checkpoint stores the trainable tensors, optimizer, scheduler,
 step and RNG states. A run killed after a checkpoint and resumed therefore takes the same steps as an uninterrupted
 one, with any number of DataLoader workers (bit-exact in deterministic mode on CPU).
@@ -187,9 +188,20 @@ class SeededDraws(Dataset):
             random.setstate(python_state)
 
 
-def draw_seed(seed: int, rank: int, step: int, slot: int) -> int:
-    """A distinct seed per sample draw: (run seed, rank, global step, slot in the rank's batch)."""
-    return (((seed * 1_000_003 + rank) * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
+def draw_seed(seed: int, step: int, slot: int) -> int:
+    """A distinct seed per sample draw: (run seed, global step, slot in the global batch). No rank: the draw of a
+    sample is the same whichever rank reads it. (The same numbers as the rank-0 seeds of earlier versions, so
+    single-process runs draw what they drew before.)"""
+    return ((seed * 1_000_003 * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
+
+
+def draw_keys(local_batches, seed: int, first_step: int, rank: int) -> list:
+    """SeededDraws keys (draw_seed, index) of this rank's batches of steps first_step, first_step + 1, ...
+
+    A rank's batch is chunk `rank` of its global batch, all chunks of equal length (ClusterBatchSampler's split,
+    which the loss's all-gather also assumes), so slot j of rank r is slot r·len(batch) + j of the global batch."""
+    return [[(draw_seed(seed, first_step + b, rank * len(batch) + j), i) for j, i in enumerate(batch)]
+            for b, batch in enumerate(local_batches)]
 
 
 def resolve_logit_scale(cfg: TrainConfig, model) -> float | None:
@@ -201,7 +213,8 @@ def resolve_logit_scale(cfg: TrainConfig, model) -> float | None:
 
 def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, trainable: str, info: DistInfo,
           resume: bool = False, desc: str = "train") -> dict:
-    """Train `model` in place on `dataset` with `batch_sampler` (this rank's batches, with `set_epoch`).
+    """Train `model` in place on `dataset` with `batch_sampler` (this rank's batches, with `set_epoch`: chunk
+    `info.rank` of each global batch, as ClusterBatchSampler splits it).
 
     `loss_fn(image_features, text_features, logit_scale)` is the contrastive loss (features L2-normalised, local to
     this rank; it gathers across ranks itself). MoE layers add `cfg.balance_alpha` x their mean balance loss.
@@ -284,8 +297,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
         epoch, offset = divmod(step, steps_per_epoch)
         batch_sampler.set_epoch(epoch)
         plan = list(batch_sampler)[offset:]  # the epoch's plan, minus the batches done before a resume
-        batches = [[(draw_seed(cfg.seed, info.rank, step + b, j), i) for j, i in enumerate(batch)]
-                   for b, batch in enumerate(plan)]
+        batches = draw_keys(plan, cfg.seed, step, info.rank)
         loader = DataLoader(draws, batch_sampler=batches, num_workers=cfg.workers,
                             generator=torch.Generator().manual_seed(cfg.seed))
         for images, texts in loader:
