@@ -1,5 +1,5 @@
 """The DMU pipeline on a tiny real open_clip model: FFN-only MCL stages, assembly, router training, baselines,
-and a 2-process gloo MCL stage against one process with the same global batch."""
+and a 2-process gloo MCL stage against one process with the same global batch (and the same random augmentation)."""
 import json
 import math
 import os
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from clipmoe import MoEFFN
 from clipmoe.data.sampler import ClusterBatchSampler
@@ -23,7 +23,7 @@ from clipmoe.train.dmu import (
     run_mcl,
     train_router,
 )
-from clipmoe.train.loop import TrainConfig, read_metrics, train
+from clipmoe.train.loop import TrainConfig, draw_keys, read_metrics, train
 from tests.dist_utils import free_port
 from tests.tolerances import assert_close
 
@@ -38,6 +38,21 @@ def tiny_model(seed=0):
 def random_dataset(n=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(1, 49407, (n, 32), generator=g))
+
+
+class Augmented(Dataset):
+    """random_dataset with a random augmentation: noise drawn from torch's global RNG on every read, as torchvision's
+    random crops draw (train() seeds that RNG per sample draw)."""
+
+    def __init__(self, n=48, seed=0):
+        self.data = random_dataset(n, seed)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        image, text = self.data[index]
+        return image + 0.5 * torch.randn(image.shape), text
 
 
 def small_cfg(**kw):
@@ -139,11 +154,28 @@ def _mcl_stage_worker(rank, world_size, port, out_dir):
     cfg = small_cfg()
     labels = torch.arange(48) % 2
     sampler = ClusterBatchSampler(labels, cfg.batch_size // world_size, world_size=world_size, rank=rank)
-    train(model, random_dataset(), sampler, contrastive_loss(cfg), cfg, out_dir, trainable="ffn", info=info)
+    train(model, Augmented(), sampler, contrastive_loss(cfg), cfg, out_dir, trainable="ffn", info=info)
     if rank == 0:
         torch.save(ffn_state_dicts(model), os.path.join(out_dir, "ffns.pt"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def test_draws_are_named_by_the_slot_in_the_global_batch_not_the_rank():
+    labels = torch.arange(48) % 3
+    one = list(ClusterBatchSampler(labels, 8, world_size=1, rank=0, seed=5))
+    ranks = [list(ClusterBatchSampler(labels, 4, world_size=2, rank=r, seed=5)) for r in range(2)]
+    single = draw_keys(one, seed=7, first_step=10, rank=0)
+    # Rank r holds chunk r of each global batch: its keys are those one process uses for these samples.
+    joined = [k0 + k1 for k0, k1 in zip(*(draw_keys(b, seed=7, first_step=10, rank=r) for r, b in enumerate(ranks)),
+                                        strict=True)]
+    assert joined == single
+    assert len({seed for batch in single for seed, _ in batch}) == sum(len(b) for b in single)  # all distinct
+    # One process draws what it drew before the rank left the formula (then: seeds of rank 0 at its batch slot),
+    # so seeded single-process results (the README's) are unchanged.
+    def rank_formula(seed, rank, step, slot):
+        return (((seed * 1_000_003 + rank) * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
+    assert single == [[(rank_formula(7, 0, 10 + b, j), i) for j, i in enumerate(batch)] for b, batch in enumerate(one)]
 
 
 def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
