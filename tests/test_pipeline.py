@@ -4,6 +4,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset, TensorDataset
 
 from clipmoe import MoEFFN
+from clipmoe.data.datasets import CsvCaptionDataset
 from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.models import create_model
 from clipmoe.train.distributed import DistInfo, init_distributed
@@ -24,7 +26,7 @@ from clipmoe.train.dmu import (
     train_router,
 )
 from clipmoe.train.loop import TrainConfig, draw_keys, read_metrics, train
-from tests.dist_utils import free_port
+from tests.dist_utils import free_port, run_gloo
 from tests.tolerances import assert_close
 
 CPU = DistInfo()
@@ -195,6 +197,35 @@ def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
     for key in ("loss", "clip_loss"):
         assert_close(torch.tensor([r[key] for r in double_log]), torch.tensor([r[key] for r in single_log]),
                      msg=key)
+
+
+def _skip_count_worker(rank, table, out_dir):
+    info = init_distributed("cpu")  # run_gloo's process group, or one process
+    torch.manual_seed(0)
+    model, preprocess, _, tokenizer = create_model("clipmoe-tiny")
+    data = CsvCaptionDataset(table, preprocess, tokenizer, on_error="substitute", max_bad_fraction=0.2)
+    cfg = small_cfg(max_steps=None)  # one epoch: every sample is read once
+    sampler = ClusterBatchSampler(None, cfg.batch_size // info.world_size, num_samples=len(data),
+                                  world_size=info.world_size, rank=info.rank)
+    summary = train(model, data, sampler, contrastive_loss(cfg), cfg, out_dir, trainable="ffn", info=info)
+    logged = read_metrics(Path(out_dir) / "metrics.jsonl") if info.is_main else []  # the main rank writes them
+    return summary["skipped_samples"], [r["skipped_samples"] for r in logged]
+
+
+def test_bad_samples_are_counted_over_all_ranks(tmp_path):
+    from PIL import Image
+    rows = []
+    for i in range(32):
+        if i not in (3, 12, 25):  # three rows name images that are not there: substituted and counted where read
+            Image.new("RGB", (8, 8), (8 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(f"{tmp_path / f'{i}.png'}\ta square number {i}")
+    table = tmp_path / "train.tsv"
+    table.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    single = _skip_count_worker(0, str(table), str(tmp_path / "one"))
+    assert single[0] == single[1][-1] == 3 and len(single[1]) == 4
+    (summary, logged), (other_rank_summary, _) = run_gloo(_skip_count_worker, 2, tmp_path, str(table),
+                                                           str(tmp_path / "two"))
+    assert summary == other_rank_summary == logged[-1] == 3 and len(logged) == 4
 
 
 def _timeout_worker(rank, world_size, port, out_dir):
