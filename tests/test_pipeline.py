@@ -15,7 +15,7 @@ from clipmoe import MoEFFN
 from clipmoe.data.datasets import CsvCaptionDataset
 from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.models import create_model
-from clipmoe.train.distributed import DistInfo, init_distributed
+from clipmoe.train.distributed import DistInfo, init_distributed, sum_over_ranks
 from clipmoe.train.dmu import (
     build_clip_moe,
     contrastive_loss,
@@ -209,7 +209,8 @@ def _skip_count_worker(rank, table, out_dir):
                                   world_size=info.world_size, rank=info.rank)
     summary = train(model, data, sampler, contrastive_loss(cfg), cfg, out_dir, trainable="ffn", info=info)
     logged = read_metrics(Path(out_dir) / "metrics.jsonl") if info.is_main else []  # the main rank writes them
-    return summary["skipped_samples"], [r["skipped_samples"] for r in logged]
+    # and the count the CLI prints at the end: each rank's own reads, summed
+    return summary["skipped_samples"], [r["skipped_samples"] for r in logged], sum_over_ranks([data.num_skipped], info)
 
 
 def test_bad_samples_are_counted_over_all_ranks(tmp_path):
@@ -222,10 +223,11 @@ def test_bad_samples_are_counted_over_all_ranks(tmp_path):
     table = tmp_path / "train.tsv"
     table.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
     single = _skip_count_worker(0, str(table), str(tmp_path / "one"))
-    assert single[0] == single[1][-1] == 3 and len(single[1]) == 4
-    (summary, logged), (other_rank_summary, _) = run_gloo(_skip_count_worker, 2, tmp_path, str(table),
-                                                           str(tmp_path / "two"))
-    assert summary == other_rank_summary == logged[-1] == 3 and len(logged) == 4
+    assert single[0] == single[1][-1] == 3 and len(single[1]) == 4 and single[2] == [3]
+    (summary, logged, cli_count), (other_summary, _, other_cli_count) = run_gloo(
+        _skip_count_worker, 2, tmp_path, str(table), str(tmp_path / "two"))
+    assert summary == other_summary == logged[-1] == 3 and len(logged) == 4
+    assert cli_count == other_cli_count == [3]
 
 
 def _timeout_worker(rank, world_size, port, out_dir):
