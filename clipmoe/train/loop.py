@@ -5,10 +5,10 @@ checkpoints written atomically.
 Resume contract: the batch order of an epoch is a function of (seed, epoch) only (the batch samplers' `set_epoch`);
 each sample is read with the RNGs seeded from (seed, step, position in the global batch), so random augmentation
 depends on which draw it is, not on the rank, process or DataLoader worker that makes it (N ranks draw what one
-process with their global batch draws); the DataLoader gets its own generator so
-creating it draws nothing from the global RNG; and a checkpoint stores the trainable tensors, optimizer, scheduler,
-step and RNG states. A run killed after a checkpoint and resumed therefore takes the same steps as an uninterrupted
-one, with any number of DataLoader workers (bit-exact in deterministic mode on CPU).
+process with their global batch draws); the DataLoader gets its own generator so creating it draws nothing from the
+global RNG; and a checkpoint stores the trainable tensors, optimizer, scheduler, step and RNG states. A run killed
+after a checkpoint and resumed therefore takes the same steps as an uninterrupted one, with any number of DataLoader
+workers (bit-exact in deterministic mode on CPU).
 
 The checkpoint (train_state.pt) holds only tensors, numbers, strings, lists and dicts: it is read with
 torch.load(weights_only=True), so a crafted file cannot run code.
