@@ -1,19 +1,21 @@
 """The DMU pipeline on a tiny real open_clip model: FFN-only MCL stages, assembly, router training, baselines,
-and a 2-process gloo MCL stage against one process with the same global batch."""
+and a 2-process gloo MCL stage against one process with the same global batch (and the same random augmentation)."""
 import json
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from clipmoe import MoEFFN
+from clipmoe.data.datasets import CsvCaptionDataset
 from clipmoe.data.sampler import ClusterBatchSampler
 from clipmoe.models import create_model
-from clipmoe.train.distributed import DistInfo, init_distributed
+from clipmoe.train.distributed import DistInfo, init_distributed, sum_over_ranks
 from clipmoe.train.dmu import (
     build_clip_moe,
     contrastive_loss,
@@ -23,8 +25,8 @@ from clipmoe.train.dmu import (
     run_mcl,
     train_router,
 )
-from clipmoe.train.loop import TrainConfig, read_metrics, train
-from tests.dist_utils import free_port
+from clipmoe.train.loop import TrainConfig, draw_keys, read_metrics, train
+from tests.dist_utils import free_port, run_gloo
 from tests.tolerances import assert_close
 
 CPU = DistInfo()
@@ -38,6 +40,21 @@ def tiny_model(seed=0):
 def random_dataset(n=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(1, 49407, (n, 32), generator=g))
+
+
+class Augmented(Dataset):
+    """random_dataset with a random augmentation: noise drawn from torch's global RNG on every read, as torchvision's
+    random crops draw (train() seeds that RNG per sample draw)."""
+
+    def __init__(self, n=48, seed=0):
+        self.data = random_dataset(n, seed)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        image, text = self.data[index]
+        return image + 0.5 * torch.randn(image.shape), text
 
 
 def small_cfg(**kw):
@@ -139,11 +156,28 @@ def _mcl_stage_worker(rank, world_size, port, out_dir):
     cfg = small_cfg()
     labels = torch.arange(48) % 2
     sampler = ClusterBatchSampler(labels, cfg.batch_size // world_size, world_size=world_size, rank=rank)
-    train(model, random_dataset(), sampler, contrastive_loss(cfg), cfg, out_dir, trainable="ffn", info=info)
+    train(model, Augmented(), sampler, contrastive_loss(cfg), cfg, out_dir, trainable="ffn", info=info)
     if rank == 0:
         torch.save(ffn_state_dicts(model), os.path.join(out_dir, "ffns.pt"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def test_draws_are_named_by_the_slot_in_the_global_batch_not_the_rank():
+    labels = torch.arange(48) % 3
+    one = list(ClusterBatchSampler(labels, 8, world_size=1, rank=0, seed=5))
+    ranks = [list(ClusterBatchSampler(labels, 4, world_size=2, rank=r, seed=5)) for r in range(2)]
+    single = draw_keys(one, seed=7, first_step=10, rank=0)
+    # Rank r holds chunk r of each global batch: its keys are those one process uses for these samples.
+    joined = [k0 + k1 for k0, k1 in zip(*(draw_keys(b, seed=7, first_step=10, rank=r) for r, b in enumerate(ranks)),
+                                        strict=True)]
+    assert joined == single
+    assert len({seed for batch in single for seed, _ in batch}) == sum(len(b) for b in single)  # all distinct
+    # One process draws what it drew before the rank left the formula (then: seeds of rank 0 at its batch slot),
+    # so seeded single-process results (the README's) are unchanged.
+    def rank_formula(seed, rank, step, slot):
+        return (((seed * 1_000_003 + rank) * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
+    assert single == [[(rank_formula(7, 0, 10 + b, j), i) for j, i in enumerate(batch)] for b, batch in enumerate(one)]
 
 
 def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
@@ -163,6 +197,37 @@ def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
     for key in ("loss", "clip_loss"):
         assert_close(torch.tensor([r[key] for r in double_log]), torch.tensor([r[key] for r in single_log]),
                      msg=key)
+
+
+def _skip_count_worker(rank, table, out_dir):
+    info = init_distributed("cpu")  # run_gloo's process group, or one process
+    torch.manual_seed(0)
+    model, preprocess, _, tokenizer = create_model("clipmoe-tiny")
+    data = CsvCaptionDataset(table, preprocess, tokenizer, on_error="substitute", max_bad_fraction=0.2)
+    cfg = small_cfg(max_steps=None)  # one epoch: every sample is read once
+    sampler = ClusterBatchSampler(None, cfg.batch_size // info.world_size, num_samples=len(data),
+                                  world_size=info.world_size, rank=info.rank)
+    summary = train(model, data, sampler, contrastive_loss(cfg), cfg, out_dir, trainable="ffn", info=info)
+    logged = read_metrics(Path(out_dir) / "metrics.jsonl") if info.is_main else []  # the main rank writes them
+    # and the count the CLI prints at the end: each rank's own reads, summed
+    return summary["skipped_samples"], [r["skipped_samples"] for r in logged], sum_over_ranks([data.num_skipped], info)
+
+
+def test_bad_samples_are_counted_over_all_ranks(tmp_path):
+    from PIL import Image
+    rows = []
+    for i in range(32):
+        if i not in (3, 12, 25):  # three rows name images that are not there: substituted and counted where read
+            Image.new("RGB", (8, 8), (8 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(f"{tmp_path / f'{i}.png'}\ta square number {i}")
+    table = tmp_path / "train.tsv"
+    table.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    single = _skip_count_worker(0, str(table), str(tmp_path / "one"))
+    assert single[0] == single[1][-1] == 3 and len(single[1]) == 4 and single[2] == [3]
+    (summary, logged, cli_count), (other_summary, _, other_cli_count) = run_gloo(
+        _skip_count_worker, 2, tmp_path, str(table), str(tmp_path / "two"))
+    assert summary == other_summary == logged[-1] == 3 and len(logged) == 4
+    assert cli_count == other_cli_count == [3]
 
 
 def _timeout_worker(rank, world_size, port, out_dir):

@@ -45,7 +45,7 @@ from clipmoe.cli.common import (
 from clipmoe.config import MoEConfig
 from clipmoe.fileio import atomic_torch_save
 from clipmoe.models import create_model
-from clipmoe.train.distributed import DEFAULT_TIMEOUT_SECONDS, barrier, init_distributed
+from clipmoe.train.distributed import DEFAULT_TIMEOUT_SECONDS, barrier, init_distributed, sum_over_ranks
 from clipmoe.train.dmu import (
     BASELINES,
     START_FROM,
@@ -238,10 +238,15 @@ def _start_run(args, info, out, dataset=None):
     return time.time()
 
 
-def _finish(args, out, start, train_data=None, embed_data=None, final=None):
-    """The end-of-run summary (a result: stdout), with the bad samples the data readers skipped or substituted."""
-    skipped = [f"{getattr(d, 'num_skipped', 0)} in {what}" for d, what in
-               ((train_data, "training reads"), (embed_data, "embedding reads")) if d is not None]
+def _finish(args, out, start, info, train_data=None, embed_data=None, final=None):
+    """The end-of-run summary (a result: stdout, from the main rank), with the bad samples the data readers skipped
+    or substituted, summed over ranks (every rank calls this)."""
+    readers = [(d, what) for d, what in ((train_data, "training reads"), (embed_data, "embedding reads"))
+               if d is not None]
+    counts = sum_over_ranks([getattr(d, "num_skipped", 0) for d, _ in readers], info)
+    if not info.is_main:
+        return
+    skipped = [f"{n} in {what}" for n, (_, what) in zip(counts, readers, strict=True)]
     print(f"clipmoe {args.command}: done in {time.time() - start:.1f} s; output {final or out}"
           + (f"; bad samples skipped or substituted: {', '.join(skipped)}" if skipped else ""))
 
@@ -309,8 +314,7 @@ def cmd_mcl(args):
     start = _start_run(args, info, out, train_data)
     run_mcl(model, train_data, train_config(args), out / "mcl", info, stages=args.stages, clusters=args.clusters,
             start_from=args.start_from, small_cluster=args.small_cluster, resume=args.resume, embed_data=embed_data)
-    if info.is_main:
-        _finish(args, out, start, train_data, embed_data, out / "mcl")
+    _finish(args, out, start, info, train_data, embed_data, out / "mcl")
     return 0
 
 
@@ -324,8 +328,7 @@ def cmd_build(args):
     torch.manual_seed(args.seed)  # the router initialisation
     moe = build_clip_moe(model, stages, top_k=args.top_k, dropout=args.expert_dropout)
     _save(moe, out / "clip_moe", info, args.model)
-    if info.is_main:
-        _finish(args, out, start, final=out / "clip_moe")
+    _finish(args, out, start, info, final=out / "clip_moe")
     return 0
 
 
@@ -340,8 +343,7 @@ def cmd_train_router(args):
     train_router(moe, data, train_config(args, balance_alpha=args.balance_alpha), out / "router", info,
                  trainable=args.trainable, resume=args.resume)
     _save(moe, out / "final", info, None)
-    if info.is_main:
-        _finish(args, out, start, data, final=out / "final")
+    _finish(args, out, start, info, data, final=out / "final")
     return 0
 
 
@@ -358,8 +360,7 @@ def cmd_upcycle(args):
     train_router(moe, train_data, train_config(args, "router_", balance_alpha=args.balance_alpha), out / "router",
                  info, trainable=args.trainable, resume=args.resume)
     _save(moe, out / "final", info, args.model)
-    if info.is_main:
-        _finish(args, out, start, train_data, embed_data, out / "final")
+    _finish(args, out, start, info, train_data, embed_data, out / "final")
     return 0
 
 
@@ -379,8 +380,7 @@ def cmd_finetune(args):
             logger.info("saved %s", path)
     else:
         _save(trained, out / "final", info, args.model)
-    if info.is_main:
-        _finish(args, out, start, train_data, final=out / "final")
+    _finish(args, out, start, info, train_data, final=out / "final")
     return 0
 
 

@@ -69,3 +69,12 @@ def all_gather_rows(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(info.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def sum_over_ranks(counts: list[int], info: DistInfo) -> list[int]:
+    """Each count summed over the ranks (a collective: every rank calls it), e.g. what each rank's reads counted."""
+    if not info.enabled or not counts:
+        return list(counts)
+    total = torch.tensor(counts, dtype=torch.long, device=info.device)
+    dist.all_reduce(total)
+    return total.tolist()

@@ -3,11 +3,12 @@ warmup + cosine, optional autocast, DDP under torchrun, a progress bar, JSON-lin
 checkpoints written atomically.
 
 Resume contract: the batch order of an epoch is a function of (seed, epoch) only (the batch samplers' `set_epoch`);
-each sample is read with the RNGs seeded from (seed, rank, step, slot in the batch), so random augmentation depends on
-which draw it is, not on the process or DataLoader worker that makes it; the DataLoader gets its own generator so
-creating it draws nothing from the global RNG; and a checkpoint stores the trainable tensors, optimizer, scheduler,
-step and RNG states. A run killed after a checkpoint and resumed therefore takes the same steps as an uninterrupted
-one, with any number of DataLoader workers (bit-exact in deterministic mode on CPU).
+each sample is read with the RNGs seeded from (seed, step, position in the global batch), so random augmentation
+depends on which draw it is, not on the rank, process or DataLoader worker that makes it (N ranks draw what one
+process with their global batch draws); the DataLoader gets its own generator so creating it draws nothing from the
+global RNG; and a checkpoint stores the trainable tensors, optimizer, scheduler, step and RNG states. A run killed
+after a checkpoint and resumed therefore takes the same steps as an uninterrupted one, with any number of DataLoader
+workers (bit-exact in deterministic mode on CPU).
 
 The checkpoint (train_state.pt) holds only tensors, numbers, strings, lists and dicts: it is read with
 torch.load(weights_only=True), so a crafted file cannot run code.
@@ -187,9 +188,20 @@ class SeededDraws(Dataset):
             random.setstate(python_state)
 
 
-def draw_seed(seed: int, rank: int, step: int, slot: int) -> int:
-    """A distinct seed per sample draw: (run seed, rank, global step, slot in the rank's batch)."""
-    return (((seed * 1_000_003 + rank) * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
+def draw_seed(seed: int, step: int, slot: int) -> int:
+    """A distinct seed per sample draw: (run seed, global step, slot in the global batch). No rank: the draw of a
+    sample is the same whichever rank reads it. (The same numbers as the rank-0 seeds of earlier versions, so
+    single-process runs draw what they drew before.)"""
+    return ((seed * 1_000_003 * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
+
+
+def draw_keys(local_batches, seed: int, first_step: int, rank: int) -> list:
+    """SeededDraws keys (draw_seed, index) of this rank's batches of steps first_step, first_step + 1, ...
+
+    A rank's batch is chunk `rank` of its global batch, all chunks of equal length (ClusterBatchSampler's split,
+    which the loss's all-gather also assumes), so slot j of rank r is slot r·len(batch) + j of the global batch."""
+    return [[(draw_seed(seed, first_step + b, rank * len(batch) + j), i) for j, i in enumerate(batch)]
+            for b, batch in enumerate(local_batches)]
 
 
 def resolve_logit_scale(cfg: TrainConfig, model) -> float | None:
@@ -201,12 +213,13 @@ def resolve_logit_scale(cfg: TrainConfig, model) -> float | None:
 
 def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, trainable: str, info: DistInfo,
           resume: bool = False, desc: str = "train") -> dict:
-    """Train `model` in place on `dataset` with `batch_sampler` (this rank's batches, with `set_epoch`).
+    """Train `model` in place on `dataset` with `batch_sampler` (this rank's batches, with `set_epoch`: chunk
+    `info.rank` of each global batch, as ClusterBatchSampler splits it).
 
     `loss_fn(image_features, text_features, logit_scale)` is the contrastive loss (features L2-normalised, local to
     this rank; it gathers across ranks itself). MoE layers add `cfg.balance_alpha` x their mean balance loss.
     Writes `out_dir/metrics.jsonl` (per step: the losses as means over ranks, the learning rate, and the bad samples
-    the dataset skipped so far) and `out_dir/train_state.pt` (resumable); returns a summary dict.
+    the dataset skipped so far, summed over ranks) and `out_dir/train_state.pt` (resumable); returns a summary dict.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,6 +257,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
         return int(getattr(dataset, "num_skipped", 0))
 
     step, skipped_before, skipped_at_start = 0, 0, skipped_now()
+    skipped = 0  # this run's bad samples so far (with those of the run it resumes), summed over ranks at every step
     if resume and state_path.exists():
         state = load_state(state_path, info.device)
         if state["trainable"] != trainable_names:
@@ -257,6 +271,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, skipped_before = state["step"], int(state.get("skipped_samples", 0))
+        skipped = skipped_before
         _set_rng_state(state["rng"])
         if metrics_path.exists() and info.is_main:  # drop lines logged after the checkpoint
             text = "".join(json.dumps(r) + "\n" for r in read_metrics(metrics_path, up_to_step=step))
@@ -264,16 +279,13 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
     elif metrics_path.exists() and info.is_main:
         metrics_path.unlink()
 
-    def skipped_total():
-        return skipped_before + skipped_now() - skipped_at_start
-
     def save_state():
         if info.is_main:
             atomic_torch_save({"step": step, "trainable": trainable_names,
                                "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "scaler": scaler.state_dict(), "rng": _rng_state(), "config": asdict(cfg),
-                               "skipped_samples": skipped_total()},
+                               "skipped_samples": skipped},
                               state_path)
 
     net.train()
@@ -284,8 +296,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
         epoch, offset = divmod(step, steps_per_epoch)
         batch_sampler.set_epoch(epoch)
         plan = list(batch_sampler)[offset:]  # the epoch's plan, minus the batches done before a resume
-        batches = [[(draw_seed(cfg.seed, info.rank, step + b, j), i) for j, i in enumerate(batch)]
-                   for b, batch in enumerate(plan)]
+        batches = draw_keys(plan, cfg.seed, step, info.rank)
         loader = DataLoader(draws, batch_sampler=batches, num_workers=cfg.workers,
                             generator=torch.Generator().manual_seed(cfg.seed))
         for images, texts in loader:
@@ -295,12 +306,14 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
                 clip_loss = loss_fn(image_features, text_features, scale)
                 balance = collect_aux_losses(model).balance if is_moe else clip_loss.new_zeros(())
                 loss = clip_loss + cfg.balance_alpha * balance
-            # The logged losses are means over ranks (each rank's loss is its share of the global batch's).
-            logged = torch.stack([loss.detach(), clip_loss.detach(), balance.detach()]).float()
+            # The logged losses are means over ranks (each rank's loss is its share of the global batch's); the bad
+            # samples are summed over ranks (each counts the reads of its own process), in one all-reduce.
+            logged = torch.stack([loss.detach(), clip_loss.detach(), balance.detach()]).double()
+            logged = torch.cat([logged, logged.new_tensor([skipped_now() - skipped_at_start])])
             if info.enabled:
                 dist.all_reduce(logged)
-                logged /= info.world_size
-            mean_loss, mean_clip, mean_balance = logged.tolist()
+            mean_loss, mean_clip, mean_balance = (logged[:3] / info.world_size).tolist()
+            skipped = skipped_before + int(logged[3])
             if not math.isfinite(mean_loss):  # every rank sees the same mean: all stop together
                 raise FloatingPointError(f"{desc}: non-finite loss {mean_loss} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -311,7 +324,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
             step += 1
             last = {"step": step, "epoch": epoch, "loss": mean_loss, "clip_loss": mean_clip,
                     "balance_loss": mean_balance, "lr": scheduler.get_last_lr()[0],
-                    "skipped_samples": skipped_total(), "seconds": round(time.time() - start, 3)}
+                    "skipped_samples": skipped, "seconds": round(time.time() - start, 3)}
             if info.is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -324,7 +337,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
     progress.close()
     summary = {"steps": step, "final": last, "seconds": time.time() - start, "trainable": len(trainable_names),
                "logit_scale": logit_scale, "label_smoothing": cfg.label_smoothing,
-               "skipped_samples": skipped_total()}
+               "skipped_samples": skipped}
     if info.is_main:
         logger.info("%s: %d steps, final loss %s, %d bad samples skipped", desc, step,
                     f"{last['loss']:.4f}" if last else "-", summary["skipped_samples"])
