@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import os
 import platform
@@ -216,6 +217,24 @@ def short_error(exc) -> str:
     return " ".join(text)[:400]
 
 
+def run_recorded(check, rec, measure, reason=None):
+    """`measure()` for a result record, unless `reason` (or a spent budget) skips it; an exception becomes the
+    record's error (printed, and shown in the tables: nothing is dropped)."""
+    if reason is None and check.left() <= 0:
+        reason = "not measured: the time budget ran out"
+    if reason is not None:
+        rec.update(status="skipped", error=reason)
+        return
+    try:
+        measure()
+    except Exception as exc:
+        rec.update(status="error", error=short_error(exc))
+        traceback.print_exc()
+    finally:
+        if check.device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def layer_record(check, phase, case, provider, graph, config):
     return {"phase": phase, "case": case.id, "tower": case.tower, "batch": case.batch, "tokens": case.tokens,
             "d_model": case.d_model, "hidden": case.hidden, "num_experts": case.num_experts, "top_k": case.top_k,
@@ -241,21 +260,13 @@ def measure_layer(check, phase, case, provider_names=providers.PROVIDERS, graphs
                 reason = "not measured: CUDA graphs need a GPU"
             if reason is None and graph and provider in providers.HOST_SYNCING:
                 reason = f"not capturable: {providers.HOST_SYNCING[provider]}"
-            if reason is None and check.left() <= 0:
-                reason = "not measured: the time budget ran out"
-            if reason is not None:
-                rec.update(status="skipped", error=reason)
-                continue
-            try:
+
+            def measure(rec=rec, provider=provider, graph=graph):
                 with pinned(None if config == AUTOTUNE else config):
                     run_provider(check, rec, provider, case, graph, reference)
-            except Exception as exc:  # recorded and printed, never dropped: the table shows the error
-                rec.update(status="error", error=short_error(exc))
-                traceback.print_exc()
-            finally:
-                if check.device == "cuda":
-                    torch.cuda.empty_cache()
-            print_record(rec)
+            run_recorded(check, rec, measure, reason)
+            if rec["status"] != "skipped":
+                print_record(rec)
 
 
 def run_provider(check, rec, provider, case, graph, reference):
@@ -380,17 +391,8 @@ def phase_e2e(check):
                    "variant": variant, "task": task, "status": "ok", "error": None, "median_ms": None,
                    "p20_ms": None, "p80_ms": None, "peak_mib": None, "check_rel_err": None, "tile_config": None}
             check.results["e2e"].append(rec)
-            reason = check.unavailable(variant) or ("not measured: the time budget ran out" if check.left() <= 0
-                                                    else None)
-            if reason:
-                rec.update(status="skipped", error=reason)
-                print_e2e(rec)
-                continue
-            try:
-                run_e2e(check, rec, model, variant, task, images, texts, want, autocast, loss_fn)
-            except Exception as exc:
-                rec.update(status="error", error=short_error(exc))
-                traceback.print_exc()
+            run_recorded(check, rec, functools.partial(run_e2e, check, rec, model, variant, task, images, texts, want,
+                                                       autocast, loss_fn), check.unavailable(variant))
             print_e2e(rec)
 
 
@@ -419,15 +421,19 @@ def run_e2e(check, rec, model, variant, task, images, texts, want, autocast, los
         rec["items_per_s"] = None if rec["median_ms"] is None else images.shape[0] / rec["median_ms"] * 1e3
 
 
-def print_e2e(rec):
-    where = f"{rec['model']} b{rec['batch']} {rec['task']} {rec['variant']}"
+def print_outcome(where, rec, timings):
+    """One line per record: its error or skip, the dry run's check, or `timings(rec)` and the check."""
     if rec["status"] != "ok":
         print(f"  {where}: {rec['status'].upper()}: {rec['error']}", flush=True)
     elif rec["median_ms"] is None:
         print(f"  {where}: run once (dry run), check {rec['check_rel_err']:.1e}", flush=True)
     else:
-        print(f"  {where}: {rec['median_ms']:.2f} ms, {rec['items_per_s']:.0f} items/s, peak "
-              f"{rec['peak_mib']:.0f} MiB, check {rec['check_rel_err']:.1e}", flush=True)
+        print(f"  {where}: {timings(rec)}, check {rec['check_rel_err']:.1e}", flush=True)
+
+
+def print_e2e(rec):
+    print_outcome(f"{rec['model']} b{rec['batch']} {rec['task']} {rec['variant']}", rec, lambda r: (
+        f"{r['median_ms']:.2f} ms, {r['items_per_s']:.0f} items/s, peak {r['peak_mib']:.0f} MiB"))
 
 
 def phase_encode(check):
@@ -457,16 +463,8 @@ def phase_encode(check):
                    "tile_config": None, "median_ms": None, "p20_ms": None, "p80_ms": None, "items_per_s": None,
                    "pipeline_s": [], "pipeline_items_per_s": None, "workers": 0 if check.dry_run else ENCODE_WORKERS}
             check.results["encode"].append(rec)
-            reason = check.unavailable(variant) or ("not measured: the time budget ran out" if check.left() <= 0
-                                                    else None)
-            if reason:
-                rec.update(status="skipped", error=reason)
-            else:
-                try:
-                    run_encode(check, rec, model, variant, items, images, want, preprocess, autocast, Path(tmp))
-                except Exception as exc:
-                    rec.update(status="error", error=short_error(exc))
-                    traceback.print_exc()
+            run_recorded(check, rec, functools.partial(run_encode, check, rec, model, variant, items, images, want,
+                                                       preprocess, autocast, Path(tmp)), check.unavailable(variant))
             print_encode(rec)
 
 
@@ -506,16 +504,10 @@ def run_encode(check, rec, model, variant, items, images, want, preprocess, auto
 
 
 def print_encode(rec):
-    where = f"encode {rec['model']} {rec['variant']}"
-    if rec["status"] != "ok":
-        print(f"  {where}: {rec['status'].upper()}: {rec['error']}", flush=True)
-    elif rec["median_ms"] is None:
-        print(f"  {where}: run once (dry run), check {rec['check_rel_err']:.1e}", flush=True)
-    else:
-        print(f"  {where}: encode_image b{rec['batch']} {rec['median_ms']:.2f} ms ({rec['items_per_s']:.0f} "
-              f"images/s); pipeline {rec['items']} images {rec['pipeline_items_per_s']:.0f} images/s "
-              f"(runs {', '.join(f'{t:.2f}' for t in rec['pipeline_s'])} s), check {rec['check_rel_err']:.1e}",
-              flush=True)
+    print_outcome(f"encode {rec['model']} {rec['variant']}", rec, lambda r: (
+        f"encode_image b{r['batch']} {r['median_ms']:.2f} ms ({r['items_per_s']:.0f} images/s); pipeline "
+        f"{r['items']} images {r['pipeline_items_per_s']:.0f} images/s "
+        f"(runs {', '.join(f'{t:.2f}' for t in r['pipeline_s'])} s)"))
 
 
 PHASES = (("training", phase_training), ("inference", phase_inference), ("routing", phase_routing),
