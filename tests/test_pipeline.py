@@ -167,7 +167,7 @@ def test_draws_are_named_by_the_slot_in_the_global_batch_not_the_rank():
     labels = torch.arange(48) % 3
     one = list(ClusterBatchSampler(labels, 8, world_size=1, rank=0, seed=5))
     ranks = [list(ClusterBatchSampler(labels, 4, world_size=2, rank=r, seed=5)) for r in range(2)]
-    single = draw_keys(one, seed=7, first_step=10, rank=0)
+    single = list(draw_keys(one, seed=7, first_step=10, rank=0))
     # Rank r holds chunk r of each global batch: its keys are those one process uses for these samples.
     joined = [k0 + k1 for k0, k1 in zip(*(draw_keys(b, seed=7, first_step=10, rank=r) for r, b in enumerate(ranks)),
                                         strict=True)]

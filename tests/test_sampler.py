@@ -13,6 +13,11 @@ from clipmoe.data.sampler import ClusterBatchSampler
 SIZES = {3: 50, 7: 24, 10: 5, 12: 31, 600: 13}  # label -> size; 600 is a large mixed-radix style id
 
 
+def plan(sampler):
+    """The sampler's epoch plan as lists of ints (global_batches gives tensors)."""
+    return [b.tolist() for b in sampler.global_batches()]
+
+
 def _labels(sizes=SIZES, seed=0):
     labels = torch.tensor([lab for lab, n in sizes.items() for _ in range(n)])
     return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
@@ -50,7 +55,7 @@ def test_one_cluster_per_global_batch_each_sample_once(world, batch_size, policy
     labels = _labels()
     samplers = _ranks(labels, batch_size, world, small_cluster=policy, order=order, seed=5)
     steps = _global_steps(samplers)
-    assert steps == samplers[0].global_batches()  # the union over ranks of step t is the plan's global batch t
+    assert steps == plan(samplers[0])  # the union over ranks of step t is the plan's global batch t
     global_batch = batch_size * world
     for batch in steps:
         assert len({int(labels[i]) for i in batch}) == 1, "a global batch mixes clusters"
@@ -92,14 +97,20 @@ def test_drop_counts_small_clusters():
 def test_set_epoch_reshuffles_identically_on_every_rank():
     labels = _labels()
     a, b = _ranks(labels, 3, 2, seed=1)
-    first = a.global_batches()
+    first = plan(a)
     a.set_epoch(1)
-    assert a.global_batches() != first
+    assert plan(a) != first
     b.set_epoch(1)
-    assert a.global_batches() == b.global_batches()
+    assert plan(a) == plan(b)
     a.set_epoch(0)
-    assert a.global_batches() == first
-    assert ClusterBatchSampler(labels, 3, world_size=2, rank=0, seed=2).global_batches() != first
+    assert plan(a) == first
+    assert plan(ClusterBatchSampler(labels, 3, world_size=2, rank=0, seed=2)) != first
+
+
+def test_the_plan_is_tensors_not_python_ints():
+    """Memory per rank stays proportional to an int64 index per sample: the plan holds one tensor per batch."""
+    batches = ClusterBatchSampler(_labels(), 4, world_size=2, rank=0).global_batches()
+    assert batches and all(isinstance(b, torch.Tensor) and b.dtype == torch.int64 for b in batches)
 
 
 def test_no_labels_is_plain_random_batching():

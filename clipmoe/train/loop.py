@@ -13,6 +13,7 @@ workers (bit-exact in deterministic mode on CPU).
 The checkpoint (train_state.pt) holds only tensors, numbers, strings, lists and dicts: it is read with
 torch.load(weights_only=True), so a crafted file cannot run code.
 """
+import itertools
 import json
 import logging
 import math
@@ -195,13 +196,31 @@ def draw_seed(seed: int, step: int, slot: int) -> int:
     return ((seed * 1_000_003 * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
 
 
-def draw_keys(local_batches, seed: int, first_step: int, rank: int) -> list:
-    """SeededDraws keys (draw_seed, index) of this rank's batches of steps first_step, first_step + 1, ...
+def draw_keys(local_batches, seed: int, first_step: int, rank: int):
+    """SeededDraws keys (draw_seed, index) of this rank's batches of steps first_step, first_step + 1, ..., one
+    batch at a time (a generator: no key exists before its batch is reached).
 
     A rank's batch is chunk `rank` of its global batch, all chunks of equal length (ClusterBatchSampler's split,
     which the loss's all-gather also assumes), so slot j of rank r is slot r·len(batch) + j of the global batch."""
-    return [[(draw_seed(seed, first_step + b, rank * len(batch) + j), i) for j, i in enumerate(batch)]
-            for b, batch in enumerate(local_batches)]
+    for b, batch in enumerate(local_batches):
+        yield [(draw_seed(seed, first_step + b, rank * len(batch) + j), i) for j, i in enumerate(batch)]
+
+
+class EpochDraws:
+    """The DataLoader's batch sampler for the rest of an epoch: this rank's batches from batch `offset` of the
+    epoch's plan on (a resumed run skips the batches it did), as draw_keys, made lazily so that memory per rank does
+    not grow with the dataset (the plan itself is a tensor, ClusterBatchSampler.global_batches)."""
+
+    def __init__(self, batch_sampler, offset: int, seed: int, first_step: int, rank: int):
+        self.batch_sampler, self.offset = batch_sampler, offset
+        self.seed, self.first_step, self.rank = seed, first_step, rank
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) - self.offset
+
+    def __iter__(self):
+        return draw_keys(itertools.islice(self.batch_sampler, self.offset, None), self.seed, self.first_step,
+                         self.rank)
 
 
 def resolve_logit_scale(cfg: TrainConfig, model) -> float | None:
@@ -295,8 +314,7 @@ def train(model, dataset, batch_sampler, loss_fn, cfg: TrainConfig, out_dir, *, 
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
         batch_sampler.set_epoch(epoch)
-        plan = list(batch_sampler)[offset:]  # the epoch's plan, minus the batches done before a resume
-        batches = draw_keys(plan, cfg.seed, step, info.rank)
+        batches = EpochDraws(batch_sampler, offset, cfg.seed, step, info.rank)  # minus the batches done before a resume
         loader = DataLoader(draws, batch_sampler=batches, num_workers=cfg.workers,
                             generator=torch.Generator().manual_seed(cfg.seed))
         for images, texts in loader:
