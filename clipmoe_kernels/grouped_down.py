@@ -91,8 +91,8 @@ def _grouped_down_bwd_kernel(
     w2_ptr,              # [E, D, F]
     b2_ptr,              # [E, D]
     topk_weights_ptr,    # [TK] fp32, flat order
-    dh_ptr,              # [TK, F] out, expert-sorted (written when COMPUTE_DH)
-    u_ptr,               # [TK, F] out, expert-sorted: s_r · a'_r, the dW2 input (written when STORE_U)
+    dh_ptr,              # [TK, F] out, expert-sorted, h's row stride (written when COMPUTE_DH)
+    u_ptr,               # [TK, F] out, expert-sorted, h's row stride: s_r · a'_r, the dW2 input (when STORE_U)
     ds_ptr,              # [NUM_N_ALLOC, TK] fp32 out: per-N-tile partials of ds, flat order (when COMPUTE_DS)
     sorted_to_flat_ptr,  # [TK] int32
     expert_offsets_ptr,  # [E+1] int32
@@ -100,8 +100,7 @@ def _grouped_down_bwd_kernel(
     tile_row_start_ptr,  # [num_tiles] int32
     seed_ptr,            # [1] int64 Philox key of the dropout mask (read when DROPOUT)
     D, F, ROWS_BUCKET, NUM_N_ALLOC, DROPOUT_THRESHOLD, DROPOUT_SCALE,
-    stride_dyt, stride_dyd, stride_hm, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_dhm,
-    stride_um, stride_dsn,
+    stride_dyt, stride_dyd, stride_hm, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_dsn,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DS: tl.constexpr,
     STORE_U: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -116,7 +115,7 @@ def _grouped_down_bwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < F
     mask = row_mask[:, None] & n_mask[None, :]
-    if COMPUTE_DS:  # + dy[t] · b2[e], once per row (pid_n == 0), before the GEMM's accumulator is live
+    if COMPUTE_DS:  # dy[t] · b2[e], once per row (pid_n == 0)
         ds = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if pid_n == 0:
             for d0 in range(0, D, BLOCK_K):
@@ -133,15 +132,13 @@ def _grouped_down_bwd_kernel(
                      BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     sorted_off = rows[:, None] * stride_hm + offs_n[None, :]  # h, u and dh share one layout: one offset tensor
     h = tl.load(h_ptr + sorted_off, mask=mask, other=0.0)
-    # The epilogue in two passes over h: first a' (for u and ds), then act'(h) (for dh), so that the fp32 G, a' and
-    # act'(h) tiles are never all live at once (with 128-row tiles they would not fit the registers).
+    # a' (for u and ds), then act'(h) (for dh), each from h.
     a = apply_activation(h.to(tl.float32), ACTIVATION)
     if DROPOUT:  # the forward's a' = a ⊙ keep / (1 - p): ds and u see a', dh gets the same factor on act'(h)
         keep = dropout_keep(tl.load(seed_ptr), flat, offs_n, F, DROPOUT_THRESHOLD)
         a = tl.where(keep, a * DROPOUT_SCALE, 0.0)
     if STORE_U:
-        tl.store(u_ptr + sorted_off, (a * s[:, None]).to(u_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(u_ptr + sorted_off, (a * s[:, None]).to(u_ptr.dtype.element_ty), mask=mask)
     if COMPUTE_DS:
         ds += tl.sum(g * a, axis=1)  # masked columns: g = 0 there
         tl.store(ds_ptr + pid_n.to(tl.int64) * stride_dsn + flat, ds, mask=row_mask)
@@ -194,6 +191,7 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
     T, k = topk_weights.shape
     tk = sorted_to_flat.shape[0]
     E, D, F = w2.shape
+    h = h.contiguous()  # dh and u are written with h's row stride (one offset tensor in the kernel)
     dh = h.new_empty((tk if compute_dh else 0, F))
     dh_arg = dh if compute_dh else h  # never written when COMPUTE_DH is False
     u = h.new_empty((tk if store_u else 0, F))
@@ -212,8 +210,7 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
     args = (dy, h, w2, b2, topk_weights, dh_arg, u_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
             tile_row_start, dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), num_n_alloc,
             dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dy.stride(0), dy.stride(1), h.stride(0),
-            w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), dh_arg.stride(0), u_arg.stride(0),
-            partials.stride(0))
+            w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), partials.stride(0))
     meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds, STORE_U=store_u,
                 DROPOUT=dropout,
                 INPUT_PRECISION=dot_precision(h.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(h.device, tk, E))

@@ -27,7 +27,7 @@ FLOAT_SCALARS = {"DROPOUT_SCALE"}
 # Integer arguments a CLIP shape makes multiples of 16 (D, F in {768, 1024, 3072, 4096} and the row strides), which
 # Triton specialises on at launch; marking them here compiles what those launches compile.
 ALIGNED = {"D", "F", "N", "K", "stride_xt", "stride_w1e", "stride_w1f", "stride_am", "stride_hm", "stride_dhm",
-           "stride_um", "stride_w2e", "stride_w2d", "stride_w2f", "stride_om", "stride_dyt", "stride_gom",
+           "stride_w2e", "stride_w2d", "stride_w2f", "stride_om", "stride_dyt", "stride_gom",
            "stride_inm", "stride_dwe", "stride_we", "stride_wk", "stride_wn", "stride_be", "stride_dsn", "stride_dwn",
            "stride_b1e", "stride_b2e", "stride_dbe", "stride_ot",
            "stride_bn"}  # stride_bn: 0 without a bias (up_bwd_dx)
