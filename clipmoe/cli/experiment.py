@@ -49,7 +49,7 @@ class DemoScale:
     clusters: int = 3                # per modality and stage (CLIP-MoE: 3); 3 values per attribute
     expert_dropout: float = 0.1
     label_smoothing: float = 0.0     # pre-training and fine-tuning alike
-    width: int = 64                  # both towers; 2 blocks each; 8-px patches on 32-px images
+    width: int = 64                  # both towers; 2 blocks each; 12-px patches on 36-px images (one per cell)
     layers: int = 2
     seeds: int = 3
     sweep_experts: tuple[int, ...] = (2, 4, 8)
@@ -74,11 +74,12 @@ def set_threads():
 def build_model(scale: DemoScale, seed: int):
     import open_clip
 
-    from clipmoe.data.synthetic import SHIFT_CONTEXT, SHIFT_VOCAB, WordTokenizer
+    from clipmoe.data.synthetic import SHIFT_CANVAS, SHIFT_CELL, SHIFT_CONTEXT, SHIFT_VOCAB, WordTokenizer
     torch.manual_seed(seed)
     return open_clip.CLIP(
         embed_dim=64, quick_gelu=True,
-        vision_cfg=dict(image_size=32, layers=scale.layers, width=scale.width, head_width=32, patch_size=8),
+        vision_cfg=dict(image_size=SHIFT_CANVAS, layers=scale.layers, width=scale.width, head_width=32,
+                        patch_size=SHIFT_CELL),
         text_cfg=dict(context_length=SHIFT_CONTEXT, vocab_size=WordTokenizer(SHIFT_VOCAB).vocab_size,
                       width=scale.width, heads=max(1, scale.width // 32), layers=scale.layers))
 
