@@ -60,10 +60,10 @@ class DemoScale:
 
 SCALES = {
     "cpu": DemoScale(),
-    # tiny keeps the demo's model: on the 12-px-patch images, a 1-block or 32-wide one collapses in pre-training
-    # (loss = ln batch) for seed 0
+    # tiny keeps the demo's model and halves the pre-training lr: on the 12-px-patch images a 1-block or 32-wide
+    # model, or lr 2e-3 for 60 steps, collapses in pre-training (loss = ln batch) for seed 0 or 1
     "tiny": DemoScale(pretrain_samples=512, finetune_samples=256, test_samples=128, batch_size=32,
-                      pretrain_steps=60, finetune_steps=12, router_steps=3, seeds=2,
+                      pretrain_steps=60, pretrain_lr=1e-3, finetune_steps=12, router_steps=3, seeds=2,
                       sweep_experts=(2, 4), sweep_top_k=(1, 2), bootstrap=200),
 }
 
