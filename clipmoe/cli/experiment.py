@@ -49,7 +49,7 @@ class DemoScale:
     clusters: int = 3                # per modality and stage (CLIP-MoE: 3); 3 values per attribute
     expert_dropout: float = 0.1
     label_smoothing: float = 0.0     # pre-training and fine-tuning alike
-    width: int = 64                  # both towers; 2 blocks each; 8-px patches on 32-px images
+    width: int = 64                  # both towers; 2 blocks each; 12-px patches on 36-px images (one per cell)
     layers: int = 2
     seeds: int = 3
     sweep_experts: tuple[int, ...] = (2, 4, 8)
@@ -60,8 +60,10 @@ class DemoScale:
 
 SCALES = {
     "cpu": DemoScale(),
+    # tiny keeps the demo's model and halves the pre-training lr: on the 12-px-patch images a 1-block or 32-wide
+    # model, or lr 2e-3 for 60 steps, collapses in pre-training (loss = ln batch) for seed 0 or 1
     "tiny": DemoScale(pretrain_samples=512, finetune_samples=256, test_samples=128, batch_size=32,
-                      pretrain_steps=60, finetune_steps=12, router_steps=3, width=32, layers=1, seeds=2,
+                      pretrain_steps=60, pretrain_lr=1e-3, finetune_steps=12, router_steps=3, seeds=2,
                       sweep_experts=(2, 4), sweep_top_k=(1, 2), bootstrap=200),
 }
 
@@ -74,11 +76,12 @@ def set_threads():
 def build_model(scale: DemoScale, seed: int):
     import open_clip
 
-    from clipmoe.data.synthetic import SHIFT_CONTEXT, SHIFT_VOCAB, WordTokenizer
+    from clipmoe.data.synthetic import SHIFT_CANVAS, SHIFT_CELL, SHIFT_CONTEXT, SHIFT_VOCAB, WordTokenizer
     torch.manual_seed(seed)
     return open_clip.CLIP(
         embed_dim=64, quick_gelu=True,
-        vision_cfg=dict(image_size=32, layers=scale.layers, width=scale.width, head_width=32, patch_size=8),
+        vision_cfg=dict(image_size=SHIFT_CANVAS, layers=scale.layers, width=scale.width, head_width=32,
+                        patch_size=SHIFT_CELL),
         text_cfg=dict(context_length=SHIFT_CONTEXT, vocab_size=WordTokenizer(SHIFT_VOCAB).vocab_size,
                       width=scale.width, heads=max(1, scale.width // 32), layers=scale.layers))
 
