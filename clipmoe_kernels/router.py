@@ -27,6 +27,7 @@ registers and are written once per program. Up to SINGLE_PROGRAM_TOKENS tokens (
 program covers all of them, so its statistics are the totals and the router is one launch; beyond, each program
 writes partials that the launcher sums in program order. No atomics: two runs give identical bits.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -146,6 +147,12 @@ def router_programs(num_tokens: int) -> tuple[int, int]:
     return cdiv(blocks, per_program), per_program
 
 
+@functools.cache  # triton.next_power_of_2 costs about 1.4 µs a call, at every batch-1 forward
+def block_size(n: int) -> int:
+    """The router kernel's block over n experts or choices: a power of two, at least 2 (tl.arange's minimum)."""
+    return max(2, triton.next_power_of_2(n))
+
+
 @custom_op("clipmoe::route_topk")
 def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor, torch.Tensor,
@@ -171,8 +178,8 @@ def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[tor
     launch(
         _router_fwd_kernel, (num_programs,), dev, logits, probs, weights, ids, lse, counts, topk_counts, psums, T, E,
         blocks_per_program, logits.stride(0), logits.stride(1),
-        TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=max(2, triton.next_power_of_2(E)),
-        BLOCK_K=max(2, triton.next_power_of_2(top_k)), num_warps=4)
+        TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=block_size(E), BLOCK_K=block_size(top_k),
+        num_warps=4)
     if num_programs > 1:  # program-order sums of the partials
         counts, topk_counts, psums = counts.sum(0, dtype=torch.int32), topk_counts.sum(0, dtype=torch.int32), \
             psums.sum(0)
