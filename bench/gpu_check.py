@@ -53,7 +53,7 @@ import torch
 
 from bench import configs, providers
 from bench.configs import Case
-from bench.utils import clip_train_step
+from bench.utils import capture_cuda_graph, clip_train_step
 
 TRAINING = ("vit_l14", 256)
 INFERENCE = (("vit_b16", 1), ("vit_b16", 8), ("vit_l14", 1), ("text_b", 1))
@@ -200,15 +200,7 @@ def peak_mib(fn, device, leaves=()):
 
 def graph_replay(fn):
     """`fn` captured in a CUDA graph (after two warm-up calls on a side stream); returns (replay, graph)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_cuda_graph(fn)
     return graph.replay, graph
 
 

@@ -10,6 +10,21 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
+def capture_cuda_graph(fn, warmups: int = 2):
+    """(graph, outputs): `fn` run `warmups` times on a side stream (autotune, lazy allocations), then captured in a
+    CUDA graph; `outputs` are the captured call's return value, which every graph.replay() overwrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 def relative_error(got, want) -> float:
     return ((got.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm().clamp_min(1e-30)).item()
 

@@ -263,16 +263,19 @@ class TunedKernel:
         self.configs = configs
         self._configs = {BLOCK_M_GPU_LARGE: large_configs or configs, BLOCK_M_INTERPRET_LARGE: large_configs or configs}
         self.max_outputs_per_thread = max_outputs_per_thread
+        self._candidates = {}  # per BLOCK_M
         self.name = kernel.fn.__name__
         self._key_index = [kernel.arg_names.index(k) for k in key]
         self._tuned = {}
 
     def candidates(self, block_m: int) -> list[TileConfig]:
-        """The configs autotune may pick for tiles of `block_m` rows."""
-        configs = self._configs.get(block_m, self.configs)
-        if self.max_outputs_per_thread is None:
-            return configs
-        return [c for c in configs if block_m * c.BLOCK_N <= self.max_outputs_per_thread * 32 * c.num_warps]
+        """The configs autotune may pick for tiles of `block_m` rows (checked at every launch of a cached config)."""
+        if block_m not in self._candidates:
+            configs = self._configs.get(block_m, self.configs)
+            limit = self.max_outputs_per_thread
+            self._candidates[block_m] = [c for c in configs
+                                         if limit is None or block_m * c.BLOCK_N <= limit * 32 * c.num_warps]
+        return self._candidates[block_m]
 
     def __call__(self, grid, device: torch.device, args, meta):
         """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""

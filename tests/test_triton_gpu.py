@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from bench.utils import capture_cuda_graph  # noqa: E402
 from clipmoe import collect_aux_losses  # noqa: E402
 from clipmoe_kernels._triton_utils import ENV_TRITON_CONFIG  # noqa: E402
 from clipmoe_kernels.expert_ffn import expert_ffn_torch  # noqa: E402
@@ -190,15 +191,7 @@ def test_cuda_graph_capture_forward_and_backward():
         y, balance = layer(*static)
         return (y, balance) + torch.autograd.grad((y * g).sum() + balance, static)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up: compile kernels outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_static = step()
+    graph, out_static = capture_cuda_graph(step, warmups=3)  # warm-up: compile kernels outside the capture
     fresh = layer_inputs()
     with torch.no_grad():
         for s, f in zip(static, fresh, strict=True):
@@ -259,15 +252,7 @@ def test_moe_ffn_cuda_graph_with_autotune_and_dropout(monkeypatch, dropout):
         y, balance, z = _moe_forward(moe)(static_x)
         return (y,) + torch.autograd.grad((y * g).sum() + 0.01 * balance + 1e-3 * z, params)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_static = step()
+    graph, out_static = capture_cuda_graph(step, warmups=3)
     with torch.no_grad():
         static_x.copy_(torch.randn_like(static_x))
     graph.replay()

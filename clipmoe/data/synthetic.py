@@ -58,6 +58,7 @@ So colour, position and size are readable from a few pooled numbers, count from 
 texture only from full-resolution detail: the easy/hard split the experiments rely on.
 """
 import csv
+import functools
 import io
 import itertools
 import os
@@ -183,13 +184,23 @@ def _mask(shape: int, size: int, count: int, position: int, jitter: int) -> np.n
     return _MASKS[key]
 
 
-def _texture_patterns() -> np.ndarray:
-    """[3, 32, 32] colour multipliers for plain, striped, checkered."""
-    y, x = np.mgrid[0:CANVAS, 0:CANVAS]
-    plain = np.ones((CANVAS, CANVAS), np.float32)
+@functools.cache  # built once per canvas, read by every render call (never written)
+def texture_patterns(canvas: int, period: int = 1) -> np.ndarray:
+    """[3, canvas, canvas] colour multipliers for plain, striped, checkered, `period` px per stripe / checker cell;
+    each has mean 1 over two periods, so a texture keeps the object's mean colour."""
+    y, x = np.mgrid[0:canvas, 0:canvas] // period
+    plain = np.ones((canvas, canvas), np.float32)
     striped = np.where(y % 2 == 0, TEXTURE_LOW, TEXTURE_HIGH).astype(np.float32)
     checkered = np.where((x + y) % 2 == 0, TEXTURE_LOW, TEXTURE_HIGH).astype(np.float32)
     return np.stack([plain, striped, checkered])
+
+
+def composite(masks: np.ndarray, colours: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] images: objects of `colours` [N, 3] textured by `patterns` [N, H, W] where `masks`
+    [N, H, W] (coverage in [0, 1]) over the background."""
+    bg = np.asarray(BACKGROUND, np.float32)
+    fill = colours[:, None, None, :] * patterns[..., None]
+    return np.clip(np.rint(bg + masks[..., None] * (fill - bg)), 0, 255).astype(np.uint8)
 
 
 def render(labels: np.ndarray, jitters: np.ndarray) -> np.ndarray:
@@ -199,10 +210,7 @@ def render(labels: np.ndarray, jitters: np.ndarray) -> np.ndarray:
     masks = np.stack([_mask(*k) for k in zip(shape.tolist(), size.tolist(), count.tolist(), pos.tolist(),
                                              np.asarray(jitters).tolist(), strict=True)]) if len(labels) else \
         np.zeros((0, CANVAS, CANVAS), np.float32)
-    bg = np.asarray(BACKGROUND, np.float32)
-    fill = PALETTE[col][:, None, None, :] * _texture_patterns()[tex][..., None]   # [N, 32, 32, 3]
-    img = bg + masks[..., None] * (fill - bg)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return composite(masks, PALETTE[col], texture_patterns(CANVAS)[tex])
 
 
 def caption_for(labels: Sequence[int]) -> str:
@@ -435,25 +443,13 @@ def _shift_mask(shape: int, size: int, count: int, position: int, jitter: int) -
     return _SHIFT_MASKS[key]
 
 
-def shift_texture_patterns() -> np.ndarray:
-    """[3, H, W] colour multipliers (plain, striped, checkered) of the shift canvas; each has mean 1 over any
-    stripe period, so a texture keeps the object's mean colour."""
-    y, x = np.mgrid[0:SHIFT_CANVAS, 0:SHIFT_CANVAS] // SHIFT_TEXTURE_PERIOD
-    plain = np.ones((SHIFT_CANVAS, SHIFT_CANVAS), np.float32)
-    striped = np.where(y % 2 == 0, TEXTURE_LOW, TEXTURE_HIGH).astype(np.float32)
-    checkered = np.where((x + y) % 2 == 0, TEXTURE_LOW, TEXTURE_HIGH).astype(np.float32)
-    return np.stack([plain, striped, checkered])
-
-
 def shift_render(labels: np.ndarray, jitters: np.ndarray) -> np.ndarray:
     """Images for ShiftShapes labels [N, 6] (SHIFT_ATTRIBUTES order) and jitter ids [N] -> uint8 [N, 36, 36, 3]."""
     labels = np.asarray(labels, dtype=np.int64)
     col, size, pos, shape, tex, count = (labels[:, a] for a in range(len(SHIFT_ATTRIBUTES)))
     masks = np.stack([_shift_mask(*k) for k in zip(shape.tolist(), size.tolist(), count.tolist(), pos.tolist(),
                                                    np.asarray(jitters).tolist(), strict=True)])
-    bg = np.asarray(BACKGROUND, np.float32)
-    fill = SHIFT_PALETTE[col][:, None, None, :] * shift_texture_patterns()[tex][..., None]
-    return np.clip(np.rint(bg + masks[..., None] * (fill - bg)), 0, 255).astype(np.uint8)
+    return composite(masks, SHIFT_PALETTE[col], texture_patterns(SHIFT_CANVAS, SHIFT_TEXTURE_PERIOD)[tex])
 
 
 def shift_caption(labels: Sequence[int], style: str = "full") -> str:
