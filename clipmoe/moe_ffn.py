@@ -186,16 +186,21 @@ class MoEFFN(nn.Module):
         tokens = x.reshape(-1, self.d_model)
         logits = self.router(tokens)
         backend = select_backend(self.backend, x.device)
-        if backend == "triton":  # the fused router kernel, with the aux-loss statistics
-            stats = topk_routing_triton(logits, self.top_k, self.renormalize)
-            probs, topk_weights, topk_ids = stats[:3]
+        if backend == "triton":  # the fused router kernel, with the aux-loss statistics when a loss can train
+            # Without a gradient (evaluation) the kernel skips the statistics; a loss asked for then is computed from
+            # the probabilities and ids, as for the torch backends.
+            with_stats = logits.requires_grad and torch.is_grad_enabled()
+            routed = topk_routing_triton(logits, self.top_k, self.renormalize, with_stats)
+            probs, topk_weights, topk_ids = routed[:3]
+            stats = routed if with_stats else None
         else:
             stats = None
             probs, topk_weights, topk_ids = topk_routing_ref(logits, self.top_k, self.renormalize)
         expert_ffn = _EXPERT_FFNS[backend]
         y = expert_ffn(tokens, topk_ids, topk_weights, self.w1, self.b1, self.w2, self.b2,
                        activation=self.activation, dropout_p=self.dropout, training=self.training)
-        self.aux = MoEAux(logits, probs, topk_ids, topk_weights, stats)
+        # object.__setattr__: nn.Module's own __setattr__ checks parameter/buffer/module dicts (about 1 µs per call)
+        object.__setattr__(self, "aux", MoEAux(logits, probs, topk_ids, topk_weights, stats))
         return y.reshape(x.shape[:-1] + (self.d_model,))
 
 

@@ -21,10 +21,13 @@ Environment variables read here (at call time, not import time):
 """
 import contextlib
 import functools
+import operator
 import os
 from typing import NamedTuple
 
 import torch
+
+from clipmoe_kernels import tuned_configs
 
 try:
     import triton  # noqa: F401  (importing triton does not initialise CUDA)
@@ -131,8 +134,13 @@ def uses_interpreter(device: torch.device) -> bool:
 def block_m_for(device: torch.device, rows: int, num_experts: int) -> int:
     """BLOCK_M of the grouped GEMMs (and of the tile table they read) for `rows` routed rows over `num_experts`
     experts on `device` (see BLOCK_M_GPU)."""
+    return _block_m(uses_interpreter(device), rows, num_experts)
+
+
+@functools.lru_cache(maxsize=256)  # called by every launcher of every forward
+def _block_m(interpreter: bool, rows: int, num_experts: int) -> int:
     bucket = rows_bucket(rows, num_experts)
-    if uses_interpreter(device):
+    if interpreter:
         return BLOCK_M_INTERPRET_LARGE if bucket >= LARGE_SEGMENT_BUCKET_INTERPRET else BLOCK_M_INTERPRET
     large = LARGE_SEGMENT_BUCKET_GPU is not None and bucket >= LARGE_SEGMENT_BUCKET_GPU
     return BLOCK_M_GPU_LARGE if large else BLOCK_M_GPU
@@ -143,7 +151,8 @@ _CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 def pinned_config():
     """The TileConfig of CLIPMOE_TRITON_CONFIG, or None when it is unset or empty."""
-    return _parse_pinned_config(os.environ.get(ENV_TRITON_CONFIG, "").strip(), is_interpreter())
+    raw = os.environ.get(ENV_TRITON_CONFIG)
+    return _parse_pinned_config(raw.strip(), is_interpreter()) if raw else None
 
 
 @functools.lru_cache(maxsize=16)  # read at every launch: parse each value once
@@ -224,8 +233,8 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs):
     if uses_interpreter(device):
         with _interpret_jit_calls():
             _interpreted(kernel)[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+    else:  # what kernel[grid](...) calls, without the lambda it builds per launch
+        kernel.run(*args, grid=grid, warmup=False, **kwargs)
 
 
 def custom_op(name: str):
@@ -266,7 +275,11 @@ class TunedKernel:
         self._candidates = {}  # per BLOCK_M
         self.name = kernel.fn.__name__
         self._key_index = [kernel.arg_names.index(k) for k in key]
+        self._key_values = lambda args: tuple(args[i] for i in self._key_index)
+        if len(key) > 1:  # itemgetter returns the tuple itself, several times faster than a generator
+            self._key_values = operator.itemgetter(*self._key_index)
         self._tuned = {}
+        self._memo = {}  # cached_config's
 
     def candidates(self, block_m: int) -> list[TileConfig]:
         """The configs autotune may pick for tiles of `block_m` rows (checked at every launch of a cached config)."""
@@ -279,19 +292,10 @@ class TunedKernel:
 
     def __call__(self, grid, device: torch.device, args, meta):
         """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
-        from clipmoe_kernels import tuned_configs
         cfg = pinned_config()
-        key = None
         if cfg is None:
-            key = tuned_configs.key_string(self.key, [args[i] for i in self._key_index])
-            cached = tuned_configs.lookup(device, self.name, key)
-            if cached is not None:
-                cfg = TileConfig(**cached)
-                candidates = self.candidates(meta["BLOCK_M"])
-                if cfg not in candidates:  # buffers are sized for the candidates (candidate_configs)
-                    raise ValueError(f"{tuned_configs.table_path()}: the config {cached} of {self.name} ({key}) is "
-                                     f"not one of its autotune candidates {[c._asdict() for c in candidates]}")
-            elif uses_interpreter(device) or is_interpreter():
+            cfg = self.cached_config(device, args, meta["BLOCK_M"])
+            if cfg is None and (uses_interpreter(device) or is_interpreter()):
                 cfg = INTERPRET_CONFIG
         if cfg is not None:
             launch(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, *args, **meta, BLOCK_N=cfg.BLOCK_N,
@@ -305,10 +309,33 @@ class TunedKernel:
         tuned = self._tuned[block_m]
         tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
         best = tuned.best_config
+        key = tuned_configs.key_string(self.key, [args[i] for i in self._key_index])
         tuned_configs.record(device, self.name, key, dict(best.kwargs, num_warps=best.num_warps,
                                                          num_stages=best.num_stages))
 
+    def cached_config(self, device: torch.device, args, block_m: int) -> TileConfig | None:
+        """The cached choice (tuned_configs) for this launch, checked against the candidates; None when there is
+        none. Memoised per (device, key values, BLOCK_M, table, table generation): it runs at every launch, and
+        building the key string, naming the device and finding the table cost several µs."""
+        values = self._key_values(args)
+        memo_key = (device, values, block_m, tuned_configs.table_env(), tuned_configs.generation())
+        cfg = self._memo.get(memo_key)
+        if cfg is not None:
+            return cfg
+        key = tuned_configs.key_string(self.key, values)
+        cached = tuned_configs.lookup(device, self.name, key)
+        if cached is None:
+            return None
+        cfg = TileConfig(**cached)
+        candidates = self.candidates(block_m)
+        if cfg not in candidates:  # buffers are sized for the candidates (candidate_configs)
+            raise ValueError(f"{tuned_configs.table_path()}: the config {cached} of {self.name} ({key}) is "
+                             f"not one of its autotune candidates {[c._asdict() for c in candidates]}")
+        self._memo[memo_key] = cfg
+        return cfg
 
+
+@functools.lru_cache(maxsize=256)  # pure, and called by every launcher of every forward
 def rows_bucket(total_rows: int, num_experts: int) -> int:
     """Autotune key part: rows per expert if balanced, rounded up to a power of two and capped, so that a new batch
     size re-tunes only when it changes the regime (tens vs thousands of rows per expert), not on every value. The

@@ -26,21 +26,22 @@ def check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2):
         raise ValueError(f"w1 must be 3-D [E, F, D], got shape {tuple(w1.shape)}")
     E, Fh, D = w1.shape
     T = x.shape[0]
-    expected = {"x": (x, (T, D)), "b1": (b1, (E, Fh)), "w2": (w2, (E, D, Fh)), "b2": (b2, (E, D))}
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
+    # torch.Size compares equal to a tuple; these checks run at every forward, so they avoid building containers
+    for name, t, shape in (("x", x, (T, D)), ("b1", b1, (E, Fh)), ("w2", w2, (E, D, Fh)), ("b2", b2, (E, D))):
+        if t.shape != shape:
             raise ValueError(f"{name} must have shape {shape} (from w1 {tuple(w1.shape)}), got {tuple(t.shape)}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids must be [T={T}, k], got shape {tuple(topk_ids.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+    if topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, "
                          f"got {tuple(topk_weights.shape)}")
+    device = x.device
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("w1", w1), ("b1", b1),
                     ("w2", w2), ("b2", b2)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all must share one device")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; all must share one device")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 

@@ -52,10 +52,11 @@ class RouterOutput(NamedTuple):
     probs: torch.Tensor          # [T, E] fp32 softmax
     topk_weights: torch.Tensor   # [T, k] fp32, renormalised when asked
     topk_ids: torch.Tensor       # [T, k] int32, decreasing probability
-    expert_counts: torch.Tensor  # [E] int32, tokens whose top-1 expert is e
-    prob_sums: torch.Tensor      # [E] fp32, Σ_t probs[t, e]
-    topk_counts: torch.Tensor    # [E] int32, (token, slot) pairs routed to e over all k choices
-    logsumexp: torch.Tensor      # [T] fp32, log Σ_e exp(logits[t, e]) (the router z-loss is its mean square)
+    # The statistics (None when topk_routing_triton was called with stats=False):
+    expert_counts: torch.Tensor | None  # [E] int32, tokens whose top-1 expert is e
+    prob_sums: torch.Tensor | None      # [E] fp32, Σ_t probs[t, e]
+    topk_counts: torch.Tensor | None    # [E] int32, (token, slot) pairs routed to e over all k choices
+    logsumexp: torch.Tensor | None      # [T] fp32, log Σ_e exp(logits[t, e]) (the router z-loss is its mean square)
 
 
 def router_ref(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> RouterOutput:
@@ -80,10 +81,11 @@ def _router_fwd_kernel(
     psums_ptr,    # [num_programs, E] fp32 out: probability sums of this program's tokens
     T, E, BLOCKS_PER_PROGRAM,
     stride_lt, stride_le,
-    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, STATS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program pid: token blocks pid·BLOCKS_PER_PROGRAM .. (pid+1)·BLOCKS_PER_PROGRAM - 1 of BLOCK_T tokens, all experts.
+    # STATS False: only probs, weights and ids are written (lse_ptr and the statistics pointers are not read).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     e_mask = cols < E
@@ -106,7 +108,8 @@ def _router_fwd_kernel(
         total = tl.sum(p, axis=1)
         p = p / total[:, None]
         tl.store(probs_ptr + offs_t[:, None] * E + cols[None, :], p, mask=mask)
-        tl.store(lse_ptr + offs_t, m + tl.log(total), mask=t_mask)
+        if STATS:
+            tl.store(lse_ptr + offs_t, m + tl.log(total), mask=t_mask)
 
         # Selection keys: NaN ranks below every probability but above chosen (-2) and padding (-3) columns, so k
         # rounds of argmax always pick k distinct real experts. argmax breaks ties toward the lower id.
@@ -133,11 +136,13 @@ def _router_fwd_kernel(
         tl.store(weights_ptr + offs_t[:, None] * TOP_K + kcols[None, :], w_all, mask=k_mask)
         tl.store(ids_ptr + offs_t[:, None] * TOP_K + kcols[None, :], id_all, mask=k_mask)
         psums += tl.sum(tl.where(t_mask[:, None], p, 0.0), axis=0)
-    tl.store(counts_ptr + pid * E + cols, counts, mask=e_mask)
-    tl.store(topk_counts_ptr + pid * E + cols, topk_counts, mask=e_mask)
-    tl.store(psums_ptr + pid * E + cols, psums, mask=e_mask)
+    if STATS:
+        tl.store(counts_ptr + pid * E + cols, counts, mask=e_mask)
+        tl.store(topk_counts_ptr + pid * E + cols, topk_counts, mask=e_mask)
+        tl.store(psums_ptr + pid * E + cols, psums, mask=e_mask)
 
 
+@functools.lru_cache(maxsize=256)  # at every forward
 def router_programs(num_tokens: int) -> tuple[int, int]:
     """(programs, token blocks per program) of a router launch over `num_tokens` tokens."""
     blocks = cdiv(num_tokens, ROUTER_BLOCK_T)
@@ -153,20 +158,21 @@ def block_size(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
-@custom_op("clipmoe::route_topk")
-def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor]:
-    """(probs, topk_weights, topk_ids, expert_counts, prob_sums, topk_counts, logsumexp) of a [T, E] logits tensor;
-    see RouterOutput."""
+def _route(logits: torch.Tensor, top_k: int, renormalize: bool, stats: bool):
+    """Allocate the outputs and launch the router kernel: (probs, weights, ids) and, when `stats`, (counts,
+    prob_sums, topk_counts, lse) as well."""
     T, E = logits.shape
     dev = logits.device
     probs = torch.empty((T, E), dtype=torch.float32, device=dev)
     weights = torch.empty((T, top_k), dtype=torch.float32, device=dev)
     ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
-    lse = torch.empty((T,), dtype=torch.float32, device=dev)
     num_programs, blocks_per_program = router_programs(T)
+    if not stats:
+        if num_programs:
+            _launch_router(logits, probs, weights, ids, probs, probs, probs, probs, num_programs, blocks_per_program,
+                           top_k, renormalize, False)
+        return probs, weights, ids
+    lse = torch.empty((T,), dtype=torch.float32, device=dev)
     if num_programs == 0:
         def zeros(dtype):
             return torch.zeros((E,), dtype=dtype, device=dev)
@@ -175,15 +181,33 @@ def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[tor
     partial = (E,) if num_programs == 1 else (num_programs, E)
     counts, topk_counts = (torch.empty(partial, dtype=torch.int32, device=dev) for _ in range(2))
     psums = torch.empty(partial, dtype=torch.float32, device=dev)
-    launch(
-        _router_fwd_kernel, (num_programs,), dev, logits, probs, weights, ids, lse, counts, topk_counts, psums, T, E,
-        blocks_per_program, logits.stride(0), logits.stride(1),
-        TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=block_size(E), BLOCK_K=block_size(top_k),
-        num_warps=4)
+    _launch_router(logits, probs, weights, ids, lse, counts, topk_counts, psums, num_programs, blocks_per_program,
+                   top_k, renormalize, True)
     if num_programs > 1:  # program-order sums of the partials
         counts, topk_counts, psums = counts.sum(0, dtype=torch.int32), topk_counts.sum(0, dtype=torch.int32), \
             psums.sum(0)
     return probs, weights, ids, counts, psums, topk_counts, lse
+
+
+def _launch_router(logits, probs, weights, ids, lse, counts, topk_counts, psums, num_programs, blocks_per_program,
+                   top_k, renormalize, stats):
+    T, E = logits.shape
+    launch(
+        _router_fwd_kernel, (num_programs,), logits.device, logits, probs, weights, ids, lse, counts, topk_counts,
+        psums,
+        T, E, blocks_per_program, logits.stride(0), logits.stride(1),
+        TOP_K=top_k, RENORMALIZE=renormalize, STATS=stats, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=block_size(E),
+        BLOCK_K=block_size(top_k), num_warps=4)
+
+
+@custom_op("clipmoe::route_topk")
+def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    """(probs, topk_weights, topk_ids, expert_counts, prob_sums, topk_counts, logsumexp) of a [T, E] logits tensor;
+    see RouterOutput."""
+    return _route(logits, top_k, renormalize, True)
 
 
 @route_topk.register_fake
@@ -193,6 +217,21 @@ def _(logits, top_k, renormalize):
     return (logits.new_empty((T, E), dtype=f32), logits.new_empty((T, top_k), dtype=f32),
             logits.new_empty((T, top_k), dtype=i32), logits.new_empty((E,), dtype=i32),
             logits.new_empty((E,), dtype=f32), logits.new_empty((E,), dtype=i32), logits.new_empty((T,), dtype=f32))
+
+
+@custom_op("clipmoe::route_topk_without_stats")
+def route_topk_without_stats(logits: torch.Tensor, top_k: int,
+                             renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probs, topk_weights, topk_ids) only: the router of a forward whose aux losses nobody needs (inference). Four
+    allocations fewer than route_topk, a measurable share of the host time at batch 1."""
+    return _route(logits, top_k, renormalize, False)
+
+
+@route_topk_without_stats.register_fake
+def _(logits, top_k, renormalize):
+    T, E = logits.shape
+    return (logits.new_empty((T, E), dtype=torch.float32), logits.new_empty((T, top_k), dtype=torch.float32),
+            logits.new_empty((T, top_k), dtype=torch.int32))
 
 
 class RouterFunction(torch.autograd.Function):
@@ -228,13 +267,19 @@ class RouterFunction(torch.autograd.Function):
         return d_logits.to(ctx.logits_dtype), None, None  # logits, top_k, renormalize
 
 
-def topk_routing_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> RouterOutput:
+_NO_STATS = (None,) * 4
+
+
+def topk_routing_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool = True,
+                        stats: bool = True) -> RouterOutput:
     """Fused router: what topk_routing_ref returns (probs, topk_weights, topk_ids) plus the aux-loss statistics.
 
     Args:
         router_logits: [T, E] fp32/fp16/bf16 (fp64 takes router_ref), CUDA; CPU only under TRITON_INTERPRET=1.
         top_k: k in [1, E].
         renormalize: divide the k selected probabilities by their sum (CLIP-MoE does).
+        stats: compute the statistics; False leaves those four fields None (the kernel then writes only probs,
+            weights and ids; on the differentiable path it computes them anyway and they are dropped).
     Returns:
         RouterOutput(probs [T, E] fp32, topk_weights [T, k] fp32, topk_ids [T, k] int32 (decreasing probability;
         ties to the lower id), expert_counts [E] int32 (top-1 counts), prob_sums [E] fp32, topk_counts [E] int32
@@ -249,11 +294,17 @@ def topk_routing_triton(router_logits: torch.Tensor, top_k: int, renormalize: bo
         raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
     if not router_logits.is_floating_point():
         raise TypeError(f"router_logits must be floating point, got {router_logits.dtype}")
+    renormalize = bool(renormalize)
     if router_logits.dtype == torch.float64:  # the kernel computes in fp32; fp64 callers get the fp64 reference
-        return router_ref(router_logits, top_k, renormalize)
-    if E > MAX_EXPERTS:
-        raise ValueError(f"topk_routing_triton supports up to {MAX_EXPERTS} experts, got E={E}")
-    check_triton_device("topk_routing_triton", router_logits)
-    if not (router_logits.requires_grad and torch.is_grad_enabled()):  # no autograd.Function bookkeeping
-        return RouterOutput(*route_topk(router_logits, top_k, bool(renormalize)))
-    return RouterOutput(*RouterFunction.apply(router_logits, top_k, bool(renormalize)))
+        out = router_ref(router_logits, top_k, renormalize)
+    else:
+        if E > MAX_EXPERTS:
+            raise ValueError(f"topk_routing_triton supports up to {MAX_EXPERTS} experts, got E={E}")
+        check_triton_device("topk_routing_triton", router_logits)
+        if not (router_logits.requires_grad and torch.is_grad_enabled()):  # no autograd.Function bookkeeping
+            if not stats:
+                return RouterOutput(*route_topk_without_stats(router_logits, top_k, renormalize), *_NO_STATS)
+            return RouterOutput(*route_topk(router_logits, top_k, renormalize))
+        out = RouterOutput(*RouterFunction.apply(router_logits, top_k, renormalize))
+    return out if stats else RouterOutput(*out[:3], *_NO_STATS)
+

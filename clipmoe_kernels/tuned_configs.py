@@ -18,6 +18,16 @@ SHIPPED = Path(__file__).with_name("tuned_configs.json")
 _CONFIG_FIELDS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 _loaded: dict = {}   # path -> its table
 _chosen: dict = {}   # choices autotune made in this process, same layout
+_generation = [0]    # bumped whenever a lookup could answer differently (memo keys of the launch path include it)
+
+
+def generation() -> int:
+    return _generation[0]
+
+
+def table_env() -> str:
+    """The raw CLIPMOE_TUNED_CONFIGS value ("" when unset): part of the launch path's memo keys."""
+    return os.environ.get(ENV_TUNED_CONFIGS, "")
 
 
 def device_name(device: torch.device) -> str:
@@ -44,7 +54,7 @@ def _table(path: Path) -> dict:
 
 
 def table_path() -> Path:
-    return Path(os.environ.get(ENV_TUNED_CONFIGS, "") or SHIPPED)
+    return Path(table_env() or SHIPPED)
 
 
 def lookup(device: torch.device, kernel: str, key: str):
@@ -65,6 +75,7 @@ def record(device: torch.device, kernel: str, key: str, config: dict):
     """Remember autotune's choice for (device, kernel, key) in this process."""
     _chosen.setdefault(device_name(device), {}).setdefault(kernel, {})[key] = {f: int(config[f]) for f in
                                                                                _CONFIG_FIELDS}
+    _generation[0] += 1
 
 
 def save_tuned_configs(path=None) -> Path:
@@ -77,6 +88,7 @@ def save_tuned_configs(path=None) -> Path:
             table.setdefault(device, {}).setdefault(kernel, {}).update(keys)
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     _loaded.pop(path, None)
+    _generation[0] += 1
     return path
 
 
@@ -84,3 +96,4 @@ def forget_tuned_configs():
     """Drop this process's autotune choices and the files read so far (the next lookup rereads the JSON)."""
     _chosen.clear()
     _loaded.clear()
+    _generation[0] += 1

@@ -88,6 +88,31 @@ def test_a_cached_config_is_launched_instead_of_the_default(tuned_file, monkeypa
     assert_close(y, expert_ffn_torch(x.double(), ids, w.double(), *[p.double() for p in params]), torch.float32)
 
 
+def test_the_launch_path_memo_follows_the_table(tuned_file, tmp_path, monkeypatch):
+    """The launch path memoises its lookups; a new autotune choice, another CLIPMOE_TUNED_CONFIGS file and
+    forget_tuned_configs must still change what the next launch uses."""
+    T, D, F, E, k = 19, 16, 40, 3, 2
+    key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+    seen = _launched_configs(monkeypatch)
+    ids, w = routing(T, E, k)
+    x, params = torch.randn(T, D), expert_weights(D, F, E)
+
+    def launched_up():
+        expert_ffn_triton(x, ids, w, *params)
+        return seen["_grouped_up_fwd_kernel"]
+    first, second = GEMM_CONFIGS[1], GEMM_CONFIGS[0]
+    tuned_file.write_text(json.dumps({"cpu-interpreter": {"_grouped_up_fwd_kernel": {key: first._asdict()}}}))
+    assert launched_up() == (first.BLOCK_N, first.BLOCK_K)
+    tuned_configs.record(torch.device("cpu"), "_grouped_up_fwd_kernel", key, second._asdict())  # chosen in-process
+    assert launched_up() == (second.BLOCK_N, second.BLOCK_K)
+    tuned_configs.forget_tuned_configs()
+    assert launched_up() == (first.BLOCK_N, first.BLOCK_K)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"cpu-interpreter": {"_grouped_up_fwd_kernel": {key: second._asdict()}}}))
+    monkeypatch.setenv(tuned_configs.ENV_TUNED_CONFIGS, str(other))
+    assert launched_up() == (second.BLOCK_N, second.BLOCK_K)
+
+
 def test_autotune_choices_are_saved_and_read_back(tuned_file):
     device = torch.device("cpu")
     tuned_configs.record(device, "_rows_to_slots_kernel", "N=1024,K=4096,ROWS_BUCKET=32768",

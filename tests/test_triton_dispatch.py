@@ -136,3 +136,20 @@ def test_aux_losses_are_computed_once_and_only_when_asked():
     moe(torch.randn(9, 16))
     first = moe.aux.balance_loss
     assert moe.aux.balance_loss is first
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_aux_losses_without_gradient_come_from_probabilities(backend):
+    """Under no_grad the fused router computes no statistics (router_stats None); the losses asked for then come
+    from the probabilities, ids and logits, and equal those of a forward with gradient."""
+    moe = _moe(backend=backend)
+    x = torch.randn(37, 16)
+    moe(x)
+    with_grad = [moe.aux.balance_loss, moe.aux.balance_loss_topk, moe.aux.z_loss]
+    with torch.no_grad():
+        moe(x)
+    assert moe.aux.router_stats is None
+    for name, got, want in zip(("balance", "balance_topk", "z"),
+                               [moe.aux.balance_loss, moe.aux.balance_loss_topk, moe.aux.z_loss], with_grad,
+                               strict=True):
+        assert_close(got, want.detach(), torch.float32, name)

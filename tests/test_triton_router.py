@@ -59,6 +59,19 @@ def test_forward_matches_reference(T, E, k, renormalize, dtype):
     assert_close(out.topk_weights, weights, torch.float32, "weights")
 
 
+@pytest.mark.parametrize("T,E,k,renormalize,dtype", CASES[:3] + CASES[6:7])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_without_stats_the_routing_is_the_same(T, E, k, renormalize, dtype, requires_grad):
+    """stats=False (the inference router: the kernel writes no statistics): the same probs, weights and ids, bit for
+    bit, and None statistics, on the kernel-only path and on the differentiable one."""
+    logits = _logits(T, E, dtype).requires_grad_(requires_grad)
+    full = topk_routing_triton(logits, k, renormalize)
+    out = topk_routing_triton(logits, k, renormalize, stats=False)
+    for name in ("probs", "topk_weights", "topk_ids"):
+        assert torch.equal(getattr(out, name), getattr(full, name)), name
+    assert out[3:] == (None,) * 4
+
+
 @pytest.mark.parametrize("T,E,k,renormalize,dtype", [c for c in CASES if c[4] == torch.float32])
 def test_gradients_match_autograd_of_reference(T, E, k, renormalize, dtype):
     """d logits through probs, topk_weights, prob_sums and logsumexp at once (random upstream gradients for each)."""
