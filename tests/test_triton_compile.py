@@ -96,10 +96,11 @@ def _cases(dt):
     cases.update({
         "combine": (grouped_gemm._slot_combine_kernel, dict(slots_ptr="fp32", out_ptr=dt),
                     dict(TOP_K=2, BLOCK_T=32, BLOCK_D=128), {"stride_od"}),
-        "router": (router._router_fwd_kernel,
-                   dict(logits_ptr=dt, probs_ptr="fp32", weights_ptr="fp32", ids_ptr="i32", lse_ptr="fp32",
-                        counts_ptr="i32", topk_counts_ptr="i32", psums_ptr="fp32"),
-                   dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=64, BLOCK_E=8, BLOCK_K=2), {"stride_le"}),
+        **{name: (router._router_fwd_kernel,
+                  dict(logits_ptr=dt, probs_ptr="fp32", weights_ptr="fp32", ids_ptr="i32", lse_ptr="fp32",
+                       counts_ptr="i32", topk_counts_ptr="i32", psums_ptr="fp32"),
+                  dict(TOP_K=2, RENORMALIZE=True, STATS=stats, BLOCK_T=64, BLOCK_E=8, BLOCK_K=2), {"stride_le"})
+           for name, stats in (("router", True), ("router_without_stats", False))},
         "program_order": (grouped_gemm._program_order_kernel, dict(out_ptr="i32"),
                           dict(GROUP_M=8, WGRAD=False, BLOCK=1024), set()),
     })
