@@ -27,9 +27,10 @@ class MoEAux:
     """What one forward of an MoEFFN leaves behind for auxiliary losses and routing analysis.
 
     The losses are computed on first access (then kept): a forward whose losses nobody asks for (evaluation,
-    inference, a stage without a balance term) runs no aux-loss op. With the triton backend they come from the
-    statistics of the fused router kernel (`router_stats`: per-expert counts, probability sums, per-token
-    logsumexp), a few ops on [E] and [T] vectors; the torch backends compute them from probabilities and ids."""
+    inference, a stage without a balance term) runs no aux-loss op. With the triton backend and a gradient they come
+    from the statistics of the fused router kernel (`router_stats`: per-expert counts, probability sums, per-token
+    logsumexp), a few ops on [E] and [T] vectors; without a gradient that kernel skips them (router_stats None) and,
+    as with the torch backends, a loss asked for is computed from the probabilities, ids and logits."""
     router_logits: torch.Tensor      # [T, E] as produced by the router (input dtype)
     router_probs: torch.Tensor       # [T, E] fp32 softmax
     topk_ids: torch.Tensor           # [T, k] decreasing probability; int64 (int32 from the triton router)

@@ -192,12 +192,9 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, stats: bool):
 def _launch_router(logits, probs, weights, ids, lse, counts, topk_counts, psums, num_programs, blocks_per_program,
                    top_k, renormalize, stats):
     T, E = logits.shape
-    launch(
-        _router_fwd_kernel, (num_programs,), logits.device, logits, probs, weights, ids, lse, counts, topk_counts,
-        psums,
-        T, E, blocks_per_program, logits.stride(0), logits.stride(1),
-        TOP_K=top_k, RENORMALIZE=renormalize, STATS=stats, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=block_size(E),
-        BLOCK_K=block_size(top_k), num_warps=4)
+    launch(_router_fwd_kernel, (num_programs,), logits.device, logits, probs, weights, ids, lse, counts, topk_counts,
+           psums, T, E, blocks_per_program, logits.stride(0), logits.stride(1), TOP_K=top_k, RENORMALIZE=renormalize,
+           STATS=stats, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=block_size(E), BLOCK_K=block_size(top_k), num_warps=4)
 
 
 @custom_op("clipmoe::route_topk")
