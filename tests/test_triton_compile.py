@@ -11,6 +11,7 @@ import functools
 import re
 import subprocess
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from clipmoe_kernels import grouped_down, grouped_gemm, grouped_up, router  # noqa: E402
-from clipmoe_kernels._triton_utils import BLOCK_M_GPU, BLOCK_M_GPU_LARGE, block_m_for  # noqa: E402
+from clipmoe_kernels._triton_utils import BLOCK_M_GPU, BLOCK_M_GPU_LARGE, block_m_for, set_weight_block  # noqa: E402
 
 META = {"sorted_to_flat_ptr": "i32", "expert_offsets_ptr": "i32", "tile_expert_ptr": "i32",
         "tile_row_start_ptr": "i32", "seed_ptr": "i64"}
@@ -46,6 +47,8 @@ def compile_for_sm90(kernel, pointer_types, constexprs, num_warps=4, num_stages=
     for i, p in enumerate(kernel.params):
         if p.is_constexpr or p.name in unit_strides:
             signature[p.name] = "constexpr"
+        elif pointer_types.get(p.name, "").startswith("tensordesc"):  # a host TensorDescriptor
+            signature[p.name] = pointer_types[p.name]
         elif p.name in pointer_types:
             signature[p.name] = "*" + pointer_types[p.name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -59,30 +62,51 @@ def compile_for_sm90(kernel, pointer_types, constexprs, num_warps=4, num_stages=
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _gemm_cases(dt, block_m, block_n, block_k, dropout=False):
+def weight_argument(dt, layout, block_n, block_k):
+    """(signature type, WEIGHT_DESC) of a row-tile GEMM's weight: a pointer (layout None) or the TensorDescriptor a
+    launch passes, with the box `set_weight_block` gives it."""
+    if layout is None:
+        return dt, ""
+    desc = types.SimpleNamespace()
+    set_weight_block(desc, layout, block_n, block_k)
+    return f"tensordesc<{dt}[{', '.join(map(str, desc.block_shape))}]>", layout
+
+
+# The layout of each row-tile GEMM's weight view on the descriptor path (_triton_utils.weight_operand):
+# W1 [E, F, D] and W2 [E, D, F] are contiguous in their last dimension.
+WEIGHT_LAYOUTS = {"up_fwd": "nk", "up_bwd_dx": "kn", "down_fwd": "nk", "down_bwd": "kn"}
+
+
+def _gemm_cases(dt, block_m, block_n, block_k, dropout=False, weight_desc=False):
+    """The GEMM kernels' compile arguments; weight_desc: the row-tile GEMMs take their weight as a descriptor."""
     prec = "ieee" if dt == "fp32" else "tf32"
     gemm = {"INPUT_PRECISION": prec, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
     row = dict(gemm, GROUP_M=grouped_gemm.GROUP_M)
+    wt = {name: weight_argument(dt, layout if weight_desc else None, block_n, block_k)
+          for name, layout in WEIGHT_LAYOUTS.items()}
     wgrad_ptrs = dict(sorted_to_flat_ptr="i32", expert_offsets_ptr="i32", go_ptr=dt, in_ptr=dt,
                       topk_weights_ptr="fp32", dw_ptr=dt, db_ptr=dt)
     # what a launch with contiguous operands makes constant 1 (see compile_for_sm90)
     wgrad_units = {"stride_gon", "stride_ink", "stride_dwk", "stride_dbn"}
     return {
         "up_fwd": (grouped_up._grouped_up_fwd_kernel,
-                   dict(META, x_ptr=dt, w1_ptr=dt, b1_ptr=dt, a_ptr=dt, h_ptr=dt),
-                   dict(row, TOP_K=2, ACTIVATION="quick_gelu", STORE_H=True, DROPOUT=dropout),
+                   dict(META, x_ptr=dt, w1=wt["up_fwd"][0], b1_ptr=dt, a_ptr=dt, h_ptr=dt),
+                   dict(row, TOP_K=2, ACTIVATION="quick_gelu", STORE_H=True, DROPOUT=dropout,
+                        WEIGHT_DESC=wt["up_fwd"][1]),
                    {"stride_xd", "stride_w1d", "stride_b1f"}),
         "up_bwd_dx": (grouped_gemm._rows_to_slots_kernel,  # dh W1[e] into fp32 slots
-                      dict(META, a_ptr=dt, w_ptr=dt, b_ptr=dt, topk_weights_ptr=dt, out_ptr="fp32"),
-                      dict(row, BIAS_AND_WEIGHT=False), {"stride_ak", "stride_wn", "stride_on"}),
+                      dict(META, a_ptr=dt, w=wt["up_bwd_dx"][0], b_ptr=dt, topk_weights_ptr=dt, out_ptr="fp32"),
+                      dict(row, BIAS_AND_WEIGHT=False, WEIGHT_DESC=wt["up_bwd_dx"][1]),
+                      {"stride_ak", "stride_wn", "stride_on"}),
         "down_fwd": (grouped_gemm._rows_to_slots_kernel,  # s·(a W2[e]ᵀ + b2[e]), k = 1: y directly
-                     dict(META, a_ptr=dt, w_ptr=dt, b_ptr=dt, topk_weights_ptr="fp32", out_ptr=dt),
-                     dict(row, BIAS_AND_WEIGHT=True), {"stride_ak", "stride_wk", "stride_bn", "stride_on"}),
+                     dict(META, a_ptr=dt, w=wt["down_fwd"][0], b_ptr=dt, topk_weights_ptr="fp32", out_ptr=dt),
+                     dict(row, BIAS_AND_WEIGHT=True, WEIGHT_DESC=wt["down_fwd"][1]),
+                     {"stride_ak", "stride_wk", "stride_bn", "stride_on"}),
         "down_bwd": (grouped_down._grouped_down_bwd_kernel,
-                     dict(META, dy_ptr=dt, h_ptr=dt, w2_ptr=dt, b2_ptr=dt, topk_weights_ptr="fp32", dh_ptr=dt,
-                          u_ptr=dt, ds_ptr="fp32"),
+                     dict(META, dy_ptr=dt, h_ptr=dt, w2=wt["down_bwd"][0], b2_ptr=dt, topk_weights_ptr="fp32",
+                          dh_ptr=dt, u_ptr=dt, ds_ptr="fp32"),
                      dict(row, TOP_K=2, ACTIVATION="quick_gelu", COMPUTE_DH=True, COMPUTE_DS=True, STORE_U=True,
-                          DROPOUT=dropout),
+                          DROPOUT=dropout, WEIGHT_DESC=wt["down_bwd"][1]),
                      {"stride_dyd", "stride_w2f", "stride_b2d"}),
         "wgrad_down": (grouped_gemm._grouped_wgrad_kernel, wgrad_ptrs,  # dW2 = Σ dyᵀ u, db2 = Σ s·dy
                        dict(gemm, TOP_K=2, GATHER_GO=True, SCALE_DB=True, GATHER_IN=False), wgrad_units),
