@@ -40,6 +40,39 @@ def triton_interpreter(monkeypatch):
     monkeypatch.delenv("CLIPMOE_BACKEND", raising=False)
 
 
+class WeightLoads:
+    """How the row-tile GEMMs of a kernel test load their weight tiles (fixture `weight_loads`): path "pointer" or
+    "tma" (TensorDescriptor loads), and the descriptor layouts the launches of the test used so far."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.layouts: list[str] = []
+
+    def expect(self, layouts, *weights):
+        """Assert that the launches so far used descriptors of exactly these layouts when the path is "tma" and every
+        weight meets TMA's alignment (16-byte base and strides, last dimension contiguous), and none otherwise."""
+        aligned = all(w.data_ptr() % 16 == 0 and w.stride(-1) == 1
+                      and all(s * w.element_size() % 16 == 0 for s in w.stride()[:-1]) for w in weights)
+        want = set(layouts) if self.path == "tma" and aligned else set()
+        assert set(self.layouts) == want, f"{self.path} path: descriptor launches {self.layouts}, expected {want}"
+
+
+@pytest.fixture(params=["pointer", "tma"])
+def weight_loads(request, monkeypatch):
+    """Run a kernel test with the weight tiles loaded by pointers and by TMA tensor descriptors (CLIPMOE_TRITON_TMA
+    0 / 1; under the interpreter 1 takes the descriptor path wherever the weights are aligned for it)."""
+    from clipmoe_kernels import _triton_utils
+    monkeypatch.setenv(_triton_utils.ENV_TRITON_TMA, "1" if request.param == "tma" else "0")
+    loads = WeightLoads(request.param)
+    set_block = _triton_utils.set_weight_block
+
+    def recording(desc, layout, block_n, block_k):
+        loads.layouts.append(layout)
+        set_block(desc, layout, block_n, block_k)
+    monkeypatch.setattr(_triton_utils, "set_weight_block", recording)
+    return loads
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

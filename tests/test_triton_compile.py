@@ -20,7 +20,13 @@ import torch
 triton = pytest.importorskip("triton")
 
 from clipmoe_kernels import grouped_down, grouped_gemm, grouped_up, router  # noqa: E402
-from clipmoe_kernels._triton_utils import BLOCK_M_GPU, BLOCK_M_GPU_LARGE, block_m_for, set_weight_block  # noqa: E402
+from clipmoe_kernels._triton_utils import (  # noqa: E402
+    BLOCK_M_GPU,
+    BLOCK_M_GPU_LARGE,
+    block_m_for,
+    set_weight_block,
+    uses_weight_descriptor,
+)
 
 META = {"sorted_to_flat_ptr": "i32", "expert_offsets_ptr": "i32", "tile_expert_ptr": "i32",
         "tile_row_start_ptr": "i32", "seed_ptr": "i64"}
@@ -171,55 +177,77 @@ GEMMS = {"up_fwd": grouped_up._grouped_up_fwd, "up_bwd_dx": grouped_gemm._rows_t
 
 
 def _autotune_space():
-    """Every (kernel, BLOCK_M, config) autotune can pick on CUDA (the launcher's `candidates`) at 64-row tiles
-    (ViT-B/16 batch 1: D 768, F 3072, 197 tokens, 99 rows per expert) and at 128-row tiles (ViT-L/14 training: D 1024,
-    F 4096, 65,792 tokens, 32,896 rows per expert). Both shapes specialise D, F and the strides as multiples of 16
-    (and the unit strides as 1); the token count is a runtime value."""
+    """Every (kernel, BLOCK_M, config, weight descriptor) autotune can pick on CUDA (the launcher's `candidates`) at
+    64-row tiles (ViT-B/16 batch 1: D 768, F 3072, 197 tokens, 99 rows per expert) and at 128-row tiles (ViT-L/14
+    training: D 1024, F 4096, 65,792 tokens, 32,896 rows per expert); at 128-row tiles the row-tile GEMMs also on
+    the TMA path, which `uses_weight_descriptor` picks there on sm_90. Both shapes specialise D, F and the strides as
+    multiples of 16 (and the unit strides as 1); the token count is a runtime value."""
     for name, tuned in GEMMS.items():
         for block_m in (BLOCK_M_GPU, BLOCK_M_GPU_LARGE):
             for cfg in tuned.candidates(block_m):
-                yield name, block_m, cfg
+                yield name, block_m, cfg, False
+                if block_m == BLOCK_M_GPU_LARGE and name in WEIGHT_LAYOUTS:
+                    yield name, block_m, cfg, True
 
 
 def test_autotune_space_covers_both_tile_tables():
-    """The rule that picks BLOCK_M sends both shapes above to the tiles compiled here."""
+    """The rule that picks BLOCK_M sends both shapes above to the tiles compiled here, and the TMA rule picks the
+    descriptor path for the training shape's weights on sm_90 and the pointer path at batch 1."""
     cuda = torch.device("cuda")  # block_m_for reads only the device type
     assert block_m_for(cuda, 197 * 2, 4) == BLOCK_M_GPU
     assert block_m_for(cuda, 65_792 * 2, 4) == BLOCK_M_GPU_LARGE
     assert all(any(c[0] == name and c[1] == bm for c in _autotune_space())
                for name in GEMMS for bm in (BLOCK_M_GPU, BLOCK_M_GPU_LARGE))
+    w1 = torch.empty(4, 4096, 1024, dtype=torch.bfloat16)
+    assert uses_weight_descriptor(w1, w1.stride(2), w1.stride(1), BLOCK_M_GPU_LARGE, capability=(9, 0))
+    assert not uses_weight_descriptor(w1, w1.stride(2), w1.stride(1), BLOCK_M_GPU, capability=(9, 0))
 
 
-def _id(name, block_m, cfg):
-    return f"{name}-M{block_m}-N{cfg.BLOCK_N}-K{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}"
+def _id(name, block_m, cfg, weight_desc):
+    tma = "-tma" if weight_desc else ""
+    return f"{name}-M{block_m}-N{cfg.BLOCK_N}-K{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}{tma}"
 
 
 @functools.cache
-def compiled_gemm(name, block_m, cfg):
+def compiled_gemm(name, block_m, cfg, weight_desc):
     """(PTX, ptxas -v report) of a GEMM kernel in bf16 at a tile config (one compile shared by the tests below)."""
-    kernel, pointer_types, constexprs, unit_strides = _gemm_cases("bf16", block_m, cfg.BLOCK_N, cfg.BLOCK_K)[name]
+    kernel, pointer_types, constexprs, unit_strides = _gemm_cases("bf16", block_m, cfg.BLOCK_N, cfg.BLOCK_K,
+                                                                  weight_desc=weight_desc)[name]
     ptx = compile_for_sm90(kernel, pointer_types, constexprs, cfg.num_warps, cfg.num_stages, unit_strides).asm["ptx"]
     return ptx, ptxas_report(ptx)
 
 
 AUTOTUNE_SPACE = [pytest.param(*case, id=_id(*case)) for case in _autotune_space()]
+CASE = "name,block_m,cfg,weight_desc"
 
 
-@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
-def test_autotune_configs_use_wgmma(name, block_m, cfg):
-    ptx, _ = compiled_gemm(name, block_m, cfg)
+@pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
+def test_autotune_configs_use_wgmma(name, block_m, cfg, weight_desc):
+    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
     assert "wgmma.mma_async" in ptx, f"{name}: no wgmma (the GEMM would run on the pre-Hopper mma path)"
 
 
-@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
-def test_autotune_configs_do_not_spill(name, block_m, cfg):
-    _, report = compiled_gemm(name, block_m, cfg)
+@pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
+def test_autotune_configs_do_not_spill(name, block_m, cfg, weight_desc):
+    _, report = compiled_gemm(name, block_m, cfg, weight_desc)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     assert spills and not any(spills), f"{name}: register spills {spills}"
 
 
-@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
-def test_autotune_configs_pipeline_wgmma(name, block_m, cfg):
-    ptx, _ = compiled_gemm(name, block_m, cfg)
+@pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
+def test_autotune_configs_pipeline_wgmma(name, block_m, cfg, weight_desc):
+    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
     waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
     assert any(w > 0 for w in waits), f"{name}: every wgmma waits synchronously (wait_group counts {waits})"
+
+
+@pytest.mark.parametrize(CASE, [p for p in AUTOTUNE_SPACE if p.values[0] in WEIGHT_LAYOUTS])
+def test_weight_tiles_load_by_tma_on_the_descriptor_path(name, block_m, cfg, weight_desc):
+    """The descriptor path loads the weight tiles with Hopper's TMA unit (a 3-D bulk tensor copy: one expert's
+    [BLOCK_K, BLOCK_N] box of the [E, ·, ·] weights); the pointer path has no bulk tensor copy at all."""
+    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
+    tma = re.findall(r"cp\.async\.bulk\.tensor\.(\d)d", ptx)
+    if weight_desc:
+        assert tma and set(tma) == {"3"}, f"{name}: no 3-D TMA load of the weight tiles (bulk tensor copies {tma})"
+    else:
+        assert not tma, f"{name}: TMA copies {tma} on the pointer path"
