@@ -42,19 +42,23 @@ def triton_interpreter(monkeypatch):
 
 class WeightLoads:
     """How the row-tile GEMMs of a kernel test load their weight tiles (fixture `weight_loads`): path "pointer" or
-    "tma" (TensorDescriptor loads), and the descriptor layouts the launches of the test used so far."""
+    "tma" (TensorDescriptor loads), and the (layout, weight shape) of every descriptor launch of the test so far."""
 
     def __init__(self, path: str):
         self.path = path
-        self.layouts: list[str] = []
+        self.launches: set[tuple[str, tuple[int, ...]]] = set()
 
-    def expect(self, layouts, *weights):
-        """Assert that the launches so far used descriptors of exactly these layouts when the path is "tma" and every
-        weight meets TMA's alignment (16-byte base and strides, last dimension contiguous), and none otherwise."""
-        aligned = all(w.data_ptr() % 16 == 0 and w.stride(-1) == 1
-                      and all(s * w.element_size() % 16 == 0 for s in w.stride()[:-1]) for w in weights)
-        want = set(layouts) if self.path == "tma" and aligned else set()
-        assert set(self.layouts) == want, f"{self.path} path: descriptor launches {self.layouts}, expected {want}"
+    def expect(self, *weights_and_layouts):
+        """Assert that the launches so far used descriptors of exactly these (weight, layouts) when the path is "tma",
+        for the weights that meet TMA's alignment (16-byte base and strides, last dimension contiguous), and none
+        otherwise."""
+        want = set()
+        for w, layouts in weights_and_layouts:
+            aligned = (w.data_ptr() % 16 == 0 and w.stride(-1) == 1
+                       and all(s * w.element_size() % 16 == 0 for s in w.stride()[:-1]))
+            if self.path == "tma" and aligned:
+                want |= {(layout, tuple(w.shape)) for layout in layouts}
+        assert self.launches == want, f"{self.path} path: descriptor launches {self.launches}, expected {want}"
 
 
 @pytest.fixture(params=["pointer", "tma"])
@@ -67,7 +71,7 @@ def weight_loads(request, monkeypatch):
     set_block = _triton_utils.set_weight_block
 
     def recording(desc, layout, block_n, block_k):
-        loads.layouts.append(layout)
+        loads.launches.add((layout, tuple(desc.base.shape)))
         set_block(desc, layout, block_n, block_k)
     monkeypatch.setattr(_triton_utils, "set_weight_block", recording)
     return loads

@@ -73,7 +73,7 @@ def test_grouped_up(T, D, F, E, k, activation, dtype, weight_loads):
     check(dtype, "a", a, lambda *t: grouped_up_ref(*t, stf, off, k, activation)[0], x, w1, b1)
     a2, h2 = ops.grouped_up(x, w1, b1, *table(meta), k, activation, False)
     assert h2.shape == (0, F) and torch.equal(a2, a)
-    weight_loads.expect({"nk"}, w1)  # tiles of W1[e] [F, D]: [BLOCK_N, BLOCK_K] boxes, transposed
+    weight_loads.expect((w1, {"nk"}))  # tiles of W1[e] [F, D]: [BLOCK_N, BLOCK_K] boxes, transposed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -85,7 +85,7 @@ def test_grouped_down(T, D, F, E, k, activation, dtype, weight_loads):
     assert y.dtype == dtype and y.shape == (T, D)
     stf, off = meta.sorted_to_flat, meta.expert_offsets
     check(dtype, "y", y, lambda a_, w2_, b2_, w_: grouped_down_ref(a_, w2_, b2_, w_, stf, off), a, w2, b2, w)
-    weight_loads.expect({"nk"}, w2)  # W2[e]ᵀ: [BLOCK_N, BLOCK_K] boxes of W2[e] [D, F], transposed
+    weight_loads.expect((w2, {"nk"}))  # W2[e]ᵀ: [BLOCK_N, BLOCK_K] boxes of W2[e] [D, F], transposed
 
 
 def test_grouped_down_fp16_does_not_overflow_before_the_weight():
@@ -122,7 +122,7 @@ def test_grouped_down_bwd(T, D, F, E, k, activation, dtype, weight_loads):
     _, _, u_only = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, False, False, True)
     assert torch.equal(dh_only, dh) and torch.equal(ds_only, ds) and torch.equal(u_only, u)
     assert ds_none.numel() == 0 and dh_none.numel() == 0 and u_none.numel() == 0
-    weight_loads.expect({"kn"}, w2)  # W2[e] [D, F] as stored: [BLOCK_K, BLOCK_N] boxes
+    weight_loads.expect((w2, {"kn"}))  # W2[e] [D, F] as stored: [BLOCK_K, BLOCK_N] boxes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -134,7 +134,7 @@ def test_grouped_up_bwd_dx(T, D, F, E, k, activation, dtype, weight_loads):
     assert dx.dtype == dtype and dx.shape == (T, D)
     stf, off = meta.sorted_to_flat, meta.expert_offsets
     check(dtype, "dx", dx, lambda dh_, w1_: grouped_up_bwd_dx_ref(dh_, w1_, stf, off, T, k), dh, w1)
-    weight_loads.expect({"kn"}, w1)  # W1[e] [F, D] as stored: [BLOCK_K, BLOCK_N] boxes
+    weight_loads.expect((w1, {"kn"}))  # W1[e] [F, D] as stored: [BLOCK_K, BLOCK_N] boxes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
