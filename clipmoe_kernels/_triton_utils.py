@@ -381,19 +381,24 @@ class TunedKernel:
             launch(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, *args, **meta, BLOCK_N=cfg.BLOCK_N,
                    BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        block_m = meta["BLOCK_M"]
-        variant = (block_m, layout)
-        if variant not in self._tuned:
-            import triton
-            hook = self._set_weight_block if layout else None
-            self._tuned[variant] = triton.autotune(autotune_configs(self.candidates(block_m), hook), key=self.key)(
-                self.kernel)
-        tuned = self._tuned[variant]
+        tuned = self.autotuner(meta["BLOCK_M"], layout)
         tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
         best = tuned.best_config
         tuned_configs.record(device, self.name, key, dict(best.kwargs, num_warps=best.num_warps,
                                                          num_stages=best.num_stages))
 
+
+    def autotuner(self, block_m: int, layout=None):
+        """The triton.autotune of this kernel over its candidates at `block_m` (built once per BLOCK_M and weight
+        layout). On the descriptor path (layout "kn" / "nk") every config's pre_hook gives the weight descriptor
+        that config's box before the config runs, as Triton's own TMA tutorials do."""
+        variant = (block_m, layout or None)
+        if variant not in self._tuned:
+            import triton
+            hook = self._set_weight_block if layout else None
+            self._tuned[variant] = triton.autotune(autotune_configs(self.candidates(block_m), hook), key=self.key)(
+                self.kernel)
+        return self._tuned[variant]
 
     def _set_weight_block(self, nargs):
         """Autotune pre_hook: the weight descriptor's block shape for the config about to run."""

@@ -41,8 +41,9 @@ def triton_interpreter(monkeypatch):
 
 
 class WeightLoads:
-    """How the row-tile GEMMs of a kernel test load their weight tiles (fixture `weight_loads`): path "pointer" or
-    "tma" (TensorDescriptor loads), and the (layout, weight shape) of every descriptor launch of the test so far."""
+    """How the row-tile GEMMs of a kernel test load their weight tiles (fixture `weight_loads`): path "pointer",
+    "tma" (TensorDescriptor loads wherever valid) or "auto" (the default choice, for shapes where it picks TMA), and
+    the (layout, weight shape) of every descriptor launch of the test so far."""
 
     def __init__(self, path: str):
         self.path = path
@@ -56,7 +57,7 @@ class WeightLoads:
         for w, layouts in weights_and_layouts:
             aligned = (w.data_ptr() % 16 == 0 and w.stride(-1) == 1
                        and all(s * w.element_size() % 16 == 0 for s in w.stride()[:-1]))
-            if self.path == "tma" and aligned:
+            if self.path != "pointer" and aligned:
                 want |= {(layout, tuple(w.shape)) for layout in layouts}
         assert self.launches == want, f"{self.path} path: descriptor launches {self.launches}, expected {want}"
 
@@ -64,9 +65,13 @@ class WeightLoads:
 @pytest.fixture(params=["pointer", "tma"])
 def weight_loads(request, monkeypatch):
     """Run a kernel test with the weight tiles loaded by pointers and by TMA tensor descriptors (CLIPMOE_TRITON_TMA
-    0 / 1; under the interpreter 1 takes the descriptor path wherever the weights are aligned for it)."""
+    0 / 1; under the interpreter 1 takes the descriptor path wherever the weights are aligned for it). Parametrise
+    it indirectly with "auto" for the default choice (the variable unset)."""
     from clipmoe_kernels import _triton_utils
-    monkeypatch.setenv(_triton_utils.ENV_TRITON_TMA, "1" if request.param == "tma" else "0")
+    if request.param == "auto":
+        monkeypatch.delenv(_triton_utils.ENV_TRITON_TMA, raising=False)
+    else:
+        monkeypatch.setenv(_triton_utils.ENV_TRITON_TMA, "1" if request.param == "tma" else "0")
     loads = WeightLoads(request.param)
     set_block = _triton_utils.set_weight_block
 
