@@ -18,8 +18,8 @@ Environment variables read here (at call time, not import time):
                          benchmarking runs out of memory. Under the interpreter it replaces INTERPRET_CONFIG.
   CLIPMOE_TRITON_TMA     how the row-tile GEMMs load their weight tiles (see `uses_weight_descriptor`): "auto"
                          (default) TMA tensor descriptors on sm_90+ for 128-row tiles, pointer loads elsewhere;
-                         "1" descriptors wherever they are valid (any tile size, the interpreter included: tests);
-                         "0" pointer loads always.
+                         "1" descriptors wherever they are valid (also under the interpreter: tests), "0" pointer
+                         loads always. 64-row tiles on a GPU (batch 1) keep pointer loads either way.
   TRITON_INTERPRET       (Triton's own) =1 runs the kernels on CPU tensors through the Triton interpreter; it is the
                          only way CPU tensors reach these kernels (tests).
 """
@@ -169,13 +169,17 @@ def uses_weight_descriptor(weight: torch.Tensor, stride_k: int, stride_n: int, b
     Valid: triton has TensorDescriptor; a GPU of compute capability >= 9 (Hopper's TMA unit), or the interpreter
     when forced; one of stride_k, stride_n is 1 and the other strides and the base are 16-byte aligned. Pays
     (CLIPMOE_TRITON_TMA "auto", the default): only with 128-row tiles (BLOCK_M_GPU_LARGE, training-size batches),
-    where each weight tile feeds two warpgroups for milliseconds; at 64-row tiles (inference, batch 1) the pointer
-    path is kept, whose launch builds no descriptor. "1" uses a descriptor wherever it is valid, "0" never.
+    where each weight tile feeds two warpgroups. 64-row tiles on a GPU (inference, batch 1, where the host time
+    around the launches sets the layer time) always keep the pointer path, decided before anything else is read:
+    their launch builds no descriptor and reads no environment variable. "1" uses a descriptor wherever it is valid
+    otherwise (128-row tiles, and every tile size under the interpreter: tests), "0" never.
     capability: that of the GPU holding `weight` (None: ask torch; a CPU tensor has none), so tests can ask about a
     GPU that is not there."""
+    if block_m == BLOCK_M_GPU:  # 64-row tiles on a GPU, the latency-bound path: nothing else is looked at
+        return False
     mode = os.environ.get(ENV_TRITON_TMA, "") or "auto"
     if mode == "auto":
-        if block_m != BLOCK_M_GPU_LARGE:  # the batch-1 path: nothing else is looked at
+        if block_m != BLOCK_M_GPU_LARGE:
             return False
     elif mode not in _TMA_MODES:
         raise ValueError(f"{ENV_TRITON_TMA}={mode!r}: expected one of {_TMA_MODES}")

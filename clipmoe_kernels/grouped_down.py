@@ -209,11 +209,12 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
 
     dropout = dropout_p > 0
     block_m = block_m_for(h.device, tk, E)
-    weight, weight_desc = weight_operand(w2, D, F, w2.stride(1), w2.stride(2), block_m)
+    stride_w2e, stride_w2d, stride_w2f = w2.stride()
+    weight, weight_desc = weight_operand(w2, D, F, stride_w2d, stride_w2f, block_m)
     args = (dy, h, weight, b2, topk_weights, dh_arg, u_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
             tile_row_start, dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), num_n_alloc,
             dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dy.stride(0), dy.stride(1), h.stride(0),
-            w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), partials.stride(0))
+            stride_w2e, stride_w2d, stride_w2f, b2.stride(0), b2.stride(1), partials.stride(0))
     meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds, STORE_U=store_u,
                 DROPOUT=dropout, WEIGHT_DESC=weight_desc, INPUT_PRECISION=dot_precision(h.dtype), GROUP_M=GROUP_M,
                 BLOCK_M=block_m)

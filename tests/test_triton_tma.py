@@ -49,6 +49,7 @@ def w1_like(dtype=torch.bfloat16, storage_offset=0, row_pad=0):
 
 TRAINING_BLOCK_M = block_m_for(torch.device("cuda"), 65_792 * 2, E)  # ViT-L/14 batch 256, top-2
 BATCH1_BLOCK_M = block_m_for(torch.device("cuda"), 197 * 2, E)      # ViT-B/16 batch 1
+INTERPRET_BLOCK_M = block_m_for(torch.device("cpu"), 10, E)         # CPU tensors (tests)
 
 
 def test_the_training_shape_takes_tma_on_hopper():
@@ -85,8 +86,8 @@ def test_the_environment_forces_either_path(monkeypatch):
     monkeypatch.setenv(ENV_TRITON_TMA, "0")
     assert not uses_weight_descriptor(w, *w1_strides(w), TRAINING_BLOCK_M, capability=HOPPER)
     monkeypatch.setenv(ENV_TRITON_TMA, "1")
-    assert uses_weight_descriptor(w, *w1_strides(w), BATCH1_BLOCK_M, capability=HOPPER)  # any tile size
-    assert uses_weight_descriptor(w, *w1_strides(w), BATCH1_BLOCK_M)  # the interpreter (CPU tensors)
+    assert uses_weight_descriptor(w, *w1_strides(w), INTERPRET_BLOCK_M)  # the interpreter (CPU tensors), any tiles
+    assert not uses_weight_descriptor(w, *w1_strides(w), BATCH1_BLOCK_M, capability=HOPPER)  # never at batch 1
     assert not uses_weight_descriptor(w, *w1_strides(w), TRAINING_BLOCK_M, capability=AMPERE)  # still only valid
     odd = w1_like(row_pad=1)
     assert not uses_weight_descriptor(odd, *w1_strides(odd), TRAINING_BLOCK_M, capability=HOPPER)
@@ -95,9 +96,11 @@ def test_the_environment_forces_either_path(monkeypatch):
         uses_weight_descriptor(w, *w1_strides(w), TRAINING_BLOCK_M, capability=HOPPER)
 
 
-def test_batch_1_launches_get_the_weight_itself():
-    """The pointer path's launch builds nothing: the kernel argument is the weight tensor."""
+def test_batch_1_launches_get_the_weight_itself(monkeypatch):
+    """The pointer path at batch 1 decides from the tile size alone (not even the environment is read) and builds
+    nothing: the kernel argument is the weight tensor."""
     w = w1_like(torch.float32)
+    monkeypatch.setattr(_triton_utils, "os", None)  # any environment read in _triton_utils would raise
     arg, layout = weight_operand(w, D, F, *w1_strides(w), BLOCK_M_GPU)
     assert arg is w and layout == ""
 
@@ -105,8 +108,8 @@ def test_batch_1_launches_get_the_weight_itself():
 def test_descriptors_view_each_expert_with_its_contiguous_dimension_last(monkeypatch):
     monkeypatch.setenv(ENV_TRITON_TMA, "1")
     w = torch.empty(E, 64, 32)  # [E, F, D]
-    up, up_layout = weight_operand(w, 32, 64, w.stride(2), w.stride(1), BLOCK_M_GPU)  # K = D, N = F: x W1ᵀ
-    dx, dx_layout = weight_operand(w, 64, 32, w.stride(1), w.stride(2), BLOCK_M_GPU)  # K = F, N = D: dh W1
+    up, up_layout = weight_operand(w, 32, 64, w.stride(2), w.stride(1), INTERPRET_BLOCK_M)  # K = D, N = F: x W1ᵀ
+    dx, dx_layout = weight_operand(w, 64, 32, w.stride(1), w.stride(2), INTERPRET_BLOCK_M)  # K = F, N = D: dh W1
     assert isinstance(up, TensorDescriptor) and up.base is w and up_layout == "nk"
     assert list(up.shape) == [E, 64, 32] and list(up.strides) == [64 * 32, 32, 1]
     assert dx_layout == "kn" and list(dx.shape) == [E, 64, 32] and list(dx.strides) == [64 * 32, 32, 1]
