@@ -391,7 +391,6 @@ class TunedKernel:
         tuned_configs.record(device, self.name, key, dict(best.kwargs, num_warps=best.num_warps,
                                                          num_stages=best.num_stages))
 
-
     def autotuner(self, block_m: int, layout=None):
         """The triton.autotune of this kernel over its candidates at `block_m` (built once per BLOCK_M and weight
         layout). On the descriptor path (layout "kn" / "nk") every config's pre_hook gives the weight descriptor
