@@ -123,6 +123,8 @@ def _gemm_cases(dt, block_m, block_n, block_k, dropout=False, weight_desc=False)
 
 def _cases(dt):
     cases = _gemm_cases(dt, 64, 128, 64, dropout=True)
+    tma = _gemm_cases(dt, 128, 128, 64, dropout=True, weight_desc=True)  # the TMA path (128-row tiles)
+    cases.update({f"{name}_tma": tma[name] for name in WEIGHT_LAYOUTS})
     cases.update({
         "combine": (grouped_gemm._slot_combine_kernel, dict(slots_ptr="fp32", out_ptr=dt),
                     dict(TOP_K=2, BLOCK_T=32, BLOCK_D=128), {"stride_od"}),
