@@ -7,7 +7,8 @@ Phases, in order, with the seconds each is expected to take on one H200 (cold Tr
 compile, ten kernel variants per tile config; do_bench 25 ms warm-up + 100 ms of repeats per measurement, 50 +
 250 ms for the training shapes):
   training   ViT-L/14 layer at batch 256 (65,792 tokens), E 4, top-2, uniform routing: forward and forward+backward
-             of every provider of bench/providers.py, with each one's peak memory.                          40 s
+             of every provider of bench/providers.py, with each one's peak memory. 128-row tiles: the triton
+             rows load their weight tiles by TMA on sm_90 (CLIPMOE_TRITON_TMA=0 measures pointer loads).    40 s
   inference  ViT-B/16 batch 1 and 8, ViT-L/14 batch 1, text tower (ViT-B) batch 1, forward: eager and replayed
              as a CUDA graph (launch-bound shapes: the graph removes the launch gaps).                        25 s
   routing    E 8 uniform and E 4 skewed (Zipf) at the training shape, forward and forward+backward.          20 s
@@ -139,7 +140,8 @@ def machine_info(device):
     import clipmoe_kernels
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "git": git_sha(), "ops": clipmoe_kernels.available_ops(), "device": device}
+            "git": git_sha(), "ops": clipmoe_kernels.available_ops(), "device": device,
+            "weight_loads": os.environ.get("CLIPMOE_TRITON_TMA") or "auto"}  # TMA or pointer loads (docs/kernels.md)
     try:
         import triton
         info["triton"] = triton.__version__

@@ -16,6 +16,10 @@ Environment variables read here (at call time, not import time):
                          num_stages; omitted keys keep the default of the fixed config below). Useful to skip the
                          one-time autotune (minutes on a cold cache), to reproduce a result, or when autotune
                          benchmarking runs out of memory. Under the interpreter it replaces INTERPRET_CONFIG.
+  CLIPMOE_TRITON_TMA     how the row-tile GEMMs load their weight tiles (see `uses_weight_descriptor`): "auto"
+                         (default) TMA tensor descriptors on sm_90+ for 128-row tiles, pointer loads elsewhere;
+                         "1" descriptors wherever they are valid (also under the interpreter: tests), "0" pointer
+                         loads always. 64-row tiles on a GPU (batch 1) keep pointer loads either way.
   TRITON_INTERPRET       (Triton's own) =1 runs the kernels on CPU tensors through the Triton interpreter; it is the
                          only way CPU tensors reach these kernels (tests).
 """
@@ -36,8 +40,13 @@ try:
 except ImportError as exc:  # triton is optional: the torch backends work without it
     HAS_TRITON = False
     TRITON_IMPORT_ERROR = exc
+try:  # host-side tensor descriptors: the same class in triton 3.6 and 3.8 (docs/kernels.md, "Weight tiles by TMA")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 ENV_TRITON_CONFIG = "CLIPMOE_TRITON_CONFIG"
+ENV_TRITON_TMA = "CLIPMOE_TRITON_TMA"
 
 # Rows per tile of the grouped GEMMs. It is also the block_m of the moe_align tile table, so it is never autotuned
 # (a tile table built for one BLOCK_M is wrong for another): `block_m_for` picks it from the shapes alone (the
@@ -146,6 +155,75 @@ def _block_m(interpreter: bool, rows: int, num_experts: int) -> int:
     return BLOCK_M_GPU_LARGE if large else BLOCK_M_GPU
 
 
+# Weight tiles by TMA (docs/kernels.md, "Weight tiles by TMA"). The row-tile GEMMs read their weight operand either
+# by pointer loads (WEIGHT_DESC "") or through a host-side TensorDescriptor over the [E, K, N] ("kn") or [E, N, K]
+# ("nk") view of the weights, whichever has the contiguous dimension last; the gathered activation rows are pointer
+# loads either way. TMA's constraints (checked by TensorDescriptor too): base 16-byte aligned, every stride but the
+# last a multiple of 16 bytes, the last dimension contiguous, at most 256 elements per box dimension (our tiles are
+# at most 256 x 64).
+_TMA_MODES = ("auto", "1", "0")
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def uses_weight_descriptor(weight: torch.Tensor, stride_k: int, stride_n: int, block_m: int,
+                           capability: tuple[int, int] | None = None) -> bool:
+    """Whether a row-tile GEMM with BLOCK_M `block_m` loads its tiles of `weight` [E, ·, ·] (B[kk, n] of expert e at
+    e·stride(0) + kk·stride_k + n·stride_n) through a TMA tensor descriptor instead of pointer loads.
+
+    Valid: triton has TensorDescriptor; a GPU of compute capability >= 9 (Hopper's TMA unit), or the interpreter
+    when forced; one of stride_k, stride_n is 1 and the other strides and the base are 16-byte aligned. Pays
+    (CLIPMOE_TRITON_TMA "auto", the default): only with 128-row tiles (BLOCK_M_GPU_LARGE, training-size batches),
+    where each weight tile feeds two warpgroups. 64-row tiles on a GPU (inference, batch 1, where the host time
+    around the launches sets the layer time) always keep the pointer path, decided before anything else is read:
+    their launch builds no descriptor and reads no environment variable. "1" uses a descriptor wherever it is valid
+    otherwise (128-row tiles, and every tile size under the interpreter: tests), "0" never.
+    capability: that of the GPU holding `weight` (None: ask torch; a CPU tensor has none), so tests can ask about a
+    GPU that is not there."""
+    if block_m == BLOCK_M_GPU:  # 64-row tiles on a GPU, the latency-bound path: nothing else is looked at
+        return False
+    mode = os.environ.get(ENV_TRITON_TMA, "") or "auto"
+    if mode == "auto":
+        if block_m != BLOCK_M_GPU_LARGE:
+            return False
+    elif mode not in _TMA_MODES:
+        raise ValueError(f"{ENV_TRITON_TMA}={mode!r}: expected one of {_TMA_MODES}")
+    if mode == "0" or TensorDescriptor is None:
+        return False
+    if capability is None:
+        if weight.device.type == "cuda":
+            capability = _cuda_capability(weight.device.index if weight.device.index is not None
+                                          else torch.cuda.current_device())
+        elif not (mode == "1" and uses_interpreter(weight.device)):
+            return False
+    if capability is not None and capability[0] < 9:
+        return False
+    if 1 not in (stride_k, stride_n):
+        return False
+    size = weight.element_size()
+    other = stride_n if stride_k == 1 else stride_k
+    return weight.data_ptr() % 16 == 0 and weight.stride(0) * size % 16 == 0 and other * size % 16 == 0
+
+
+def weight_operand(weight: torch.Tensor, k: int, n: int, stride_k: int, stride_n: int, block_m: int):
+    """(kernel argument, WEIGHT_DESC) for the weight of a row-tile GEMM over K = k, N = n: (weight, "") for pointer
+    loads, or a TensorDescriptor over the [E, k, n] ("kn") or [E, n, k] ("nk") view when `uses_weight_descriptor`.
+    The descriptor's block shape is set per config by TunedKernel (`set_weight_block`)."""
+    if not uses_weight_descriptor(weight, stride_k, stride_n, block_m):
+        return weight, ""
+    if stride_n == 1:
+        return TensorDescriptor(weight, [weight.shape[0], k, n], [weight.stride(0), stride_k, 1], [1, 16, 16]), "kn"
+    return TensorDescriptor(weight, [weight.shape[0], n, k], [weight.stride(0), stride_n, 1], [1, 16, 16]), "nk"
+
+
+def set_weight_block(desc, layout: str, block_n: int, block_k: int):
+    """Give a weight descriptor of `weight_operand` the box of one [BLOCK_K, BLOCK_N] tile of one expert."""
+    desc.block_shape = [1, block_k, block_n] if layout == "kn" else [1, block_n, block_k]
+
+
 _CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
@@ -187,10 +265,10 @@ def candidate_configs(device: torch.device, wgrad: bool = False) -> list[TileCon
     return (WGRAD_CONFIGS if wgrad else GEMM_CONFIGS + GEMM_CONFIGS_LARGE) + [INTERPRET_CONFIG]
 
 
-def autotune_configs(configs):
+def autotune_configs(configs, pre_hook=None):
     import triton
     return [triton.Config({"BLOCK_N": c.BLOCK_N, "BLOCK_K": c.BLOCK_K}, num_warps=c.num_warps,
-                          num_stages=c.num_stages) for c in configs]
+                          num_stages=c.num_stages, pre_hook=pre_hook) for c in configs]
 
 
 _INTERPRETED = {}
@@ -262,13 +340,18 @@ class TunedKernel:
     pinned one (CLIPMOE_TRITON_CONFIG); the cached one for this device, kernel and autotune key (tuned_configs.py:
     the shipped JSON, or an earlier autotune in this process); INTERPRET_CONFIG for CPU tensors; else
     @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import), whose
-    choice is then cached for the process."""
+    choice is then cached for the process. A launch whose meta has a WEIGHT_DESC layout (`weight_operand`) gets
+    its weight descriptor's block shape set for the config (by a pre_hook when autotuning) and is tuned and cached
+    under its own key (the descriptor path is a different kernel variant)."""
 
-    def __init__(self, kernel, configs, key, large_configs=None, max_outputs_per_thread=None):
+    def __init__(self, kernel, configs, key, large_configs=None, max_outputs_per_thread=None, weight_arg=None):
         """large_configs: the candidates for 128-row tiles (BLOCK_M_GPU_LARGE), when they differ.
         max_outputs_per_thread: drop the configs whose BLOCK_M x BLOCK_N output tile gives a thread more elements
-        than this (kernels whose epilogue holds several fp32 tiles of that size spill registers beyond it)."""
+        than this (kernels whose epilogue holds several fp32 tiles of that size spill registers beyond it).
+        weight_arg: the kernel parameter that takes `weight_operand`'s argument (kernels with WEIGHT_DESC)."""
         self.kernel, self.key = kernel, key
+        self.weight_arg = weight_arg
+        self._weight_index = None if weight_arg is None else kernel.arg_names.index(weight_arg)
         self.configs = configs
         self._configs = {BLOCK_M_GPU_LARGE: large_configs or configs, BLOCK_M_INTERPRET_LARGE: large_configs or configs}
         self.max_outputs_per_thread = max_outputs_per_thread
@@ -293,36 +376,39 @@ class TunedKernel:
     def __call__(self, grid, device: torch.device, args, meta):
         """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
         cfg = pinned_config()
+        layout = meta.get("WEIGHT_DESC") if self._weight_index is not None else None  # "" on the pointer path
         if cfg is None:
-            cfg = self.cached_config(device, args, meta["BLOCK_M"])
+            cfg = self.cached_config(device, args, meta["BLOCK_M"], layout)
             if cfg is None and (uses_interpreter(device) or is_interpreter()):
                 cfg = INTERPRET_CONFIG
         if cfg is not None:
+            if layout:
+                set_weight_block(args[self._weight_index], layout, cfg.BLOCK_N, cfg.BLOCK_K)
             launch(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, *args, **meta, BLOCK_N=cfg.BLOCK_N,
                    BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        block_m = meta["BLOCK_M"]
-        if block_m not in self._tuned:
-            import triton
-            self._tuned[block_m] = triton.autotune(autotune_configs(self.candidates(block_m)), key=self.key)(
-                self.kernel)
-        tuned = self._tuned[block_m]
+        tuned = self.autotuner(meta["BLOCK_M"], layout)
         tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
         best = tuned.best_config
-        key = tuned_configs.key_string(self.key, [args[i] for i in self._key_index])
-        tuned_configs.record(device, self.name, key, dict(best.kwargs, num_warps=best.num_warps,
-                                                         num_stages=best.num_stages))
+        tuned_configs.record(device, self.name, self.table_key(self._key_values(args), layout),
+                             dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages))
 
-    def cached_config(self, device: torch.device, args, block_m: int) -> TileConfig | None:
+    def table_key(self, values, layout) -> str:
+        """The tuned-config table's key of a launch: the autotune key's values, and the weight layout on the
+        descriptor path (a different kernel variant, tuned apart)."""
+        key = tuned_configs.key_string(self.key, values)
+        return f"{key},WEIGHT_DESC={layout}" if layout else key
+
+    def cached_config(self, device: torch.device, args, block_m: int, layout=None) -> TileConfig | None:
         """The cached choice (tuned_configs) for this launch, checked against the candidates; None when there is
-        none. Memoised per (device, key values, BLOCK_M, table, table generation): it runs at every launch, and
-        building the key string, naming the device and finding the table cost several µs."""
+        none. Memoised per (device, key values, BLOCK_M, layout, table, table generation): it runs at every launch,
+        and building the key string, naming the device and finding the table cost several µs."""
         values = self._key_values(args)
-        memo_key = (device, values, block_m, tuned_configs.table_env(), tuned_configs.generation())
+        memo_key = (device, values, block_m, layout, tuned_configs.table_env(), tuned_configs.generation())
         cfg = self._memo.get(memo_key)
         if cfg is not None:
             return cfg
-        key = tuned_configs.key_string(self.key, values)
+        key = self.table_key(values, layout)
         cached = tuned_configs.lookup(device, self.name, key)
         if cached is None:
             return None
@@ -333,6 +419,22 @@ class TunedKernel:
                              f"not one of its autotune candidates {[c._asdict() for c in candidates]}")
         self._memo[memo_key] = cfg
         return cfg
+
+    def autotuner(self, block_m: int, layout=None):
+        """The triton.autotune of this kernel over its candidates at `block_m` (built once per BLOCK_M and weight
+        layout). On the descriptor path (layout "kn" / "nk") every config's pre_hook gives the weight descriptor
+        that config's box before the config runs, as Triton's own TMA tutorials do."""
+        variant = (block_m, layout or None)
+        if variant not in self._tuned:
+            import triton
+            hook = self._set_weight_block if layout else None
+            self._tuned[variant] = triton.autotune(autotune_configs(self.candidates(block_m), hook), key=self.key)(
+                self.kernel)
+        return self._tuned[variant]
+
+    def _set_weight_block(self, nargs):
+        """Autotune pre_hook: the weight descriptor's block shape for the config about to run."""
+        set_weight_block(nargs[self.weight_arg], nargs["WEIGHT_DESC"], nargs["BLOCK_N"], nargs["BLOCK_K"])
 
 
 @functools.lru_cache(maxsize=256)  # pure, and called by every launcher of every forward

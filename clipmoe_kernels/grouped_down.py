@@ -40,6 +40,7 @@ from clipmoe_kernels._triton_utils import (
     custom_op,
     dot_precision,
     rows_bucket,
+    weight_operand,
 )
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
@@ -88,7 +89,7 @@ def grouped_down_dw2_input_ref(h, topk_weights, sorted_to_flat, activation):
 def _grouped_down_bwd_kernel(
     dy_ptr,              # [T, D] token order, any strides
     h_ptr,               # [TK, F] expert-sorted pre-activation (saved by grouped_up)
-    w2_ptr,              # [E, D, F]
+    w2,                  # [E, D, F]: a pointer, or a TensorDescriptor when WEIGHT_DESC (grouped_gemm.rows_matmul)
     b2_ptr,              # [E, D]
     topk_weights_ptr,    # [TK] fp32, flat order
     dh_ptr,              # [TK, F] out, expert-sorted, h's row stride (written when COMPUTE_DH)
@@ -102,7 +103,8 @@ def _grouped_down_bwd_kernel(
     D, F, ROWS_BUCKET, NUM_N_ALLOC, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_dyt, stride_dyd, stride_hm, stride_w2e, stride_w2d, stride_w2f, stride_b2e, stride_b2d, stride_dsn,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DS: tl.constexpr,
-    STORE_U: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    STORE_U: tl.constexpr, DROPOUT: tl.constexpr, WEIGHT_DESC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of F.
@@ -127,9 +129,8 @@ def _grouped_down_bwd_kernel(
                 ds += tl.sum(dyv * b2v[None, :], axis=1)
     s = tl.load(topk_weights_ptr + flat, mask=row_mask, other=0.0)
     # B[d, n] = W2[e, d, n]: G = dy[t] · W2[e], gathered dy rows.
-    g = rows_matmul(dy_ptr, tok, row_mask, stride_dyt, stride_dyd,
-                     w2_ptr + e * stride_w2e, stride_w2d, stride_w2f, offs_n, n_mask, D,
-                     BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    g = rows_matmul(dy_ptr, tok, row_mask, stride_dyt, stride_dyd, w2, e, stride_w2e, stride_w2d, stride_w2f, pid_n,
+                    offs_n, n_mask, D, WEIGHT_DESC, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     sorted_off = rows[:, None] * stride_hm + offs_n[None, :]  # h, u and dh share one layout: one offset tensor
     h = tl.load(h_ptr + sorted_off, mask=mask, other=0.0)
     # a' (for u and ds), then act'(h) (for dh), each from h.
@@ -157,7 +158,7 @@ def _grouped_down_bwd_kernel(
 
 # The epilogue holds the fp32 G, a' and act'(h) tiles: beyond 32 elements of each per thread they spill (ptxas -v).
 _grouped_down_bwd = TunedKernel(_grouped_down_bwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
-                                large_configs=GEMM_CONFIGS_LARGE, max_outputs_per_thread=32)
+                                large_configs=GEMM_CONFIGS_LARGE, max_outputs_per_thread=32, weight_arg="w2")
 
 
 @custom_op("clipmoe::grouped_down")
@@ -207,13 +208,16 @@ def grouped_down_bwd(dy: torch.Tensor, h: torch.Tensor, w2: torch.Tensor, b2: to
         return (num_tiles * cdiv(F, block_n),)
 
     dropout = dropout_p > 0
-    args = (dy, h, w2, b2, topk_weights, dh_arg, u_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
+    block_m = block_m_for(h.device, tk, E)
+    stride_w2e, stride_w2d, stride_w2f = w2.stride()
+    weight, weight_desc = weight_operand(w2, D, F, stride_w2d, stride_w2f, block_m)
+    args = (dy, h, weight, b2, topk_weights, dh_arg, u_arg, partials, sorted_to_flat, expert_offsets, tile_expert,
             tile_row_start, dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), num_n_alloc,
             dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), dy.stride(0), dy.stride(1), h.stride(0),
-            w2.stride(0), w2.stride(1), w2.stride(2), b2.stride(0), b2.stride(1), partials.stride(0))
+            stride_w2e, stride_w2d, stride_w2f, b2.stride(0), b2.stride(1), partials.stride(0))
     meta = dict(TOP_K=k, ACTIVATION=activation, COMPUTE_DH=compute_dh, COMPUTE_DS=compute_ds, STORE_U=store_u,
-                DROPOUT=dropout,
-                INPUT_PRECISION=dot_precision(h.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(h.device, tk, E))
+                DROPOUT=dropout, WEIGHT_DESC=weight_desc, INPUT_PRECISION=dot_precision(h.dtype), GROUP_M=GROUP_M,
+                BLOCK_M=block_m)
     if tk > 0 and (compute_dh or compute_ds or store_u):
         _grouped_down_bwd(grid, h.device, args, meta)
     ds = partials.sum(0).view(T, k) if compute_ds else partials.new_empty((0, k))

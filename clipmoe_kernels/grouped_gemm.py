@@ -43,6 +43,7 @@ from clipmoe_kernels._triton_utils import (
     dot_precision,
     launch,
     rows_bucket,
+    weight_operand,
 )
 
 # Combine tile: tokens x columns per program of a bandwidth-bound pass: 32 x 128 elements per slot at 4 warps is 32
@@ -205,18 +206,30 @@ def row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, N,
 
 @triton.jit
 def rows_matmul(a_ptr, a_rows, row_mask, stride_am, stride_ak,
-                 b_ptr, stride_bk, stride_bn, offs_n, n_mask, K,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] = A[a_rows, :K] @ B[:K, offs_n], A rows gathered by int64 index (no permuted copy),
-    B addressed by strides (so W[e] or W[e]ᵀ without a transposed copy); masked rows/columns read as zero."""
+                w, e, stride_we, stride_wk, stride_wn, pid_n, offs_n, n_mask, K, WEIGHT_DESC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = A[a_rows, :K] @ B[:K, offs_n] with B[kk, n] = W[e] at kk·stride_wk + n·stride_wn
+    (so W[e] or W[e]ᵀ without a transposed copy). A rows are gathered by int64 index (no permuted copy); masked rows
+    and columns read as zero. The weight tiles: WEIGHT_DESC "" pointer loads from `w`, a pointer; "kn" / "nk" TMA
+    loads from `w`, a descriptor over the [E, K, N] / [E, N, K] view (_triton_utils.weight_operand) whose box is
+    one [BLOCK_K, BLOCK_N] / [BLOCK_N, BLOCK_K] tile of one expert, zero-filled past that expert's K and N."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_base = a_ptr + a_rows[:, None] * stride_am
-    b_base = b_ptr + offs_n[None, :] * stride_bn
+    if WEIGHT_DESC == "":
+        b_base = w + e * stride_we + offs_n[None, :] * stride_wn
+    else:
+        e32 = e.to(tl.int32)
+        n0 = pid_n * BLOCK_N
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_base + offs_k[:, None] * stride_bk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if WEIGHT_DESC == "kn":
+            b = w.load([e32, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+        elif WEIGHT_DESC == "nk":
+            b = tl.trans(w.load([e32, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            b = tl.load(b_base + offs_k[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -286,7 +299,8 @@ _grouped_wgrad = TunedKernel(_grouped_wgrad_kernel, WGRAD_CONFIGS, key=["N", "K"
 @triton.jit(do_not_specialize=["ROWS_BUCKET"])
 def _rows_to_slots_kernel(
     a_ptr,               # [TK, K] expert-sorted rows
-    w_ptr,               # [E, ...] expert weights: B[kk, n] = w[e] at kk·stride_wk + n·stride_wn
+    w,                   # [E, ...] expert weights: B[kk, n] = w[e] at kk·stride_wk + n·stride_wn; a pointer, or a
+                         # TensorDescriptor when WEIGHT_DESC (rows_matmul)
     b_ptr,               # [E, N] bias (read when BIAS_AND_WEIGHT)
     topk_weights_ptr,    # [TK] fp32, flat order (read when BIAS_AND_WEIGHT)
     out_ptr,             # [TK, N] out, flat order (the [T, k, N] slots), or [T, N] itself when top-k is 1
@@ -296,7 +310,7 @@ def _rows_to_slots_kernel(
     tile_row_start_ptr,  # [num_tiles] int32
     N, K, ROWS_BUCKET,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om, stride_on,
-    BIAS_AND_WEIGHT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BIAS_AND_WEIGHT: tl.constexpr, WEIGHT_DESC: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows x columns pid_n·BLOCK_N.. of N; rows scatter to their flat slot.
@@ -307,8 +321,8 @@ def _rows_to_slots_kernel(
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    acc = rows_matmul(a_ptr, rows, row_mask, stride_am, stride_ak, w_ptr + e * stride_we, stride_wk, stride_wn,
-                      offs_n, n_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    acc = rows_matmul(a_ptr, rows, row_mask, stride_am, stride_ak, w, e, stride_we, stride_wk, stride_wn, pid_n,
+                      offs_n, n_mask, K, WEIGHT_DESC, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     flat = tl.load(sorted_to_flat_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     if BIAS_AND_WEIGHT:  # the weight multiplies the fp32 accumulator, before the single cast
         bias = tl.load(b_ptr + e * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
@@ -319,7 +333,7 @@ def _rows_to_slots_kernel(
 
 
 _rows_to_slots = TunedKernel(_rows_to_slots_kernel, GEMM_CONFIGS, key=["N", "K", "ROWS_BUCKET"],
-                             large_configs=GEMM_CONFIGS_LARGE)
+                             large_configs=GEMM_CONFIGS_LARGE, weight_arg="w")
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -374,12 +388,14 @@ def rows_to_slots(a: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wn: i
         return (num_tiles * cdiv(n, block_n),)
 
     with_bias = bias is not None
-    args = (a, w, bias if with_bias else w, topk_weights if with_bias else w, out, sorted_to_flat, expert_offsets,
-            tile_expert, tile_row_start, n, a.shape[1], rows_bucket(tk, num_experts), a.stride(0), a.stride(1),
-            w.stride(0), stride_wk, stride_wn, bias.stride(0) if with_bias else 0, bias.stride(1) if with_bias else 0,
-            out.stride(0), out.stride(1))
-    meta = dict(BIAS_AND_WEIGHT=with_bias, INPUT_PRECISION=dot_precision(a.dtype), GROUP_M=GROUP_M,
-                BLOCK_M=block_m_for(a.device, tk, num_experts))
+    block_m = block_m_for(a.device, tk, num_experts)
+    weight, weight_desc = weight_operand(w, a.shape[1], n, stride_wk, stride_wn, block_m)
+    args = (a, weight, bias if with_bias else w, topk_weights if with_bias else w, out, sorted_to_flat,
+            expert_offsets, tile_expert, tile_row_start, n, a.shape[1], rows_bucket(tk, num_experts), a.stride(0),
+            a.stride(1), w.stride(0), stride_wk, stride_wn, bias.stride(0) if with_bias else 0,
+            bias.stride(1) if with_bias else 0, out.stride(0), out.stride(1))
+    meta = dict(BIAS_AND_WEIGHT=with_bias, WEIGHT_DESC=weight_desc, INPUT_PRECISION=dot_precision(a.dtype),
+                GROUP_M=GROUP_M, BLOCK_M=block_m)
     if tk > 0:
         _rows_to_slots(grid, a.device, args, meta)
     if top_k > 1:

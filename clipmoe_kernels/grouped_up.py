@@ -31,6 +31,7 @@ from clipmoe_kernels._triton_utils import (
     custom_op,
     dot_precision,
     rows_bucket,
+    weight_operand,
 )
 from clipmoe_kernels.activation import get_activation
 from clipmoe_kernels.dropout import dropout_keep, dropout_threshold
@@ -63,7 +64,7 @@ def grouped_up_bwd_dx_ref(dh, w1, sorted_to_flat, expert_offsets, num_tokens, to
 @triton.jit(do_not_specialize=["ROWS_BUCKET", "DROPOUT_THRESHOLD"])
 def _grouped_up_fwd_kernel(
     x_ptr,               # [T, D] token order, any strides
-    w1_ptr,              # [E, F, D]
+    w1,                  # [E, F, D]: a pointer, or a TensorDescriptor when WEIGHT_DESC (grouped_gemm.rows_matmul)
     b1_ptr,              # [E, F]
     a_ptr,               # [TK, F] out, expert-sorted rows: act(h)
     h_ptr,               # [TK, F] out, expert-sorted rows: pre-activation h (written only when STORE_H)
@@ -75,8 +76,8 @@ def _grouped_up_fwd_kernel(
     D, F, ROWS_BUCKET, DROPOUT_THRESHOLD, DROPOUT_SCALE,
     stride_xt, stride_xd, stride_w1e, stride_w1f, stride_w1d, stride_b1e, stride_b1f, stride_am, stride_hm,
     TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, STORE_H: tl.constexpr, DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    WEIGHT_DESC: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Program (tile, pid_n): BLOCK_M sorted rows of expert tile_expert[tile] x columns pid_n·BLOCK_N.. of F.
     e, rows, row_mask, pid_n = row_tile_program(tile_expert_ptr, tile_row_start_ptr, expert_offsets_ptr, F, GROUP_M,
@@ -88,9 +89,8 @@ def _grouped_up_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < F
     # B[kk, n] = W1[e, n, kk]: x · W1[e]ᵀ without a transposed copy.
-    acc = rows_matmul(x_ptr, tok, row_mask, stride_xt, stride_xd,
-                       w1_ptr + e * stride_w1e, stride_w1d, stride_w1f, offs_n, n_mask, D,
-                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    acc = rows_matmul(x_ptr, tok, row_mask, stride_xt, stride_xd, w1, e, stride_w1e, stride_w1d, stride_w1f, pid_n,
+                      offs_n, n_mask, D, WEIGHT_DESC, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     bias = tl.load(b1_ptr + e * stride_b1e + offs_n * stride_b1f, mask=n_mask, other=0.0).to(tl.float32)
     h = acc + bias[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
@@ -105,7 +105,7 @@ def _grouped_up_fwd_kernel(
 
 # The epilogue holds the fp32 h and act(h) tiles: beyond 64 elements of each per thread they spill (ptxas -v).
 _grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
-                              large_configs=GEMM_CONFIGS_LARGE, max_outputs_per_thread=64)
+                              large_configs=GEMM_CONFIGS_LARGE, max_outputs_per_thread=64, weight_arg="w1")
 
 
 @custom_op("clipmoe::grouped_up")
@@ -128,12 +128,15 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
         return (num_tiles * cdiv(F, block_n),)
 
     dropout = dropout_p > 0
-    args = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
+    block_m = block_m_for(x.device, tk, E)
+    stride_w1e, stride_w1f, stride_w1d = w1.stride()
+    weight, weight_desc = weight_operand(w1, D, F, stride_w1d, stride_w1f, block_m)
+    args = (x, weight, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
             dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), dropout_threshold(dropout_p),
-            1.0 / (1.0 - dropout_p), x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+            1.0 / (1.0 - dropout_p), x.stride(0), x.stride(1), stride_w1e, stride_w1f, stride_w1d,
             b1.stride(0), b1.stride(1), a.stride(0), h_arg.stride(0))
-    meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, DROPOUT=dropout,
-                INPUT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m_for(x.device, tk, E))
+    meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, DROPOUT=dropout, WEIGHT_DESC=weight_desc,
+                INPUT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m)
     if tk > 0:
         _grouped_up_fwd(grid, x.device, args, meta)
     return a, h

@@ -40,6 +40,48 @@ def triton_interpreter(monkeypatch):
     monkeypatch.delenv("CLIPMOE_BACKEND", raising=False)
 
 
+class WeightLoads:
+    """How the row-tile GEMMs of a kernel test load their weight tiles (fixture `weight_loads`): path "pointer",
+    "tma" (TensorDescriptor loads wherever valid) or "auto" (the default choice, for shapes where it picks TMA), and
+    the (layout, weight shape) of every descriptor launch of the test so far."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.launches: set[tuple[str, tuple[int, ...]]] = set()
+
+    def expect(self, *weights_and_layouts):
+        """Assert that the launches so far used descriptors of exactly these (weight, layouts) when the path is "tma",
+        for the weights that meet TMA's alignment (16-byte base and strides, last dimension contiguous), and none
+        otherwise."""
+        want = set()
+        for w, layouts in weights_and_layouts:
+            aligned = (w.data_ptr() % 16 == 0 and w.stride(-1) == 1
+                       and all(s * w.element_size() % 16 == 0 for s in w.stride()[:-1]))
+            if self.path != "pointer" and aligned:
+                want |= {(layout, tuple(w.shape)) for layout in layouts}
+        assert self.launches == want, f"{self.path} path: descriptor launches {self.launches}, expected {want}"
+
+
+@pytest.fixture(params=["pointer", "tma"])
+def weight_loads(request, monkeypatch):
+    """Run a kernel test with the weight tiles loaded by pointers and by TMA tensor descriptors (CLIPMOE_TRITON_TMA
+    0 / 1; under the interpreter 1 takes the descriptor path wherever the weights are aligned for it). Parametrise
+    it indirectly with "auto" for the default choice (the variable unset)."""
+    from clipmoe_kernels import _triton_utils
+    if request.param == "auto":
+        monkeypatch.delenv(_triton_utils.ENV_TRITON_TMA, raising=False)
+    else:
+        monkeypatch.setenv(_triton_utils.ENV_TRITON_TMA, "1" if request.param == "tma" else "0")
+    loads = WeightLoads(request.param)
+    set_block = _triton_utils.set_weight_block
+
+    def recording(desc, layout, block_n, block_k):
+        loads.launches.add((layout, tuple(desc.base.shape)))
+        set_block(desc, layout, block_n, block_k)
+    monkeypatch.setattr(_triton_utils, "set_weight_block", recording)
+    return loads
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

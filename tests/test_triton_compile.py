@@ -11,6 +11,7 @@ import functools
 import re
 import subprocess
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,13 @@ import torch
 triton = pytest.importorskip("triton")
 
 from clipmoe_kernels import grouped_down, grouped_gemm, grouped_up, router  # noqa: E402
-from clipmoe_kernels._triton_utils import BLOCK_M_GPU, BLOCK_M_GPU_LARGE, block_m_for  # noqa: E402
+from clipmoe_kernels._triton_utils import (  # noqa: E402
+    BLOCK_M_GPU,
+    BLOCK_M_GPU_LARGE,
+    block_m_for,
+    set_weight_block,
+    uses_weight_descriptor,
+)
 
 META = {"sorted_to_flat_ptr": "i32", "expert_offsets_ptr": "i32", "tile_expert_ptr": "i32",
         "tile_row_start_ptr": "i32", "seed_ptr": "i64"}
@@ -46,6 +53,8 @@ def compile_for_sm90(kernel, pointer_types, constexprs, num_warps=4, num_stages=
     for i, p in enumerate(kernel.params):
         if p.is_constexpr or p.name in unit_strides:
             signature[p.name] = "constexpr"
+        elif pointer_types.get(p.name, "").startswith("tensordesc"):  # a host TensorDescriptor
+            signature[p.name] = pointer_types[p.name]
         elif p.name in pointer_types:
             signature[p.name] = "*" + pointer_types[p.name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -59,30 +68,51 @@ def compile_for_sm90(kernel, pointer_types, constexprs, num_warps=4, num_stages=
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _gemm_cases(dt, block_m, block_n, block_k, dropout=False):
+def weight_argument(dt, layout, block_n, block_k):
+    """(signature type, WEIGHT_DESC) of a row-tile GEMM's weight: a pointer (layout None) or the TensorDescriptor a
+    launch passes, with the box `set_weight_block` gives it."""
+    if layout is None:
+        return dt, ""
+    desc = types.SimpleNamespace()
+    set_weight_block(desc, layout, block_n, block_k)
+    return f"tensordesc<{dt}[{', '.join(map(str, desc.block_shape))}]>", layout
+
+
+# The layout of each row-tile GEMM's weight view on the descriptor path (_triton_utils.weight_operand):
+# W1 [E, F, D] and W2 [E, D, F] are contiguous in their last dimension.
+WEIGHT_LAYOUTS = {"up_fwd": "nk", "up_bwd_dx": "kn", "down_fwd": "nk", "down_bwd": "kn"}
+
+
+def _gemm_cases(dt, block_m, block_n, block_k, dropout=False, weight_desc=False):
+    """The GEMM kernels' compile arguments; weight_desc: the row-tile GEMMs take their weight as a descriptor."""
     prec = "ieee" if dt == "fp32" else "tf32"
     gemm = {"INPUT_PRECISION": prec, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
     row = dict(gemm, GROUP_M=grouped_gemm.GROUP_M)
+    wt = {name: weight_argument(dt, layout if weight_desc else None, block_n, block_k)
+          for name, layout in WEIGHT_LAYOUTS.items()}
     wgrad_ptrs = dict(sorted_to_flat_ptr="i32", expert_offsets_ptr="i32", go_ptr=dt, in_ptr=dt,
                       topk_weights_ptr="fp32", dw_ptr=dt, db_ptr=dt)
     # what a launch with contiguous operands makes constant 1 (see compile_for_sm90)
     wgrad_units = {"stride_gon", "stride_ink", "stride_dwk", "stride_dbn"}
     return {
         "up_fwd": (grouped_up._grouped_up_fwd_kernel,
-                   dict(META, x_ptr=dt, w1_ptr=dt, b1_ptr=dt, a_ptr=dt, h_ptr=dt),
-                   dict(row, TOP_K=2, ACTIVATION="quick_gelu", STORE_H=True, DROPOUT=dropout),
+                   dict(META, x_ptr=dt, w1=wt["up_fwd"][0], b1_ptr=dt, a_ptr=dt, h_ptr=dt),
+                   dict(row, TOP_K=2, ACTIVATION="quick_gelu", STORE_H=True, DROPOUT=dropout,
+                        WEIGHT_DESC=wt["up_fwd"][1]),
                    {"stride_xd", "stride_w1d", "stride_b1f"}),
         "up_bwd_dx": (grouped_gemm._rows_to_slots_kernel,  # dh W1[e] into fp32 slots
-                      dict(META, a_ptr=dt, w_ptr=dt, b_ptr=dt, topk_weights_ptr=dt, out_ptr="fp32"),
-                      dict(row, BIAS_AND_WEIGHT=False), {"stride_ak", "stride_wn", "stride_on"}),
+                      dict(META, a_ptr=dt, w=wt["up_bwd_dx"][0], b_ptr=dt, topk_weights_ptr=dt, out_ptr="fp32"),
+                      dict(row, BIAS_AND_WEIGHT=False, WEIGHT_DESC=wt["up_bwd_dx"][1]),
+                      {"stride_ak", "stride_wn", "stride_on"}),
         "down_fwd": (grouped_gemm._rows_to_slots_kernel,  # s·(a W2[e]ᵀ + b2[e]), k = 1: y directly
-                     dict(META, a_ptr=dt, w_ptr=dt, b_ptr=dt, topk_weights_ptr="fp32", out_ptr=dt),
-                     dict(row, BIAS_AND_WEIGHT=True), {"stride_ak", "stride_wk", "stride_bn", "stride_on"}),
+                     dict(META, a_ptr=dt, w=wt["down_fwd"][0], b_ptr=dt, topk_weights_ptr="fp32", out_ptr=dt),
+                     dict(row, BIAS_AND_WEIGHT=True, WEIGHT_DESC=wt["down_fwd"][1]),
+                     {"stride_ak", "stride_wk", "stride_bn", "stride_on"}),
         "down_bwd": (grouped_down._grouped_down_bwd_kernel,
-                     dict(META, dy_ptr=dt, h_ptr=dt, w2_ptr=dt, b2_ptr=dt, topk_weights_ptr="fp32", dh_ptr=dt,
-                          u_ptr=dt, ds_ptr="fp32"),
+                     dict(META, dy_ptr=dt, h_ptr=dt, w2=wt["down_bwd"][0], b2_ptr=dt, topk_weights_ptr="fp32",
+                          dh_ptr=dt, u_ptr=dt, ds_ptr="fp32"),
                      dict(row, TOP_K=2, ACTIVATION="quick_gelu", COMPUTE_DH=True, COMPUTE_DS=True, STORE_U=True,
-                          DROPOUT=dropout),
+                          DROPOUT=dropout, WEIGHT_DESC=wt["down_bwd"][1]),
                      {"stride_dyd", "stride_w2f", "stride_b2d"}),
         "wgrad_down": (grouped_gemm._grouped_wgrad_kernel, wgrad_ptrs,  # dW2 = Σ dyᵀ u, db2 = Σ s·dy
                        dict(gemm, TOP_K=2, GATHER_GO=True, SCALE_DB=True, GATHER_IN=False), wgrad_units),
@@ -93,6 +123,8 @@ def _gemm_cases(dt, block_m, block_n, block_k, dropout=False):
 
 def _cases(dt):
     cases = _gemm_cases(dt, 64, 128, 64, dropout=True)
+    tma = _gemm_cases(dt, 128, 128, 64, dropout=True, weight_desc=True)  # the TMA path (128-row tiles)
+    cases.update({f"{name}_tma": tma[name] for name in WEIGHT_LAYOUTS})
     cases.update({
         "combine": (grouped_gemm._slot_combine_kernel, dict(slots_ptr="fp32", out_ptr=dt),
                     dict(TOP_K=2, BLOCK_T=32, BLOCK_D=128), {"stride_od"}),
@@ -148,55 +180,77 @@ GEMMS = {"up_fwd": grouped_up._grouped_up_fwd, "up_bwd_dx": grouped_gemm._rows_t
 
 
 def _autotune_space():
-    """Every (kernel, BLOCK_M, config) autotune can pick on CUDA (the launcher's `candidates`) at 64-row tiles
-    (ViT-B/16 batch 1: D 768, F 3072, 197 tokens, 99 rows per expert) and at 128-row tiles (ViT-L/14 training: D 1024,
-    F 4096, 65,792 tokens, 32,896 rows per expert). Both shapes specialise D, F and the strides as multiples of 16
-    (and the unit strides as 1); the token count is a runtime value."""
+    """Every (kernel, BLOCK_M, config, weight descriptor) autotune can pick on CUDA (the launcher's `candidates`) at
+    64-row tiles (ViT-B/16 batch 1: D 768, F 3072, 197 tokens, 99 rows per expert) and at 128-row tiles (ViT-L/14
+    training: D 1024, F 4096, 65,792 tokens, 32,896 rows per expert); at 128-row tiles the row-tile GEMMs also on
+    the TMA path, which `uses_weight_descriptor` picks there on sm_90. Both shapes specialise D, F and the strides as
+    multiples of 16 (and the unit strides as 1); the token count is a runtime value."""
     for name, tuned in GEMMS.items():
         for block_m in (BLOCK_M_GPU, BLOCK_M_GPU_LARGE):
             for cfg in tuned.candidates(block_m):
-                yield name, block_m, cfg
+                yield name, block_m, cfg, False
+                if block_m == BLOCK_M_GPU_LARGE and name in WEIGHT_LAYOUTS:
+                    yield name, block_m, cfg, True
 
 
 def test_autotune_space_covers_both_tile_tables():
-    """The rule that picks BLOCK_M sends both shapes above to the tiles compiled here."""
+    """The rule that picks BLOCK_M sends both shapes above to the tiles compiled here, and the TMA rule picks the
+    descriptor path for the training shape's weights on sm_90 and the pointer path at batch 1."""
     cuda = torch.device("cuda")  # block_m_for reads only the device type
     assert block_m_for(cuda, 197 * 2, 4) == BLOCK_M_GPU
     assert block_m_for(cuda, 65_792 * 2, 4) == BLOCK_M_GPU_LARGE
     assert all(any(c[0] == name and c[1] == bm for c in _autotune_space())
                for name in GEMMS for bm in (BLOCK_M_GPU, BLOCK_M_GPU_LARGE))
+    w1 = torch.empty(4, 4096, 1024, dtype=torch.bfloat16)
+    assert uses_weight_descriptor(w1, w1.stride(2), w1.stride(1), BLOCK_M_GPU_LARGE, capability=(9, 0))
+    assert not uses_weight_descriptor(w1, w1.stride(2), w1.stride(1), BLOCK_M_GPU, capability=(9, 0))
 
 
-def _id(name, block_m, cfg):
-    return f"{name}-M{block_m}-N{cfg.BLOCK_N}-K{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}"
+def _id(name, block_m, cfg, weight_desc):
+    tma = "-tma" if weight_desc else ""
+    return f"{name}-M{block_m}-N{cfg.BLOCK_N}-K{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}{tma}"
 
 
 @functools.cache
-def compiled_gemm(name, block_m, cfg):
+def compiled_gemm(name, block_m, cfg, weight_desc):
     """(PTX, ptxas -v report) of a GEMM kernel in bf16 at a tile config (one compile shared by the tests below)."""
-    kernel, pointer_types, constexprs, unit_strides = _gemm_cases("bf16", block_m, cfg.BLOCK_N, cfg.BLOCK_K)[name]
+    kernel, pointer_types, constexprs, unit_strides = _gemm_cases("bf16", block_m, cfg.BLOCK_N, cfg.BLOCK_K,
+                                                                  weight_desc=weight_desc)[name]
     ptx = compile_for_sm90(kernel, pointer_types, constexprs, cfg.num_warps, cfg.num_stages, unit_strides).asm["ptx"]
     return ptx, ptxas_report(ptx)
 
 
 AUTOTUNE_SPACE = [pytest.param(*case, id=_id(*case)) for case in _autotune_space()]
+CASE = "name,block_m,cfg,weight_desc"
 
 
-@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
-def test_autotune_configs_use_wgmma(name, block_m, cfg):
-    ptx, _ = compiled_gemm(name, block_m, cfg)
+@pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
+def test_autotune_configs_use_wgmma(name, block_m, cfg, weight_desc):
+    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
     assert "wgmma.mma_async" in ptx, f"{name}: no wgmma (the GEMM would run on the pre-Hopper mma path)"
 
 
-@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
-def test_autotune_configs_do_not_spill(name, block_m, cfg):
-    _, report = compiled_gemm(name, block_m, cfg)
+@pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
+def test_autotune_configs_do_not_spill(name, block_m, cfg, weight_desc):
+    _, report = compiled_gemm(name, block_m, cfg, weight_desc)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     assert spills and not any(spills), f"{name}: register spills {spills}"
 
 
-@pytest.mark.parametrize("name,block_m,cfg", AUTOTUNE_SPACE)
-def test_autotune_configs_pipeline_wgmma(name, block_m, cfg):
-    ptx, _ = compiled_gemm(name, block_m, cfg)
+@pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
+def test_autotune_configs_pipeline_wgmma(name, block_m, cfg, weight_desc):
+    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
     waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
     assert any(w > 0 for w in waits), f"{name}: every wgmma waits synchronously (wait_group counts {waits})"
+
+
+@pytest.mark.parametrize(CASE, [p for p in AUTOTUNE_SPACE if p.values[0] in WEIGHT_LAYOUTS])
+def test_weight_tiles_load_by_tma_on_the_descriptor_path(name, block_m, cfg, weight_desc):
+    """The descriptor path loads the weight tiles with Hopper's TMA unit (a 3-D bulk tensor copy: one expert's
+    [BLOCK_K, BLOCK_N] box of the [E, ·, ·] weights); the pointer path has no bulk tensor copy at all."""
+    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
+    tma = re.findall(r"cp\.async\.bulk\.tensor\.(\d)d", ptx)
+    if weight_desc:
+        assert tma and set(tma) == {"3"}, f"{name}: no 3-D TMA load of the weight tiles (bulk tensor copies {tma})"
+    else:
+        assert not tma, f"{name}: TMA copies {tma} on the pointer path"

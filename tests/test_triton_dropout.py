@@ -42,7 +42,8 @@ def test_grouped_up_applies_exactly_the_reference_mask():
     (17, 24, 33, 3, 1, 0.5, "gelu"),        # k = 1 (no slot combine), odd F
     (12, 16, 24, 3, 3, 0.25, "gelu_tanh"),  # k = E
 ])
-def test_forward_and_gradients_match_the_reference_with_the_same_mask(T, D, F, E, k, p, activation, dtype):
+def test_forward_and_gradients_match_the_reference_with_the_same_mask(T, D, F, E, k, p, activation, dtype,
+                                                                     weight_loads):
     ids, w = routing(T, E, k)
     x = torch.randn(T, D) * 0.5
     params = expert_weights(D, F, E)
@@ -59,6 +60,7 @@ def test_forward_and_gradients_match_the_reference_with_the_same_mask(T, D, F, E
         return run_with_grads(fn, x.to(dt), ids, w.to(torch.float64 if dt == torch.float64 else torch.float32),
                               [t.to(dt) for t in params], activation, g.to(dt))
 
+    weight_loads.expect((params[0], {"nk", "kn"}), (params[2], {"nk", "kn"}))  # odd F: W2 by pointers
     y_hi, grads_hi = reference(torch.float64)
     if dtype == torch.float32:
         assert_close(y, y_hi, torch.float32, "y")

@@ -35,7 +35,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("T,D,F,E,k,activation", SHAPES)
-def test_fp32_matches_reference(T, D, F, E, k, activation):
+def test_fp32_matches_reference(T, D, F, E, k, activation, weight_loads):
     ids, w = routing(T, E, k)
     x = torch.randn(T, D)
     params = weights(D, F, E)
@@ -48,10 +48,11 @@ def test_fp32_matches_reference(T, D, F, E, k, activation):
     for name, got, want in zip(NAMES, grads, grads_ref, strict=True):
         assert got.dtype == (torch.float32), name
         assert_close(got, want, torch.float32, f"d{name}")
+    weight_loads.expect((params[0], {"nk", "kn"}), (params[2], {"nk", "kn"}))
 
 
 @pytest.mark.parametrize("T,D,F,E,k,activation", SHAPES)
-def test_fp16_within_twice_torch_error(T, D, F, E, k, activation):
+def test_fp16_within_twice_torch_error(T, D, F, E, k, activation, weight_loads):
     ids, w = routing(T, E, k)
     x = (torch.randn(T, D) * 0.5).half()
     params = weights(D, F, E, torch.float16)
@@ -67,6 +68,7 @@ def test_fp16_within_twice_torch_error(T, D, F, E, k, activation):
     for name, got, hi, lo in zip(NAMES, grads, grads_hi, grads_lo, strict=True):
         # d topk_weights is fp32 (like the weights) but computed from fp16 data: judged with the fp16 floor.
         assert_close_lowp(got.to(torch.float16), hi, lo, f"d{name}")
+    weight_loads.expect((params[0], {"nk", "kn"}), (params[2], {"nk", "kn"}))
 
 
 EDGE_ROUTINGS = [
@@ -78,7 +80,7 @@ EDGE_ROUTINGS = [
 
 
 @pytest.mark.parametrize("T,D,F,E,k,case", EDGE_ROUTINGS)
-def test_edge_routings_and_zero_grads_of_empty_experts(T, D, F, E, k, case):
+def test_edge_routings_and_zero_grads_of_empty_experts(T, D, F, E, k, case, weight_loads):
     ids, w = routing(T, E, k, case)
     x = torch.randn(T, D)
     params = weights(D, F, E)
@@ -94,6 +96,7 @@ def test_edge_routings_and_zero_grads_of_empty_experts(T, D, F, E, k, case):
     assert unused.any()
     for name, grad in zip(NAMES[2:], grads[2:], strict=True):
         assert torch.all(grad[unused] == 0), f"d{name} of an expert without tokens must be exactly zero"
+    weight_loads.expect((params[0], {"nk", "kn"}), (params[2], {"nk", "kn"}))
 
 
 def test_non_contiguous_inputs():

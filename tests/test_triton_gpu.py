@@ -110,6 +110,33 @@ def test_fp32_fp16_match_reference(T, D, F, E, k, activation, dtype):
     check_against_reference(dtype, ids, w, tensors, g, activation)
 
 
+# 128-row tiles (4,224 rows per expert: the tiles where the default choice takes TMA on sm_90; 64-row tiles never do),
+# pinned to a config autotune can pick there for every row-tile GEMM. "odd": W2's rows of 500 bf16 (1,000 bytes)
+# are not 16-byte aligned, so W2 stays on pointer loads while W1 [E, 500, 200] takes TMA.
+TMA_CONFIG = "BLOCK_N=64,BLOCK_K=64,num_warps=8,num_stages=3"
+TMA_SHAPES = [pytest.param((8448, 256, 512, 4, 2, "gelu"), TMA_CONFIG, id="aligned"),
+              pytest.param((8448, 200, 500, 4, 2, "quick_gelu"), TMA_CONFIG, id="odd")]
+
+
+@pytest.mark.parametrize("shape,config", TMA_SHAPES)
+def test_weight_loads_by_pointers_and_by_tma_match_reference(shape, config, weight_loads, monkeypatch):
+    """bf16 forward and every gradient with the weight tiles loaded by pointers and by TMA descriptors (sm_90+)."""
+    if weight_loads.path != "pointer" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA tensor descriptors need sm_90 or newer")
+    monkeypatch.setenv(ENV_TRITON_CONFIG, config)
+    T, D, F, E, k, activation = shape
+    ids, w, tensors, g = problem(T, D, F, E, k, torch.bfloat16)
+    check_against_reference(torch.bfloat16, ids, w, tensors, g, activation)
+    weight_loads.expect((tensors[1], {"nk", "kn"}), (tensors[3], {"nk", "kn"}))
+
+
+@pytest.mark.parametrize("weight_loads", ["auto"], indirect=True)
+def test_training_size_segments_take_tma_by_default(weight_loads, monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA tensor descriptors need sm_90 or newer")
+    test_weight_loads_by_pointers_and_by_tma_match_reference(*TMA_SHAPES[0].values, weight_loads, monkeypatch)
+
+
 def test_autotuned_path(monkeypatch):
     """Without CLIPMOE_TRITON_CONFIG the kernels autotune (bf16, CLIP-like shape); results are repeatable after."""
     monkeypatch.delenv(ENV_TRITON_CONFIG)

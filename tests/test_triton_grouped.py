@@ -28,7 +28,10 @@ CASES = [
     (7, 16, 24, 3, 2, "quick_gelu"),  # 14 rows: under one tile
     (27, 33, 21, 4, 2, "gelu"),       # odd D and F, partial tiles
     (20, 16, 16, 4, 1, "gelu_tanh"),  # k = 1: the GEMMs write token rows directly (no slot buffer)
+    (27, 72, 40, 4, 2, "gelu"),       # D > BLOCK_K: two K steps, the second partial; 16-byte-aligned strides
 ]
+# The odd case's weight strides (33 and 21 elements) are not 16-byte aligned: on the "tma" path (fixture
+# weight_loads) it checks the fallback to pointer loads, the others the descriptor loads.
 
 
 def problem(T, D, F, E, k, dtype):
@@ -61,7 +64,7 @@ def check(dtype, name, got, ref_fn, *tensors):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,D,F,E,k,activation", CASES)
-def test_grouped_up(T, D, F, E, k, activation, dtype):
+def test_grouped_up(T, D, F, E, k, activation, dtype, weight_loads):
     ids, w, meta, x, w1, b1, w2, b2 = problem(T, D, F, E, k, dtype)
     a, h = ops.grouped_up(x, w1, b1, *table(meta), k, activation, True)
     assert a.dtype == h.dtype == dtype and a.shape == h.shape == (T * k, F)
@@ -70,17 +73,19 @@ def test_grouped_up(T, D, F, E, k, activation, dtype):
     check(dtype, "a", a, lambda *t: grouped_up_ref(*t, stf, off, k, activation)[0], x, w1, b1)
     a2, h2 = ops.grouped_up(x, w1, b1, *table(meta), k, activation, False)
     assert h2.shape == (0, F) and torch.equal(a2, a)
+    weight_loads.expect((w1, {"nk"}))  # tiles of W1[e] [F, D]: [BLOCK_N, BLOCK_K] boxes, transposed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,D,F,E,k,activation", CASES)
-def test_grouped_down(T, D, F, E, k, activation, dtype):
+def test_grouped_down(T, D, F, E, k, activation, dtype, weight_loads):
     ids, w, meta, x, w1, b1, w2, b2 = problem(T, D, F, E, k, dtype)
     a = torch.randn(T * k, F).to(dtype)
     y = ops.grouped_down(a, w2, b2, w, *table(meta))
     assert y.dtype == dtype and y.shape == (T, D)
     stf, off = meta.sorted_to_flat, meta.expert_offsets
     check(dtype, "y", y, lambda a_, w2_, b2_, w_: grouped_down_ref(a_, w2_, b2_, w_, stf, off), a, w2, b2, w)
+    weight_loads.expect((w2, {"nk"}))  # W2[e]ᵀ: [BLOCK_N, BLOCK_K] boxes of W2[e] [D, F], transposed
 
 
 def test_grouped_down_fp16_does_not_overflow_before_the_weight():
@@ -98,7 +103,7 @@ def test_grouped_down_fp16_does_not_overflow_before_the_weight():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,D,F,E,k,activation", CASES)
-def test_grouped_down_bwd(T, D, F, E, k, activation, dtype):
+def test_grouped_down_bwd(T, D, F, E, k, activation, dtype, weight_loads):
     ids, w, meta, x, w1, b1, w2, b2 = problem(T, D, F, E, k, dtype)
     h = torch.randn(T * k, F).to(dtype)
     dy = (torch.randn(T, D) * 0.5).to(dtype)
@@ -117,17 +122,19 @@ def test_grouped_down_bwd(T, D, F, E, k, activation, dtype):
     _, _, u_only = ops.grouped_down_bwd(dy, h, w2, b2, w, *table(meta), activation, False, False, True)
     assert torch.equal(dh_only, dh) and torch.equal(ds_only, ds) and torch.equal(u_only, u)
     assert ds_none.numel() == 0 and dh_none.numel() == 0 and u_none.numel() == 0
+    weight_loads.expect((w2, {"kn"}))  # W2[e] [D, F] as stored: [BLOCK_K, BLOCK_N] boxes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,D,F,E,k,activation", CASES)
-def test_grouped_up_bwd_dx(T, D, F, E, k, activation, dtype):
+def test_grouped_up_bwd_dx(T, D, F, E, k, activation, dtype, weight_loads):
     ids, w, meta, x, w1, b1, w2, b2 = problem(T, D, F, E, k, dtype)
     dh = (torch.randn(T * k, F) * 0.5).to(dtype)
     dx = ops.grouped_up_bwd_dx(dh, w1, *table(meta), T, k)
     assert dx.dtype == dtype and dx.shape == (T, D)
     stf, off = meta.sorted_to_flat, meta.expert_offsets
     check(dtype, "dx", dx, lambda dh_, w1_: grouped_up_bwd_dx_ref(dh_, w1_, stf, off, T, k), dh, w1)
+    weight_loads.expect((w1, {"kn"}))  # W1[e] [F, D] as stored: [BLOCK_K, BLOCK_N] boxes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
