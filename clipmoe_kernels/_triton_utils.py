@@ -344,11 +344,15 @@ class TunedKernel:
     its weight descriptor's block shape set for the config (by a pre_hook when autotuning) and is tuned and cached
     under its own key (the descriptor path is a different kernel variant)."""
 
-    def __init__(self, kernel, configs, key, large_configs=None, max_outputs_per_thread=None, weight_arg=None):
+    def __init__(self, kernel, configs, key, large_configs=None, max_outputs_per_thread=None, weight_arg=None,
+                 name=None):
         """large_configs: the candidates for 128-row tiles (BLOCK_M_GPU_LARGE), when they differ.
         max_outputs_per_thread: drop the configs whose BLOCK_M x BLOCK_N output tile gives a thread more elements
         than this (kernels whose epilogue holds several fp32 tiles of that size spill registers beyond it).
-        weight_arg: the kernel parameter that takes `weight_operand`'s argument (kernels with WEIGHT_DESC)."""
+        weight_arg: the kernel parameter that takes `weight_operand`'s argument (kernels with WEIGHT_DESC).
+        name: the tuned-config table's name of this use of the kernel (default its function name); one kernel that
+        serves two GEMMs of the same widths but other operand layouts needs one TunedKernel, with its own autotune
+        state and name, per GEMM, or both would run the first one's choice."""
         self.kernel, self.key = kernel, key
         self.weight_arg = weight_arg
         self._weight_index = None if weight_arg is None else kernel.arg_names.index(weight_arg)
@@ -356,7 +360,7 @@ class TunedKernel:
         self._configs = {BLOCK_M_GPU_LARGE: large_configs or configs, BLOCK_M_INTERPRET_LARGE: large_configs or configs}
         self.max_outputs_per_thread = max_outputs_per_thread
         self._candidates = {}  # per BLOCK_M
-        self.name = kernel.fn.__name__
+        self.name = name or kernel.fn.__name__
         self._key_index = [kernel.arg_names.index(k) for k in key]
         self._key_values = lambda args: tuple(args[i] for i in self._key_index)
         if len(key) > 1:  # itemgetter returns the tuple itself, several times faster than a generator

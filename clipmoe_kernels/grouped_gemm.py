@@ -332,8 +332,13 @@ def _rows_to_slots_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
+# Two GEMMs of equal widths (N = D, K = F) run this kernel: the down-projection forward reads W2[e] [D, F] along K,
+# the up-projection's dx reads W1[e] [F, D] along N. Their best tiles can differ, so each has its own autotune state
+# and tuned-config entry.
 _rows_to_slots = TunedKernel(_rows_to_slots_kernel, GEMM_CONFIGS, key=["N", "K", "ROWS_BUCKET"],
                              large_configs=GEMM_CONFIGS_LARGE, weight_arg="w")
+_rows_to_slots_dx = TunedKernel(_rows_to_slots_kernel, GEMM_CONFIGS, key=["N", "K", "ROWS_BUCKET"],
+                                large_configs=GEMM_CONFIGS_LARGE, weight_arg="w", name="_rows_to_slots_kernel[dx]")
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -397,7 +402,7 @@ def rows_to_slots(a: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wn: i
     meta = dict(BIAS_AND_WEIGHT=with_bias, WEIGHT_DESC=weight_desc, INPUT_PRECISION=dot_precision(a.dtype),
                 GROUP_M=GROUP_M, BLOCK_M=block_m)
     if tk > 0:
-        _rows_to_slots(grid, a.device, args, meta)
+        (_rows_to_slots if with_bias else _rows_to_slots_dx)(grid, a.device, args, meta)
     if top_k > 1:
         slot_combine(out.view(num_tokens, top_k, n), y)
     return y

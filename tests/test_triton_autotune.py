@@ -88,6 +88,29 @@ def test_a_cached_config_is_launched_instead_of_the_default(tuned_file, monkeypa
     assert_close(y, expert_ffn_torch(x.double(), ids, w.double(), *[p.double() for p in params]), torch.float32)
 
 
+def test_down_forward_and_dx_keep_their_own_tuned_entries(tuned_file, monkeypatch):
+    """The down-projection forward and the up-projection's dx run one kernel at equal widths (N = D, K = F) but read
+    their weights along different dimensions: an entry for one must not be the other's choice."""
+    T, D, F, E, k = 19, 16, 40, 3, 2
+    key = tuned_configs.key_string(["N", "K", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+    cached = GEMM_CONFIGS[1]
+    tuned_file.write_text(json.dumps({"cpu-interpreter": {"_rows_to_slots_kernel": {key: cached._asdict()}}}))
+    seen = {}
+    original = _triton_utils.launch
+
+    def spy(kernel, grid, device, *args, **kwargs):
+        if kernel.fn.__name__ == "_rows_to_slots_kernel":
+            role = "down_forward" if kwargs["BIAS_AND_WEIGHT"] else "dx"
+            seen[role] = (kwargs["BLOCK_N"], kwargs["BLOCK_K"])
+        return original(kernel, grid, device, *args, **kwargs)
+    monkeypatch.setattr(_triton_utils, "launch", spy)
+    ids, w = routing(T, E, k)
+    x, params = torch.randn(T, D), expert_weights(D, F, E)
+    run_with_grads(expert_ffn_triton, x, ids, w, params, "gelu", torch.randn(T, D))
+    assert seen == {"down_forward": (cached.BLOCK_N, cached.BLOCK_K),
+                    "dx": (INTERPRET_CONFIG.BLOCK_N, INTERPRET_CONFIG.BLOCK_K)}
+
+
 def test_the_launch_path_memo_follows_the_table(tuned_file, tmp_path, monkeypatch):
     """The launch path memoises its lookups; a new autotune choice, another CLIPMOE_TUNED_CONFIGS file and
     forget_tuned_configs must still change what the next launch uses."""

@@ -174,7 +174,7 @@ def ptxas_report(ptx: str) -> str:
 
 
 # Each GEMM's autotuned launcher (its candidates are what autotune can pick).
-GEMMS = {"up_fwd": grouped_up._grouped_up_fwd, "up_bwd_dx": grouped_gemm._rows_to_slots,
+GEMMS = {"up_fwd": grouped_up._grouped_up_fwd, "up_bwd_dx": grouped_gemm._rows_to_slots_dx,
          "down_fwd": grouped_gemm._rows_to_slots, "down_bwd": grouped_down._grouped_down_bwd,
          "wgrad_up": grouped_gemm._grouped_wgrad, "wgrad_down": grouped_gemm._grouped_wgrad}
 

@@ -144,8 +144,8 @@ def test_autotuned_path(monkeypatch):
     T, D, F, E, k = 256, 256, 1024, 4, 2
     ids, w, tensors, g = problem(T, D, F, E, k, torch.bfloat16)
     check_against_reference(torch.bfloat16, ids, w, tensors, g, "quick_gelu")
-    for tuned in (grouped_up._grouped_up_fwd, grouped_gemm._rows_to_slots, grouped_down._grouped_down_bwd,
-                  grouped_gemm._grouped_wgrad):
+    for tuned in (grouped_up._grouped_up_fwd, grouped_gemm._rows_to_slots, grouped_gemm._rows_to_slots_dx,
+                  grouped_down._grouped_down_bwd, grouped_gemm._grouped_wgrad):
         assert tuned._tuned and all(t.best_config is not None for t in tuned._tuned.values())  # per BLOCK_M
     x, *params = tensors
     first = run(expert_ffn_triton, x, ids, w, params, "quick_gelu", g)
