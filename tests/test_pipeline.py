@@ -207,7 +207,7 @@ def test_a_batch_of_draws_reads_each_sample_as_its_own_seeded_read():
 
 def test_train_seeds_torch_globally_once_per_batch_not_per_sample(tmp_path, monkeypatch):
     """torch.manual_seed also seeds the accelerators; on a CUDA build whose GPU is not initialised it formats the
-    Python stack (0.1-0.3 ms): once per sample it was over a third of a demo training step. The draws seed the CPU
+    Python stack (0.1-0.3 ms): once per sample it was about 40 % of a demo training step. The draws seed the CPU
     generator; the batch's last draw seed still reaches the accelerators' generators, as it did."""
     model, cfg = tiny_model(), small_cfg()
     sampler = ClusterBatchSampler(None, cfg.batch_size, num_samples=48, world_size=1, rank=0)
