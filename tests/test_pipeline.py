@@ -3,6 +3,7 @@ and a 2-process gloo MCL stage against one process with the same global batch (a
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from clipmoe.train.dmu import (
     run_mcl,
     train_router,
 )
-from clipmoe.train.loop import TrainConfig, draw_keys, read_metrics, train
+from clipmoe.train.loop import SeededDraws, TrainConfig, draw_keys, draw_seed, read_metrics, train
 from tests.dist_utils import free_port, run_gloo
 from tests.tolerances import assert_close
 
@@ -178,6 +179,43 @@ def test_draws_are_named_by_the_slot_in_the_global_batch_not_the_rank():
     def rank_formula(seed, rank, step, slot):
         return (((seed * 1_000_003 + rank) * 1_000_000_007 + step) * 1_000_033 + slot) % (2 ** 63)
     assert single == [[(rank_formula(7, 0, 10 + b, j), i) for j, i in enumerate(batch)] for b, batch in enumerate(one)]
+
+
+class PythonAugmented(Augmented):
+    """Augmented plus a shift drawn from Python's RNG (as torchvision's RandomApply / RandomChoice draw)."""
+
+    def __getitem__(self, index):
+        image, text = super().__getitem__(index)
+        return torch.roll(image, random.randint(0, 3), dims=2), text
+
+
+def test_a_batch_of_draws_reads_each_sample_as_its_own_seeded_read():
+    data, keys = PythonAugmented(), [(draw_seed(7, 3, j), i) for j, i in enumerate([5, 0, 5, 47])]
+    torch.manual_seed(1)
+    random.seed(1)
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    got = SeededDraws(data).__getitems__(keys)  # what the DataLoader calls with a batch of keys
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state  # restored
+    for (seed, index), (image, text) in zip(keys, got, strict=True):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        want_image, want_text = data[index]
+        assert torch.equal(image, want_image) and torch.equal(text, want_text)
+    assert not torch.equal(got[0][0], got[2][0])  # the same index drawn twice: two augmentations
+    assert torch.equal(SeededDraws(data)[keys[1]][0], got[1][0])
+
+
+def test_train_seeds_torch_globally_once_per_batch_not_per_sample(tmp_path, monkeypatch):
+    """torch.manual_seed also seeds the accelerators; on a CUDA build whose GPU is not initialised it formats the
+    Python stack (0.1-0.3 ms): once per sample it was about 40 % of a demo training step. The draws seed the CPU
+    generator; the batch's last draw seed still reaches the accelerators' generators, as it did."""
+    model, cfg = tiny_model(), small_cfg()
+    sampler = ClusterBatchSampler(None, cfg.batch_size, num_samples=48, world_size=1, rank=0)
+    seeds, manual_seed = [], torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed) or manual_seed(seed))
+    train(model, PythonAugmented(), sampler, contrastive_loss(cfg), cfg, tmp_path, trainable="ffn", info=CPU)
+    last_slot = cfg.batch_size - 1
+    assert seeds == [cfg.seed] + [draw_seed(cfg.seed, step, last_slot) for step in range(cfg.max_steps)]
 
 
 def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
