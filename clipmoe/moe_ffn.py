@@ -19,7 +19,7 @@ from clipmoe_kernels import (
     topk_routing_triton,
 )
 
-_EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch, "triton": expert_ffn_triton}
+_EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch}  # triton: its own call in forward
 
 
 @dataclass(eq=False)
@@ -182,27 +182,47 @@ class MoEFFN(nn.Module):
             raise TypeError(f"x has dtype {x.dtype} but the MoEFFN weights are {self.w1.dtype} "
                             f"(cast one of them, or run under torch.autocast)")
 
+    def _checked_weights(self):
+        """(w1, b1, w2, b2), refused if they no longer have the module's shapes, one dtype and one device (a
+        replaced parameter or `.data`): the fused kernels would read them out of bounds."""
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        E, F, D = self.num_experts, self.hidden_dim, self.d_model
+        if w1.shape != (E, F, D) or b1.shape != (E, F) or w2.shape != (E, D, F) or b2.shape != (E, D):
+            raise ValueError(f"MoEFFN weights must be w1 {(E, F, D)}, b1 {(E, F)}, w2 {(E, D, F)}, b2 {(E, D)} "
+                             f"(num_experts, hidden_dim, d_model), got {tuple(w1.shape)}, {tuple(b1.shape)}, "
+                             f"{tuple(w2.shape)}, {tuple(b2.shape)}")
+        device = w1.device
+        if not (w1.dtype == b1.dtype == w2.dtype == b2.dtype) or b1.device != device or w2.device != device \
+                or b2.device != device:
+            raise TypeError(f"MoEFFN weights must share one dtype and device, got "
+                            f"{[(str(w.dtype), str(w.device)) for w in (w1, b1, w2, b2)]}")
+        return w1, b1, w2, b2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         tokens = x.reshape(-1, self.d_model)
         logits = self.router(tokens)
         backend = select_backend(self.backend, x.device)
-        if backend == "triton":  # the fused router kernel, with the aux-loss statistics when a loss can train
-            # Without a gradient (evaluation) the kernel skips the statistics; a loss asked for then is computed from
-            # the probabilities and ids, as for the torch backends.
+        if backend == "triton":
+            # The fused router kernel, with the aux-loss statistics when a loss can train (without a gradient the
+            # kernel skips them; a loss asked for then is computed from the probabilities and ids, as for the torch
+            # backends). The kernels' own argument checks are skipped: x is checked above, the router's outputs are
+            # valid by construction, and the module checks its weights (a few µs at batch 1).
+            w1, b1, w2, b2 = self._checked_weights()
             with_stats = logits.requires_grad and torch.is_grad_enabled()
-            routed = topk_routing_triton(logits, self.top_k, self.renormalize, with_stats)
+            routed = topk_routing_triton(logits, self.top_k, self.renormalize, with_stats, validate_args=False)
             probs, topk_weights, topk_ids = routed[:3]
             stats = routed if with_stats else None
+            y = expert_ffn_triton(tokens, topk_ids, topk_weights, w1, b1, w2, b2, activation=self.activation,
+                                  dropout_p=self.dropout, training=self.training, validate_args=False)
         else:
             stats = None
             probs, topk_weights, topk_ids = topk_routing_ref(logits, self.top_k, self.renormalize)
-        expert_ffn = _EXPERT_FFNS[backend]
-        y = expert_ffn(tokens, topk_ids, topk_weights, self.w1, self.b1, self.w2, self.b2,
-                       activation=self.activation, dropout_p=self.dropout, training=self.training)
+            y = _EXPERT_FFNS[backend](tokens, topk_ids, topk_weights, self.w1, self.b1, self.w2, self.b2,
+                                      activation=self.activation, dropout_p=self.dropout, training=self.training)
         # object.__setattr__: nn.Module's own __setattr__ checks parameter/buffer/module dicts (about 1 µs per call)
         object.__setattr__(self, "aux", MoEAux(logits, probs, topk_ids, topk_weights, stats))
-        return y.reshape(x.shape[:-1] + (self.d_model,))
+        return y.view(x.shape)  # y is a fresh contiguous [T, D]; x's last dimension is d_model (checked)
 
 
 def collect_aux_losses(model: nn.Module, form: str = "paper") -> AuxLosses:

@@ -41,6 +41,9 @@ def select_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         # CUDA: the fused Triton kernels when triton imports; CPU: the sorted-segment torch path.
         backend = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if backend == "triton" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"backend 'triton' runs on CUDA tensors (and CPU ones under TRITON_INTERPRET=1), got tensors "
+                         f"on {device}; use backend 'torch'")
     if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError("backend 'triton' got CPU tensors: on CPU the Triton kernels run only in the Triton "
                          "interpreter (slow, for tests), which needs TRITON_INTERPRET=1; use backend 'torch' on CPU")

@@ -100,7 +100,7 @@ class ExpertFFNFunction(torch.autograd.Function):
 
 
 def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quick_gelu", dropout_p=0.0,
-                      training=False):
+                      training=False, validate_args=True):
     """Fused Triton expert FFN (see the module docstring); drop-in for expert_ffn_torch.
 
     Args:
@@ -111,21 +111,26 @@ def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="qui
         activation: "quick_gelu", "gelu" (erf) or "gelu_tanh". dropout_p, training: dropout between act and w2,
             fused (a Philox mask from a seed drawn from torch's generator, see dropout.py); the identity unless
             training.
+        validate_args: False skips the argument checks (shapes, dtypes, devices, activation, dropout_p) for a caller
+            that has checked them itself (MoEFFN: its input, its own weights and the router's output; about 5 µs of
+            a batch-1 forward). The launchers still refuse an unknown activation or dropout_p.
     Returns:
         y [T, D] in x's dtype (the autocast dtype under autocast), differentiable with respect to x, topk_weights and
         the four weight tensors.
     """
-    check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2)
-    get_activation(activation)
-    check_dropout_p(dropout_p)
-    check_triton_device("expert_ffn_triton", x)
+    if validate_args:
+        check_expert_args(x, topk_ids, topk_weights, w1, b1, w2, b2)
+        get_activation(activation)
+        check_dropout_p(dropout_p)
+        check_triton_device("expert_ffn_triton", x)
     params = (x, w1, b1, w2, b2)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         params = tuple(p.to(dtype) for p in params)
-    dtype = params[0].dtype
-    if not all(p.dtype == dtype for p in params[1:]):
+    x, w1, b1, w2, b2 = params
+    dtype = x.dtype
+    if not dtype == w1.dtype == b1.dtype == w2.dtype == b2.dtype:
         raise TypeError(f"x, w1, b1, w2, b2 must share one dtype (or run under torch.autocast), got "
                         f"{[str(p.dtype) for p in params]}")
     if dtype not in _KERNEL_DTYPES:  # fp64: the kernels compute in fp32 at most
@@ -134,7 +139,6 @@ def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="qui
         raise TypeError("expert_ffn_triton: bf16 runs on CUDA only; the Triton interpreter (CPU) computes bf16 GEMMs "
                         "wrongly (triton-lang/triton#11584). Use fp32/fp16, or the 'torch' backend on CPU")
     store_h = torch.is_grad_enabled() and any(t.requires_grad for t in params + (topk_weights,))
-    x, w1, b1, w2, b2 = params
     p = float(dropout_p) if training else 0.0
     if not store_h:  # no gradient: the forward without autograd.Function's bookkeeping (µs at batch 1)
         return fused_forward(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, False, p)[0]

@@ -396,9 +396,8 @@ def rows_to_slots(a: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wn: i
     block_m = block_m_for(a.device, tk, num_experts)
     weight, weight_desc = weight_operand(w, a.shape[1], n, stride_wk, stride_wn, block_m)
     args = (a, weight, bias if with_bias else w, topk_weights if with_bias else w, out, sorted_to_flat,
-            expert_offsets, tile_expert, tile_row_start, n, a.shape[1], rows_bucket(tk, num_experts), a.stride(0),
-            a.stride(1), w.stride(0), stride_wk, stride_wn, bias.stride(0) if with_bias else 0,
-            bias.stride(1) if with_bias else 0, out.stride(0), out.stride(1))
+            expert_offsets, tile_expert, tile_row_start, n, a.shape[1], rows_bucket(tk, num_experts), *a.stride(),
+            w.stride(0), stride_wk, stride_wn, *(bias.stride() if with_bias else (0, 0)), *out.stride())
     meta = dict(BIAS_AND_WEIGHT=with_bias, WEIGHT_DESC=weight_desc, INPUT_PRECISION=dot_precision(a.dtype),
                 GROUP_M=GROUP_M, BLOCK_M=block_m)
     if tk > 0:

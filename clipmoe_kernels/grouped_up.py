@@ -133,8 +133,8 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
     weight, weight_desc = weight_operand(w1, D, F, stride_w1d, stride_w1f, block_m)
     args = (x, weight, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
             dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), dropout_threshold(dropout_p),
-            1.0 / (1.0 - dropout_p), x.stride(0), x.stride(1), stride_w1e, stride_w1f, stride_w1d,
-            b1.stride(0), b1.stride(1), a.stride(0), h_arg.stride(0))
+            1.0 / (1.0 - dropout_p), *x.stride(), stride_w1e, stride_w1f, stride_w1d, *b1.stride(), a.stride(0),
+            h_arg.stride(0))
     meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, DROPOUT=dropout, WEIGHT_DESC=weight_desc,
                 INPUT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m)
     if tk > 0:

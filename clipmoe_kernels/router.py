@@ -267,22 +267,7 @@ class RouterFunction(torch.autograd.Function):
 _NO_STATS = (None,) * 4
 
 
-def topk_routing_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool = True,
-                        stats: bool = True) -> RouterOutput:
-    """Fused router: what topk_routing_ref returns (probs, topk_weights, topk_ids) plus the aux-loss statistics.
-
-    Args:
-        router_logits: [T, E] fp32/fp16/bf16 (fp64 takes router_ref), CUDA; CPU only under TRITON_INTERPRET=1.
-        top_k: k in [1, E].
-        renormalize: divide the k selected probabilities by their sum (CLIP-MoE does).
-        stats: compute the statistics; False leaves those four fields None (the kernel then writes only probs,
-            weights and ids; on the differentiable path it computes them anyway and they are dropped).
-    Returns:
-        RouterOutput(probs [T, E] fp32, topk_weights [T, k] fp32, topk_ids [T, k] int32 (decreasing probability;
-        ties to the lower id), expert_counts [E] int32 (top-1 counts), prob_sums [E] fp32, topk_counts [E] int32
-        (all k choices), logsumexp [T] fp32). probs, topk_weights, prob_sums and logsumexp are differentiable with
-        respect to router_logits. No host synchronisation; one kernel launch up to SINGLE_PROGRAM_TOKENS tokens.
-    """
+def _check_router_args(router_logits, top_k):
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
         raise ValueError(f"router_logits must be a 2-D [T, E] tensor, got "
                          f"{tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else router_logits}")
@@ -291,13 +276,37 @@ def topk_routing_triton(router_logits: torch.Tensor, top_k: int, renormalize: bo
         raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
     if not router_logits.is_floating_point():
         raise TypeError(f"router_logits must be floating point, got {router_logits.dtype}")
+    if router_logits.dtype != torch.float64:
+        check_triton_device("topk_routing_triton", router_logits)
+
+
+def topk_routing_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool = True,
+                        stats: bool = True, validate_args: bool = True) -> RouterOutput:
+    """Fused router: what topk_routing_ref returns (probs, topk_weights, topk_ids) plus the aux-loss statistics.
+
+    Args:
+        router_logits: [T, E] fp32/fp16/bf16 (fp64 takes router_ref), CUDA; CPU only under TRITON_INTERPRET=1.
+        top_k: k in [1, E].
+        renormalize: divide the k selected probabilities by their sum (CLIP-MoE does).
+        stats: compute the statistics; False leaves those four fields None (the kernel then writes only probs,
+            weights and ids; on the differentiable path it computes them anyway and they are dropped).
+        validate_args: False skips the argument checks (shape, top_k, dtype, device) for a caller that made the
+            logits itself and has checked them (MoEFFN: about 3 µs of a batch-1 forward).
+    Returns:
+        RouterOutput(probs [T, E] fp32, topk_weights [T, k] fp32, topk_ids [T, k] int32 (decreasing probability;
+        ties to the lower id), expert_counts [E] int32 (top-1 counts), prob_sums [E] fp32, topk_counts [E] int32
+        (all k choices), logsumexp [T] fp32). probs, topk_weights, prob_sums and logsumexp are differentiable with
+        respect to router_logits. No host synchronisation; one kernel launch up to SINGLE_PROGRAM_TOKENS tokens.
+    """
+    if validate_args:
+        _check_router_args(router_logits, top_k)
     renormalize = bool(renormalize)
     if router_logits.dtype == torch.float64:  # the kernel computes in fp32; fp64 callers get the fp64 reference
         out = router_ref(router_logits, top_k, renormalize)
     else:
+        E = router_logits.shape[1]
         if E > MAX_EXPERTS:
             raise ValueError(f"topk_routing_triton supports up to {MAX_EXPERTS} experts, got E={E}")
-        check_triton_device("topk_routing_triton", router_logits)
         if not (router_logits.requires_grad and torch.is_grad_enabled()):  # no autograd.Function bookkeeping
             if not stats:
                 return RouterOutput(*route_topk_without_stats(router_logits, top_k, renormalize), *_NO_STATS)

@@ -153,3 +153,22 @@ def test_aux_losses_without_gradient_come_from_probabilities(backend):
                                [moe.aux.balance_loss, moe.aux.balance_loss_topk, moe.aux.z_loss], with_grad,
                                strict=True):
         assert_close(got, want.detach(), torch.float32, name)
+
+
+@pytest.mark.parametrize("replace,err,words", [
+    (lambda m: setattr(m.w2, "data", torch.randn(4, 16, 33)), ValueError, r"MoEFFN weights must be w1 \(4, 32, 16\)"),
+    (lambda m: setattr(m.b1, "data", m.b1.data.double()), TypeError, "one dtype and device"),
+    (lambda m: setattr(m, "b2", torch.nn.Parameter(m.b2.data.to("meta"))), TypeError, "one dtype and device"),
+])
+def test_replaced_weights_are_refused_before_the_kernels(replace, err, words):
+    """MoEFFN(backend="triton") skips the kernels' argument checks, so it checks its own weights: a parameter whose
+    shape, dtype or device no longer matches the module is refused with a message, never read out of bounds."""
+    moe = _moe()
+    replace(moe)
+    with pytest.raises(err, match=words):
+        moe(torch.randn(5, 16))
+
+
+def test_triton_backend_refuses_devices_it_cannot_run_on():
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):
+        _moe(device="meta")(torch.randn(5, 16, device="meta"))
