@@ -20,6 +20,10 @@ Assumptions (each one is a constant below):
     (expert, row block), so a token's row counts once per expert it went to (at most k times).
   - The bound: six dense bf16 GEMMs of the layer's shapes (2·TK·D·F FLOPs each) at PEAK_FLOPS; their compulsory
     bytes at 4.3 TB/s take less time than their FLOPs.
+  - Sensitivity line (not the headline): the same kernels if a Triton kernel's gap to the matmul rate were a fixed
+    cost per output tile (TILE_OVERHEAD_K elements of K, from the one public figure, measured at K = 512), so that
+    longer main loops amortise it. Optimistic for these kernels: their epilogues do more than a plain matmul's
+    (activation, dropout mask, scatter to slots, u), and their gathered row operands cannot be TMA loads.
 """
 import argparse
 from collections import OrderedDict
@@ -30,6 +34,10 @@ CONCURRENT = 132
 PEAK_FLOPS = 790e12
 HBM_BYTES_PER_S = 4.3e12
 MAINLOOP = 0.75
+# The one public same-class figure: Triton's plain (non-persistent, pointer-loaded) fp16 matmul on an H100 at
+# M = N = 8192, K = 512 ran at 217.5 TFLOP/s against cuBLAS's 285.4 (0.762; triton-lang/triton#5726). Read as a fixed
+# cost per output tile, that is 512 * (1 / 0.762 - 1) = 160 elements of K (used only by the sensitivity line).
+TILE_OVERHEAD_K = 160
 BF16, FP32 = 2, 4
 
 
@@ -77,6 +85,7 @@ class KernelTraffic:
     min_bytes: float
     programs: int
     program_flops: float
+    reduction: int = 0  # elements each program's main loop reduces over (K; a weight-gradient kernel's rows)
 
     @property
     def compute_s(self):
@@ -156,7 +165,7 @@ def row_tile_gemm(name, shape, order, n_total, k_total, a_gathered, a_bytes, ext
                     for _, size in extra_reads(tile, n, tiles[tile][2]))
     flops = 2.0 * shape.rows * n_total * k_total
     return KernelTraffic(name, flops, hbm + writes, a_min + w_min + extra_min + writes, len(order_list),
-                         2.0 * shape.block_m * block_n * k_total)
+                         2.0 * shape.block_m * block_n * k_total, k_total)
 
 
 def wgrad(name, shape, order, n_total, k_total, go_gathered, in_gathered):
@@ -187,7 +196,7 @@ def wgrad(name, shape, order, n_total, k_total, go_gathered, in_gathered):
     in_min = (shape.tokens if in_gathered else shape.rows) * k_total * BF16
     flops = 2.0 * shape.rows * n_total * k_total
     return KernelTraffic(name, flops, hbm + writes, go_min + in_min + writes, len(programs),
-                         2.0 * t * t * shape.rows_per_expert)
+                         2.0 * t * t * shape.rows_per_expert, shape.rows_per_expert)
 
 
 def combine(name, shape):
@@ -234,6 +243,13 @@ def layer_time_s(kernels, mainloop):
     return sum(max(k.compute_s * MAINLOOP / mainloop, k.memory_s) for k in kernels)
 
 
+def tile_overhead_layer_time_s(kernels, k0=TILE_OVERHEAD_K):
+    """Sensitivity variant, not the headline: the layer time if the gap of a Triton kernel to the matmul rate were a
+    fixed cost per output tile worth `k0` reduction elements, so a main loop over K elements runs at K / (K + k0)."""
+    return sum(max(k.compute_s * MAINLOOP * (k.reduction + k0) / k.reduction, k.memory_s) if k.reduction
+               else k.time_s for k in kernels)
+
+
 def mainloop_for_ratio(kernels, bound, goal):
     """Smallest main-loop rate (fraction of PEAK_FLOPS, to 0.01) at which bound / layer time reaches `goal`, or None
     if even 1.0 does not."""
@@ -267,6 +283,12 @@ def report(shape, order):
     lines.append(f"main-loop rate assumed: {MAINLOOP:.2f} of the matmul rate; the 0.8 goal needs "
                  + (f"{needed:.2f}" if needed is not None else "more than 1.0 (the waves' tile quantisation)")
                  + " (a GPU measures it: bench/gpu_check.py)")
+    lines.append(f"sensitivity, not the headline: if the gap to the matmul rate were a fixed cost per output tile "
+                 f"({TILE_OVERHEAD_K} elements of K, from the public K = 512 figure), main loops over K = "
+                 f"{shape.d_model} / {shape.hidden} would run at "
+                 f"{shape.d_model / (shape.d_model + TILE_OVERHEAD_K):.2f} / "
+                 f"{shape.hidden / (shape.hidden + TILE_OVERHEAD_K):.2f} and the layer at "
+                 f"{bound_s(shape) / tile_overhead_layer_time_s(kernels):.2f} of the bound")
     return "\n".join(lines), kernels, ratio, total_bytes / total_min
 
 

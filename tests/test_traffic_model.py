@@ -37,3 +37,13 @@ def test_model_never_reads_less_than_the_compulsory_bytes(order):
         assert k.hbm_bytes >= k.min_bytes * (1 - 1e-9), k.name
         assert k.time_s > 0
     assert 0 < ratio <= 1 and bytes_ratio >= 1
+
+
+def test_tile_overhead_variant_reproduces_its_calibration_point():
+    """The sensitivity variant's per-tile cost is calibrated on the public K = 512 figure (0.762 of cuBLAS): a
+    compute-bound kernel with a 512-element main loop must come out at that rate, a memory-bound one unchanged."""
+    compute = traffic_model.KernelTraffic("k512", 1.0, 0.0, 0.0, traffic_model.CONCURRENT, 1e12, 512)
+    at_peak = compute.compute_s * traffic_model.MAINLOOP
+    assert at_peak / traffic_model.tile_overhead_layer_time_s([compute]) == pytest.approx(0.762, abs=0.002)
+    memory = traffic_model.KernelTraffic("copy", 1.0, 4.3e12, 4.3e12, 1, 0.0)
+    assert traffic_model.tile_overhead_layer_time_s([memory]) == pytest.approx(memory.time_s)
