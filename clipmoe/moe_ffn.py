@@ -184,9 +184,12 @@ class MoEFFN(nn.Module):
 
     def _checked_weights(self):
         """(w1, b1, w2, b2), refused if they no longer have the module's shapes, one dtype and one device (a
-        replaced parameter or `.data`): the fused kernels would read them out of bounds."""
+        replaced parameter or `.data`), or if top_k left [1, num_experts]: the fused kernels, called without their
+        own checks, would read out of bounds or pick an expert twice."""
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
         E, F, D = self.num_experts, self.hidden_dim, self.d_model
+        if not (isinstance(self.top_k, int) and 1 <= self.top_k <= E):
+            raise ValueError(f"MoEFFN.top_k must be an int in [1, num_experts={E}], got {self.top_k!r}")
         if w1.shape != (E, F, D) or b1.shape != (E, F) or w2.shape != (E, D, F) or b2.shape != (E, D):
             raise ValueError(f"MoEFFN weights must be w1 {(E, F, D)}, b1 {(E, F)}, w2 {(E, D, F)}, b2 {(E, D)} "
                              f"(num_experts, hidden_dim, d_model), got {tuple(w1.shape)}, {tuple(b1.shape)}, "

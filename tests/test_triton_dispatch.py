@@ -159,6 +159,7 @@ def test_aux_losses_without_gradient_come_from_probabilities(backend):
     (lambda m: setattr(m.w2, "data", torch.randn(4, 16, 33)), ValueError, r"MoEFFN weights must be w1 \(4, 32, 16\)"),
     (lambda m: setattr(m.b1, "data", m.b1.data.double()), TypeError, "one dtype and device"),
     (lambda m: setattr(m, "b2", torch.nn.Parameter(m.b2.data.to("meta"))), TypeError, "one dtype and device"),
+    (lambda m: setattr(m, "top_k", 5), ValueError, r"top_k must be an int in \[1, num_experts=4\]"),
 ])
 def test_replaced_weights_are_refused_before_the_kernels(replace, err, words):
     """MoEFFN(backend="triton") skips the kernels' argument checks, so it checks its own weights: a parameter whose
