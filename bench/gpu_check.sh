@@ -57,6 +57,8 @@ say() { echo "== [$(elapsed) s] $*"; }
 loud() { echo; echo "!!!!!!!! $* !!!!!!!!"; echo; }
 STATUS=0
 
+# The tuned phase measures autotune from cold and saves what it chose: no choices of an earlier run on this machine.
+export CLIPMOE_TUNED_CACHE=off
 export CLIPMOE_GIT_SHA=${CLIPMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 say "clipmoe GPU check$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN: CPU, Triton interpreter)'), commit $CLIPMOE_GIT_SHA, output $BASE.*"
 "$PY" -c "import sys, torch, triton, pytest; print('python', sys.version.split()[0], '| torch', torch.__version__, \

@@ -5,6 +5,8 @@ Environment variables (all prefixed CLIPMOE_):
   CLIPMOE_TRITON_CONFIG    pins one tile config for every grouped-GEMM kernel instead of autotuning, e.g.
                            "BLOCK_N=128,BLOCK_K=64,num_warps=8,num_stages=3" (read at each call; _triton_utils.py).
   CLIPMOE_TUNED_CONFIGS    a JSON of autotuned tile configs to read instead of the shipped one (tuned_configs.py).
+  CLIPMOE_TUNED_CACHE      the user's autotune cache file (default $XDG_CACHE_HOME or ~/.cache, then
+                           clipmoe/tuned_configs.json), or "off" (tuned_configs.py).
   CLIPMOE_TRITON_TMA       "auto" (default), "1" or "0": TMA tensor-descriptor weight loads (_triton_utils.py).
   CLIPMOE_SKIP_CUDA_BUILD  (build time, setup.py) =1 builds only the CPU ops of clipmoe_kernels._C.
   CLIPMOE_SKIP_EXT_BUILD   (build time, setup.py) =1 builds no extension; torch fallbacks are used.

@@ -338,11 +338,12 @@ def custom_op(name: str):
 class TunedKernel:
     """A @triton.jit grouped-GEMM kernel with tunable BLOCK_N/BLOCK_K/num_warps/num_stages. Config, in order: the
     pinned one (CLIPMOE_TRITON_CONFIG); the cached one for this device, kernel and autotune key (tuned_configs.py:
-    the shipped JSON, or an earlier autotune in this process); INTERPRET_CONFIG for CPU tensors; else
-    @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at import), whose
-    choice is then cached for the process. A launch whose meta has a WEIGHT_DESC layout (`weight_operand`) gets
-    its weight descriptor's block shape set for the config (by a pre_hook when autotuning) and is tuned and cached
-    under its own key (the descriptor path is a different kernel variant)."""
+    an earlier autotune in this process or on this machine, or the shipped JSON); INTERPRET_CONFIG for CPU
+    tensors; else @triton.autotune over `configs` keyed on `key` (built on first use, so nothing is set up at
+    import), whose choice is then kept for the process and added to the user's autotune cache. A launch whose meta
+    has a WEIGHT_DESC layout (`weight_operand`) gets its weight descriptor's block shape set for the config (by a
+    pre_hook when autotuning) and is tuned and cached under its own key (the descriptor path is a different kernel
+    variant)."""
 
     def __init__(self, kernel, configs, key, large_configs=None, max_outputs_per_thread=None, weight_arg=None,
                  name=None):
@@ -395,7 +396,7 @@ class TunedKernel:
         tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
         best = tuned.best_config
         tuned_configs.record(device, self.name, self.table_key(self._key_values(args), layout),
-                             dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages))
+                             dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages), cache=True)
 
     def table_key(self, values, layout) -> str:
         """The tuned-config table's key of a launch: the autotune key's values, and the weight layout on the
@@ -413,11 +414,11 @@ class TunedKernel:
         if cfg is not None:
             return cfg
         key = self.table_key(values, layout)
-        cached = tuned_configs.lookup(device, self.name, key)
+        candidates = self.candidates(block_m)
+        cached = tuned_configs.lookup(device, self.name, key, accept=lambda c: TileConfig(**c) in candidates)
         if cached is None:
             return None
         cfg = TileConfig(**cached)
-        candidates = self.candidates(block_m)
         if cfg not in candidates:  # buffers are sized for the candidates (candidate_configs)
             raise ValueError(f"{tuned_configs.table_path()}: the config {cached} of {self.name} ({key}) is "
                              f"not one of its autotune candidates {[c._asdict() for c in candidates]}")

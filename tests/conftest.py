@@ -14,6 +14,19 @@ except ImportError:
                       "test_pipeline.py", "test_shift.py"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_autotune_cache(tmp_path_factory):
+    """Autotune choices that tests make (the gpu tests) go to a file of this session, not the user's autotune
+    cache (clipmoe_kernels/tuned_configs.py), and no choice from an earlier run changes what a test launches."""
+    old = os.environ.get("CLIPMOE_TUNED_CACHE")
+    os.environ["CLIPMOE_TUNED_CACHE"] = str(tmp_path_factory.mktemp("autotune") / "tuned_configs.json")
+    yield
+    if old is None:
+        os.environ.pop("CLIPMOE_TUNED_CACHE")
+    else:
+        os.environ["CLIPMOE_TUNED_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_precision():
     torch.manual_seed(0)
