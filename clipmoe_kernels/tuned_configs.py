@@ -102,8 +102,8 @@ def _valid(entry, accept) -> bool:
 
 def lookup(device: torch.device, kernel: str, key: str, accept=lambda config: True):
     """The cached config dict for (device, kernel, key), or None: this process's autotune choices, then the user's
-    autotune cache (its entries that `accept` refuses are passed over), then the table file (where an entry
-    `accept` refuses raises: name the file and the candidates in the caller's message)."""
+    autotune cache (its entries that `accept` refuses are passed over), then the table file (its entry as it is:
+    one that is not a candidate is the caller's error to raise, naming the file)."""
     name = device_name(device)
     entry = _chosen.get(name, {}).get(kernel, {}).get(key)
     if entry is not None:
