@@ -7,8 +7,9 @@
 #   bash bench/gpu_check.sh --dry-run   # anywhere: tiny shapes on the CPU under the Triton interpreter (CI)
 #
 # Output: $OUT/gpu-<UTC time>.{json,md,png,log} and the tests' JUnit XML (-tests.xml) when OUT is set, else
-# bench/results/ (a dry run: a temporary folder unless OUT is set). Then, here: python -m bench.fold_readme
-# <the JSON> copies the files into bench/results/ and folds the table into the README's performance section.
+# bench/results/ (a dry run: a temporary folder unless OUT is set, removed when the run passed). Then, here:
+# python -m bench.fold_readme <the JSON> copies the files into bench/results/ and folds the table into the README's
+# performance section.
 # The end-to-end and encode phases need open_clip: `bash bench/gpu_wheels.sh` here makes bench/wheels/, which this script
 # installs offline into a temporary target when it is there (carry it with the tree).
 #
@@ -164,5 +165,8 @@ else
 fi
 [ -n "$SITE" ] && rm -rf "$SITE"
 say "done: exit status $STATUS, files: $(ls "$RESULTS" | grep "^$NAME" | tr '\n' ' ')"
+if [ "$DRY_RUN" = 1 ] && [ -z "${OUT:-}" ]; then  # a passing dry run's temporary folder is of no further use
+    if [ "$STATUS" -eq 0 ]; then rm -rf "$RESULTS"; else echo "the dry run's files are kept in $RESULTS"; fi
+fi
 [ "$DRY_RUN" = 0 ] && echo "next, here: python -m bench.fold_readme <fetched>/$NAME.json, then commit bench/results and README.md"
 exit "$STATUS"

@@ -140,13 +140,26 @@ def uses_interpreter(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def eager_cache(maxsize=None):
+    """functools.lru_cache for eager calls (shape helpers that run at every launch); while torch.compile traces, the
+    plain function, which Dynamo would trace anyway, warning about the cache wrapper it ignores."""
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+        return call
+    return wrap
+
+
 def block_m_for(device: torch.device, rows: int, num_experts: int) -> int:
     """BLOCK_M of the grouped GEMMs (and of the tile table they read) for `rows` routed rows over `num_experts`
     experts on `device` (see BLOCK_M_GPU)."""
     return _block_m(uses_interpreter(device), rows, num_experts)
 
 
-@functools.lru_cache(maxsize=256)  # called by every launcher of every forward
+@eager_cache(maxsize=256)  # called by every launcher of every forward
 def _block_m(interpreter: bool, rows: int, num_experts: int) -> int:
     bucket = rows_bucket(rows, num_experts)
     if interpreter:
@@ -442,7 +455,7 @@ class TunedKernel:
         set_weight_block(nargs[self.weight_arg], nargs["WEIGHT_DESC"], nargs["BLOCK_N"], nargs["BLOCK_K"])
 
 
-@functools.lru_cache(maxsize=256)  # pure, and called by every launcher of every forward
+@eager_cache(maxsize=256)  # pure, and called by every launcher of every forward
 def rows_bucket(total_rows: int, num_experts: int) -> int:
     """Autotune key part: rows per expert if balanced, rounded up to a power of two and capped, so that a new batch
     size re-tunes only when it changes the regime (tens vs thousands of rows per expert), not on every value. The

@@ -27,14 +27,13 @@ registers and are written once per program. Up to SINGLE_PROGRAM_TOKENS tokens (
 program covers all of them, so its statistics are the totals and the router is one launch; beyond, each program
 writes partials that the launcher sums in program order. No atomics: two runs give identical bits.
 """
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from clipmoe_kernels._triton_utils import cdiv, check_triton_device, custom_op, launch
+from clipmoe_kernels._triton_utils import cdiv, check_triton_device, custom_op, eager_cache, launch
 from clipmoe_kernels.routing import topk_routing_ref
 
 # Tokens per tile: the tile is BLOCK_T x next_pow2(E) fp32, tiny for E <= 64.
@@ -142,7 +141,7 @@ def _router_fwd_kernel(
         tl.store(psums_ptr + pid * E + cols, psums, mask=e_mask)
 
 
-@functools.lru_cache(maxsize=256)  # at every forward
+@eager_cache(maxsize=256)  # at every forward
 def router_programs(num_tokens: int) -> tuple[int, int]:
     """(programs, token blocks per program) of a router launch over `num_tokens` tokens."""
     blocks = cdiv(num_tokens, ROUTER_BLOCK_T)
@@ -152,7 +151,7 @@ def router_programs(num_tokens: int) -> tuple[int, int]:
     return cdiv(blocks, per_program), per_program
 
 
-@functools.cache  # triton.next_power_of_2 costs about 1.4 µs a call, at every batch-1 forward
+@eager_cache()  # triton.next_power_of_2 costs about 1.4 µs a call, at every batch-1 forward
 def block_size(n: int) -> int:
     """The router kernel's block over n experts or choices: a power of two, at least 2 (tl.arange's minimum)."""
     return max(2, triton.next_power_of_2(n))

@@ -23,6 +23,8 @@ def _moe(backend="triton", device=None, **kwargs):
 
 @needs_extension
 @pytest.mark.parametrize("training", [True, False])
+# the launch path's memoised shape helpers must not show Dynamo a cache wrapper (a warning to every compiling user)
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a:UserWarning")
 def test_compile_fullgraph_traces_the_cuda_dispatch(training):
     """The CUDA branch of every device-dependent choice (moe_align's CUDA op, BLOCK_M, no interpreter) is traced by
     dynamo with fullgraph=True, aux losses included, on fake CUDA tensors: nothing at trace time may call into a
