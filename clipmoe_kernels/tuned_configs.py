@@ -95,11 +95,6 @@ def cache_path() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipmoe" / "tuned_configs.json"
 
 
-def _valid(entry, accept) -> bool:
-    return isinstance(entry, dict) and all(isinstance(entry.get(f), int) for f in _CONFIG_FIELDS) and \
-        accept({f: entry[f] for f in _CONFIG_FIELDS})
-
-
 def lookup(device: torch.device, kernel: str, key: str, accept=lambda config: True):
     """The cached config dict for (device, kernel, key), or None: this process's autotune choices, then the user's
     autotune cache (its entries that `accept` refuses are passed over), then the table file (its entry as it is:
@@ -113,8 +108,10 @@ def lookup(device: torch.device, kernel: str, key: str, accept=lambda config: Tr
         entry = _cache_table(cache)
         for level in (name, kernel, key):  # a hand-edited cache may hold anything: only a whole entry counts
             entry = entry.get(level) if isinstance(entry, dict) else None
-        if _valid(entry, accept):
-            return {f: entry[f] for f in _CONFIG_FIELDS}
+        if isinstance(entry, dict) and all(isinstance(entry.get(f), int) for f in _CONFIG_FIELDS):
+            config = {f: entry[f] for f in _CONFIG_FIELDS}
+            if accept(config):
+                return config
     entry = _table(table_path()).get(name, {}).get(kernel, {}).get(key)
     if entry is not None:
         missing = [f for f in _CONFIG_FIELDS if f not in entry]
