@@ -12,11 +12,10 @@ from clipmoe_kernels import (
     check_backend,
     expert_ffn_naive,
     expert_ffn_torch,
-    expert_ffn_triton,
     get_activation,
+    moe_ffn_triton,
     select_backend,
     topk_routing_ref,
-    topk_routing_triton,
 )
 
 _EXPERT_FFNS = {"naive": expert_ffn_naive, "torch": expert_ffn_torch}  # triton: its own call in forward
@@ -169,24 +168,33 @@ class MoEFFN(nn.Module):
                                  f"{tuple(target.shape[1:])} for d_model={self.d_model}, hidden_dim={self.hidden_dim}")
             target[index].copy_(value)
 
-    def _check_input(self, x: torch.Tensor):
+    def _weights(self):
+        """(w1, b1, w2, b2) from the module's parameter dict: `self.w1` first fails over to nn.Module.__getattr__,
+        which costs about 0.5 µs per lookup (an AttributeError is built and dropped), a few % of a batch-1 forward.
+        A weight that is no longer a registered parameter (a parametrisation) is looked up as an attribute."""
+        params = self._parameters
+        try:
+            return params["w1"], params["b1"], params["w2"], params["b2"]
+        except KeyError:
+            return self.w1, self.b1, self.w2, self.b2
+
+    def _check_input(self, x: torch.Tensor, w1: torch.Tensor):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        if x.device != self.w1.device:
-            raise ValueError(f"x is on {x.device} but the MoEFFN weights are on {self.w1.device}")
-        if x.dtype != self.w1.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x has dtype {x.dtype} but the MoEFFN weights are {self.w1.dtype} "
+        if x.device != w1.device:
+            raise ValueError(f"x is on {x.device} but the MoEFFN weights are on {w1.device}")
+        if x.dtype != w1.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the MoEFFN weights are {w1.dtype} "
                             f"(cast one of them, or run under torch.autocast)")
 
-    def _checked_weights(self):
-        """(w1, b1, w2, b2), refused if they no longer have the module's shapes, one dtype and one device (a
+    def _check_weights(self, w1, b1, w2, b2):
+        """Refuses (w1, b1, w2, b2) if they no longer have the module's shapes, one dtype and one device (a
         replaced parameter or `.data`), or if top_k left [1, num_experts]: the fused kernels, called without their
         own checks, would read out of bounds or pick an expert twice."""
-        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
         E, F, D = self.num_experts, self.hidden_dim, self.d_model
         if not (isinstance(self.top_k, int) and 1 <= self.top_k <= E):
             raise ValueError(f"MoEFFN.top_k must be an int in [1, num_experts={E}], got {self.top_k!r}")
@@ -199,29 +207,29 @@ class MoEFFN(nn.Module):
                 or b2.device != device:
             raise TypeError(f"MoEFFN weights must share one dtype and device, got "
                             f"{[(str(w.dtype), str(w.device)) for w in (w1, b1, w2, b2)]}")
-        return w1, b1, w2, b2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        w1, b1, w2, b2 = self._weights()
+        self._check_input(x, w1)
         tokens = x.reshape(-1, self.d_model)
-        logits = self.router(tokens)
+        logits = self._modules["router"](tokens)  # not self.router: see _weights
         backend = select_backend(self.backend, x.device)
         if backend == "triton":
-            # The fused router kernel, with the aux-loss statistics when a loss can train (without a gradient the
-            # kernel skips them; a loss asked for then is computed from the probabilities and ids, as for the torch
-            # backends). The kernels' own argument checks are skipped: x is checked above, the router's outputs are
-            # valid by construction, and the module checks its weights (a few µs at batch 1).
-            w1, b1, w2, b2 = self._checked_weights()
+            # Router kernel and expert GEMMs in one autograd node (moe_ffn_triton), with the aux-loss statistics
+            # when a loss can train (without a gradient the kernel skips them; a loss asked for then is computed
+            # from the probabilities and ids, as for the torch backends). The kernels' own argument checks are
+            # skipped: x is checked above, the router's outputs are valid by construction, and the module checks
+            # its weights and top_k (a few µs at batch 1).
+            self._check_weights(w1, b1, w2, b2)
             with_stats = logits.requires_grad and torch.is_grad_enabled()
-            routed = topk_routing_triton(logits, self.top_k, self.renormalize, with_stats, validate_args=False)
+            y, routed = moe_ffn_triton(tokens, logits, w1, b1, w2, b2, self.top_k, self.renormalize,
+                                       self.activation, self.dropout, self.training, with_stats)
             probs, topk_weights, topk_ids = routed[:3]
             stats = routed if with_stats else None
-            y = expert_ffn_triton(tokens, topk_ids, topk_weights, w1, b1, w2, b2, activation=self.activation,
-                                  dropout_p=self.dropout, training=self.training, validate_args=False)
         else:
             stats = None
             probs, topk_weights, topk_ids = topk_routing_ref(logits, self.top_k, self.renormalize)
-            y = _EXPERT_FFNS[backend](tokens, topk_ids, topk_weights, self.w1, self.b1, self.w2, self.b2,
+            y = _EXPERT_FFNS[backend](tokens, topk_ids, topk_weights, w1, b1, w2, b2,
                                       activation=self.activation, dropout_p=self.dropout, training=self.training)
         # object.__setattr__: nn.Module's own __setattr__ checks parameter/buffer/module dicts (about 1 µs per call)
         object.__setattr__(self, "aux", MoEAux(logits, probs, topk_ids, topk_weights, stats))

@@ -18,9 +18,11 @@ from clipmoe_kernels.routing import (
 
 if HAS_TRITON:  # importing the kernel modules defines (does not compile) the kernels and registers clipmoe:: ops
     from clipmoe_kernels.expert_ffn_triton import expert_ffn_triton
+    from clipmoe_kernels.moe_triton import moe_ffn_triton
     from clipmoe_kernels.router import topk_routing_triton
 else:  # triton is optional: these raise an ImportError naming the cause when called
     expert_ffn_triton = missing_triton("expert_ffn_triton")
+    moe_ffn_triton = missing_triton("moe_ffn_triton")
     topk_routing_triton = missing_triton("topk_routing_triton")
 
 
@@ -37,6 +39,6 @@ def available_ops() -> dict:
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "DEFAULT_BLOCK_M", "ENV_BACKEND", "RoutingMeta", "available_ops", "check_backend",
     "check_expert_args", "expert_ffn_naive", "expert_ffn_torch", "expert_ffn_triton", "gelu", "gelu_tanh",
-    "get_activation", "moe_align", "moe_align_ref", "num_tiles_bound", "quick_gelu", "select_backend",
+    "get_activation", "moe_align", "moe_align_ref", "moe_ffn_triton", "num_tiles_bound", "quick_gelu", "select_backend",
     "topk_routing_ref", "topk_routing_triton",
 ]

@@ -13,10 +13,10 @@ Environment variables (all prefixed CLIPMOE_):
 
 Nothing here queries a device: the choice depends on the device of the tensors passed in.
 """
-import os
 
 import torch
 
+from clipmoe_kernels._hotpath import device_type, env_value
 from clipmoe_kernels._triton_utils import HAS_TRITON
 
 # naive: the per-expert Python loop of the official CLIP-MoE code (the benchmark baseline).
@@ -36,17 +36,18 @@ def select_backend(backend: str, device: torch.device) -> str:
     """Resolve "auto" (or the CLIPMOE_BACKEND override of it) to a concrete backend for tensors on `device`."""
     check_backend(backend)
     if backend == "auto":
-        env = os.environ.get(ENV_BACKEND, "auto")
+        env = env_value(ENV_BACKEND, "auto")
         if env not in BACKENDS:
             raise ValueError(f"environment variable {ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
         backend = env
+    kind = device_type(device)
     if backend == "auto":
         # CUDA: the fused Triton kernels when triton imports; CPU: the sorted-segment torch path.
-        backend = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
-    if backend == "triton" and device.type not in ("cuda", "cpu"):
+        backend = "triton" if kind == "cuda" and HAS_TRITON else "torch"
+    if backend == "triton" and kind not in ("cuda", "cpu"):
         raise ValueError(f"backend 'triton' runs on CUDA tensors (and CPU ones under TRITON_INTERPRET=1), got tensors "
                          f"on {device}; use backend 'torch'")
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if backend == "triton" and kind == "cpu" and env_value("TRITON_INTERPRET", "0") != "1":
         raise ValueError("backend 'triton' got CPU tensors: on CPU the Triton kernels run only in the Triton "
                          "interpreter (slow, for tests), which needs TRITON_INTERPRET=1; use backend 'torch' on CPU")
     return backend

@@ -26,12 +26,12 @@ Environment variables read here (at call time, not import time):
 import contextlib
 import functools
 import operator
-import os
 from typing import NamedTuple
 
 import torch
 
 from clipmoe_kernels import tuned_configs
+from clipmoe_kernels._hotpath import device_type, env_value
 
 try:
     import triton  # noqa: F401  (importing triton does not initialise CUDA)
@@ -106,7 +106,7 @@ INTERPRET_CONFIG = TileConfig(64, 64, 4, 1)
 
 
 def is_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_value("TRITON_INTERPRET", "0") == "1"
 
 
 def missing_triton(name: str):
@@ -137,7 +137,7 @@ def check_triton_device(where: str, tensor: torch.Tensor):
 
 
 def uses_interpreter(device: torch.device) -> bool:
-    return device.type == "cpu"
+    return device_type(device) == "cpu"
 
 
 def eager_cache(maxsize=None):
@@ -198,7 +198,7 @@ def uses_weight_descriptor(weight: torch.Tensor, stride_k: int, stride_n: int, b
     GPU that is not there."""
     if block_m == BLOCK_M_GPU:  # 64-row tiles on a GPU, the latency-bound path: nothing else is looked at
         return False
-    mode = os.environ.get(ENV_TRITON_TMA, "") or "auto"
+    mode = env_value(ENV_TRITON_TMA) or "auto"
     if mode == "auto":
         if block_m != BLOCK_M_GPU_LARGE:
             return False
@@ -242,7 +242,7 @@ _CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 def pinned_config():
     """The TileConfig of CLIPMOE_TRITON_CONFIG, or None when it is unset or empty."""
-    raw = os.environ.get(ENV_TRITON_CONFIG)
+    raw = env_value(ENV_TRITON_CONFIG)
     return _parse_pinned_config(raw.strip(), is_interpreter()) if raw else None
 
 

@@ -46,7 +46,7 @@ from clipmoe_kernels.grouped_gemm import grouped_wgrad
 from clipmoe_kernels.grouped_up import grouped_up, grouped_up_bwd_dx
 from clipmoe_kernels.routing import moe_align
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def fused_forward(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h, dropout_p):
@@ -64,6 +64,28 @@ def fused_forward(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h
     return y, ((x, w1, w2, b2, weights32, h, seed, *table) if store_h else ())
 
 
+def fused_backward(saved, dy, activation, dropout_p, need_x, need_s, need_w1, need_b1, need_w2, need_b2):
+    """(dx, ds, dw1, db1, dw2, db2) from dy and what fused_forward saved; ds [T, k] fp32 (the routing weights'
+    gradient); a gradient not needed is None."""
+    x, w1, w2, b2, weights32, h, seed, sorted_to_flat, expert_offsets, tile_expert, tile_row_start = saved
+    table = (sorted_to_flat, expert_offsets, tile_expert, tile_row_start)
+    T, k = weights32.shape
+    need_dh = need_x or need_w1 or need_b1
+    need_u = need_w2 or need_b2
+    dh, ds, u = grouped_down_bwd(dy, h, w2, b2, weights32, *table, activation, need_dh, need_s, need_u,
+                                 seed, dropout_p)  # the forward's dropout mask, regenerated
+    dx = dw1 = db1 = dw2 = db2 = None
+    if need_u:
+        dw2, db2 = grouped_wgrad(dy, u, weights32, sorted_to_flat, expert_offsets, k, True, False)
+        del u  # before the up-projection's gradients allocate theirs
+    if need_x:
+        dx = grouped_up_bwd_dx(dh, w1, *table, T, k)
+    if need_w1 or need_b1:
+        dw1, db1 = grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k, False, True)
+    return (dx, ds if need_s else None, dw1 if need_w1 else None, db1 if need_b1 else None,
+            dw2 if need_w2 else None, db2 if need_b2 else None)
+
+
 class ExpertFFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w1, b1, w2, b2, activation, store_h, dropout_p):
@@ -76,27 +98,11 @@ class ExpertFFNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, w2, b2, weights32, h, seed, sorted_to_flat, expert_offsets, tile_expert, tile_row_start = \
-            ctx.saved_tensors
-        table = (sorted_to_flat, expert_offsets, tile_expert, tile_row_start)
         need_x, _, need_s, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
-        T, k = weights32.shape
-        need_dh = need_x or need_w1 or need_b1
-        dropout = (seed, ctx.dropout_p)  # the forward's mask, regenerated
-        need_u = need_w2 or need_b2
-        dh, ds, u = grouped_down_bwd(dy, h, w2, b2, weights32, *table, ctx.activation, need_dh, need_s, need_u,
-                                     *dropout)
-        dx = dw1 = db1 = dw2 = db2 = None
-        if need_u:
-            dw2, db2 = grouped_wgrad(dy, u, weights32, sorted_to_flat, expert_offsets, k, True, False)
-            del u  # before the up-projection's gradients allocate theirs
-        if need_x:
-            dx = grouped_up_bwd_dx(dh, w1, *table, T, k)
-        if need_w1 or need_b1:
-            dw1, db1 = grouped_wgrad(dh, x, weights32, sorted_to_flat, expert_offsets, k, False, True)
+        dx, ds, dw1, db1, dw2, db2 = fused_backward(ctx.saved_tensors, dy, ctx.activation, ctx.dropout_p, need_x,
+                                                    need_s, need_w1, need_b1, need_w2, need_b2)
         d_weights = ds.to(ctx.weights_dtype) if need_s else None
-        return (dx, None, d_weights, dw1 if need_w1 else None, db1 if need_b1 else None,  # x, ids, weights, w1, b1
-                dw2 if need_w2 else None, db2 if need_b2 else None, None, None, None)  # w2, b2, activation, store_h, p
+        return dx, None, d_weights, dw1, db1, dw2, db2, None, None, None  # ..., activation, store_h, dropout_p
 
 
 def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="quick_gelu", dropout_p=0.0,
@@ -133,7 +139,7 @@ def expert_ffn_triton(x, topk_ids, topk_weights, w1, b1, w2, b2, activation="qui
     if not dtype == w1.dtype == b1.dtype == w2.dtype == b2.dtype:
         raise TypeError(f"x, w1, b1, w2, b2 must share one dtype (or run under torch.autocast), got "
                         f"{[str(p.dtype) for p in params]}")
-    if dtype not in _KERNEL_DTYPES:  # fp64: the kernels compute in fp32 at most
+    if dtype not in KERNEL_DTYPES:  # fp64: the kernels compute in fp32 at most
         return expert_ffn_torch(x, topk_ids, topk_weights, w1, b1, w2, b2, activation, dropout_p, training)
     if dtype == torch.bfloat16 and device_type == "cpu":
         raise TypeError("expert_ffn_triton: bf16 runs on CUDA only; the Triton interpreter (CPU) computes bf16 GEMMs "

@@ -15,7 +15,7 @@ it picks the higher id), so ids can differ from topk_routing_ref only where prob
 weights agree there. Non-finite logits follow topk_routing_ref: a token whose logits hold NaN or +inf (or are all
 -inf) gets NaN probabilities and weights, and k distinct ids in [0, E).
 
-Backward (plain torch in RouterFunction.backward, a few [T, E] elementwise ops): the gradients of probs, of the
+Backward (plain torch in router_backward, a few [T, E] elementwise ops): the gradients of probs, of the
 weights (through the renormalisation, scattered to the chosen columns) and of prob_sums (broadcast over tokens) are
 summed into dp, then the softmax VJP dlogits = p ⊙ (dp − Σ_e p·dp), plus dlse ⊙ p (∂lse/∂logits = p). ids and
 counts are not differentiable.
@@ -162,24 +162,26 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, stats: bool):
     prob_sums, topk_counts, lse) as well."""
     T, E = logits.shape
     dev = logits.device
-    probs = torch.empty((T, E), dtype=torch.float32, device=dev)
-    weights = torch.empty((T, top_k), dtype=torch.float32, device=dev)
-    ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
+    # sizes as separate ints: a tuple first fails torch's int parse for the `*size` overload (an exception, ~0.3 µs)
+    probs = torch.empty(T, E, dtype=torch.float32, device=dev)
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
     num_programs, blocks_per_program = router_programs(T)
     if not stats:
         if num_programs:
             _launch_router(logits, probs, weights, ids, probs, probs, probs, probs, num_programs, blocks_per_program,
                            top_k, renormalize, False)
         return probs, weights, ids
-    lse = torch.empty((T,), dtype=torch.float32, device=dev)
+    lse = torch.empty(T, dtype=torch.float32, device=dev)
     if num_programs == 0:
         def zeros(dtype):
             return torch.zeros((E,), dtype=dtype, device=dev)
         return probs, weights, ids, zeros(torch.int32), zeros(torch.float32), zeros(torch.int32), lse
     # One program: its statistics are the totals and go straight into the [E] outputs; else [programs, E] partials.
     partial = (E,) if num_programs == 1 else (num_programs, E)
-    counts, topk_counts = (torch.empty(partial, dtype=torch.int32, device=dev) for _ in range(2))
-    psums = torch.empty(partial, dtype=torch.float32, device=dev)
+    counts = torch.empty(*partial, dtype=torch.int32, device=dev)
+    topk_counts = torch.empty(*partial, dtype=torch.int32, device=dev)
+    psums = torch.empty(*partial, dtype=torch.float32, device=dev)
     _launch_router(logits, probs, weights, ids, lse, counts, topk_counts, psums, num_programs, blocks_per_program,
                    top_k, renormalize, True)
     if num_programs > 1:  # program-order sums of the partials
@@ -243,24 +245,30 @@ class RouterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_probs, d_weights, d_ids, d_counts, d_psums, d_topk_counts, d_lse):
         probs, ids = ctx.saved_tensors
-        dp = torch.zeros_like(probs) if d_probs is None else d_probs.to(torch.float32)
-        if d_psums is not None:
-            dp = dp + d_psums.to(torch.float32)[None, :]
-        if d_weights is not None:
-            idx = ids.long()
-            chosen = probs.gather(1, idx)
-            d_w = d_weights.to(torch.float32)
-            if ctx.renormalize:  # w = p_sel / S, S = Σ p_sel: dp_sel = (dw − Σ dw·w) / S
-                total = chosen.sum(-1, keepdim=True)
-                w = chosen / total
-                d_chosen = (d_w - (d_w * w).sum(-1, keepdim=True)) / total
-            else:
-                d_chosen = d_w
-            dp = dp.scatter_add(1, idx, d_chosen)
-        d_logits = probs * (dp - (dp * probs).sum(-1, keepdim=True))
-        if d_lse is not None:
-            d_logits = d_logits + d_lse.to(torch.float32)[:, None] * probs
+        d_logits = router_backward(probs, ids, ctx.renormalize, d_probs, d_weights, d_psums, d_lse)
         return d_logits.to(ctx.logits_dtype), None, None  # logits, top_k, renormalize
+
+
+def router_backward(probs, ids, renormalize, d_probs, d_weights, d_psums, d_lse):
+    """d_logits [T, E] fp32 from the gradients of probs, topk_weights, prob_sums and logsumexp (any may be None)."""
+    dp = torch.zeros_like(probs) if d_probs is None else d_probs.to(torch.float32)
+    if d_psums is not None:
+        dp = dp + d_psums.to(torch.float32)[None, :]
+    if d_weights is not None:
+        idx = ids.long()
+        chosen = probs.gather(1, idx)
+        d_w = d_weights.to(torch.float32)
+        if renormalize:  # w = p_sel / S, S = Σ p_sel: dp_sel = (dw − Σ dw·w) / S
+            total = chosen.sum(-1, keepdim=True)
+            w = chosen / total
+            d_chosen = (d_w - (d_w * w).sum(-1, keepdim=True)) / total
+        else:
+            d_chosen = d_w
+        dp = dp.scatter_add(1, idx, d_chosen)
+    d_logits = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+    if d_lse is not None:
+        d_logits = d_logits + d_lse.to(torch.float32)[:, None] * probs
+    return d_logits
 
 
 _NO_STATS = (None,) * 4

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from clipmoe_kernels._ext import has_ext_op
+from clipmoe_kernels._hotpath import device_type
 
 # Rows per grouped-GEMM tile when the caller does not care (the sorted-segment torch path ignores tiles).
 DEFAULT_BLOCK_M = 64
@@ -93,7 +94,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int = DEFAULT_B
         TypeError / ValueError naming the argument for a wrong dtype, shape, or an id out of range (on CUDA with the
         extension: a device-side trap with a printed message, since a host check would synchronise).
     """
-    if isinstance(topk_ids, torch.Tensor) and has_ext_op(topk_ids.device.type):
+    if isinstance(topk_ids, torch.Tensor) and has_ext_op(device_type(topk_ids.device)):
         return RoutingMeta(*torch.ops.clipmoe.moe_align(topk_ids, num_experts, block_m))
     return moe_align_ref(topk_ids, num_experts, block_m)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from clipmoe_kernels._hotpath import env_value
+
 ENV_TUNED_CONFIGS = "CLIPMOE_TUNED_CONFIGS"
 ENV_TUNED_CACHE = "CLIPMOE_TUNED_CACHE"
 SHIPPED = Path(__file__).with_name("tuned_configs.json")
@@ -38,7 +40,7 @@ def generation() -> int:
 def table_env() -> tuple[str, str]:
     """The raw CLIPMOE_TUNED_CONFIGS and CLIPMOE_TUNED_CACHE values ("" when unset): part of the launch path's memo
     keys."""
-    return os.environ.get(ENV_TUNED_CONFIGS, ""), os.environ.get(ENV_TUNED_CACHE, "")
+    return env_value(ENV_TUNED_CONFIGS), env_value(ENV_TUNED_CACHE)
 
 
 def device_name(device: torch.device) -> str:
