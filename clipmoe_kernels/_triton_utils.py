@@ -328,6 +328,41 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs):
         kernel.run(*args, grid=grid, warmup=False, **kwargs)
 
 
+class LaunchPlan(NamedTuple):
+    """One launch with everything but its tensors decided: replaying it costs the launch alone, where building it
+    (shapes, strides, tile config, constexprs) cost several times that on the host at batch 1. A launcher keeps its
+    plans in a PlanCache under a key of every input its build reads besides the tensors' data (shapes, strides,
+    dtypes, device, flags, launch_settings()), and replays one with that call's tensors."""
+    kernel: object
+    grid: tuple
+    device: torch.device
+    scalars: tuple   # the kernel's arguments after the tensors
+    kwargs: dict     # constexprs, tile config, warps, stages
+
+    def __call__(self, *tensors):
+        launch(self.kernel, self.grid, self.device, *tensors, *self.scalars, **self.kwargs)
+
+
+class PlanCache(dict):
+    """A launcher's LaunchPlans by key; emptied when full (a key per batch shape: a long run with varying shapes
+    rebuilds plans instead of growing)."""
+    MAX_PLANS = 256
+
+    def remember(self, key, plan: LaunchPlan) -> LaunchPlan:
+        if len(self) >= self.MAX_PLANS:
+            self.clear()
+        self[key] = plan
+        return plan
+
+
+def launch_settings() -> tuple:
+    """What, besides its inputs, decides a launch's build: the environment variables read on the launch path and
+    the tuned-config table's generation (new autotune choices). Part of every plan key with the inputs (for GEMMs
+    dot_precision too), so that a change to any of them rebuilds the plans."""
+    return (env_value(ENV_TRITON_CONFIG), tuned_configs.table_env(), env_value(ENV_TRITON_TMA),
+            env_value("TRITON_INTERPRET"), tuned_configs.generation())
+
+
 def custom_op(name: str):
     """torch.library.custom_op (no mutated arguments) whose Python implementation runs directly in eager mode on plain
     tensors: the dispatcher's Python layers around a custom op cost about 25 µs per call on the dev machine, as much
@@ -391,14 +426,21 @@ class TunedKernel:
                                          if limit is None or block_m * c.BLOCK_N <= limit * 32 * c.num_warps]
         return self._candidates[block_m]
 
-    def __call__(self, grid, device: torch.device, args, meta):
-        """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
+    def resolve(self, device: torch.device, args, meta) -> TileConfig | None:
+        """The config of a launch that needs no autotuning: the pinned one, the cached one, or INTERPRET_CONFIG on
+        the interpreter; None when autotune has to choose."""
         cfg = pinned_config()
-        layout = meta.get("WEIGHT_DESC") if self._weight_index is not None else None  # "" on the pointer path
         if cfg is None:
+            layout = meta.get("WEIGHT_DESC") if self._weight_index is not None else None  # "" on the pointer path
             cfg = self.cached_config(device, args, meta["BLOCK_M"], layout)
             if cfg is None and (uses_interpreter(device) or is_interpreter()):
                 cfg = INTERPRET_CONFIG
+        return cfg
+
+    def __call__(self, grid, device: torch.device, args, meta):
+        """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
+        cfg = self.resolve(device, args, meta)
+        layout = meta.get("WEIGHT_DESC") if self._weight_index is not None else None
         if cfg is not None:
             if layout:
                 set_weight_block(args[self._weight_index], layout, cfg.BLOCK_N, cfg.BLOCK_K)
@@ -410,6 +452,19 @@ class TunedKernel:
         best = tuned.best_config
         tuned_configs.record(device, self.name, self.table_key(self._key_values(args), layout),
                              dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages), cache=True)
+
+    def launch_plan(self, grid, device: torch.device, args, meta, num_tensors: int):
+        """This launch as a LaunchPlan (the first `num_tensors` arguments are the ones each replay passes), or None
+        when it cannot be replayed: autotune has to choose first, or the weight is a TMA descriptor (built per
+        call, at training sizes only)."""
+        if meta.get("WEIGHT_DESC"):
+            return None
+        cfg = self.resolve(device, args, meta)
+        if cfg is None:
+            return None
+        return LaunchPlan(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, tuple(args[num_tensors:]),
+                          dict(meta, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages))
 
     def table_key(self, values, layout) -> str:
         """The tuned-config table's key of a launch: the autotune key's values, and the weight layout on the

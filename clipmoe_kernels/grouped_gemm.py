@@ -35,6 +35,8 @@ from clipmoe_kernels._triton_utils import (
     GEMM_CONFIGS,
     GEMM_CONFIGS_LARGE,
     WGRAD_CONFIGS,
+    LaunchPlan,
+    PlanCache,
     TunedKernel,
     block_m_for,
     candidate_configs,
@@ -42,6 +44,7 @@ from clipmoe_kernels._triton_utils import (
     custom_op,
     dot_precision,
     launch,
+    launch_settings,
     rows_bucket,
     weight_operand,
 )
@@ -367,15 +370,21 @@ def min_block_n(device, wgrad=False) -> int:
     return min(c.BLOCK_N for c in candidate_configs(device, wgrad))
 
 
+def _slot_combine_plan(device, num_tokens: int, top_k: int, width: int, out_strides) -> LaunchPlan:
+    grid = (cdiv(num_tokens, COMBINE_BLOCK_T), cdiv(width, COMBINE_BLOCK_D))
+    return LaunchPlan(_slot_combine_kernel, grid, device, (num_tokens, width, *out_strides),
+                      dict(TOP_K=top_k, BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D, num_warps=4))
+
+
 def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[t] = Σ_j slots[t, j] in fp32, slot order; slots [T, k, D] contiguous, out [T, D] (any strides)."""
     T, k, D = slots.shape
-    if T == 0:
-        return out
-    grid = (cdiv(T, COMBINE_BLOCK_T), cdiv(D, COMBINE_BLOCK_D))
-    launch(_slot_combine_kernel, grid, slots.device, slots, out, T, D, out.stride(0), out.stride(1),
-           TOP_K=k, BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D, num_warps=4)
+    if T > 0:
+        _slot_combine_plan(slots.device, T, k, D, out.stride())(slots, out)
     return out
+
+
+_ROWS_TO_SLOTS_PLANS = PlanCache()  # rows_to_slots' launches (GEMM, then the slot combine), replayed
 
 
 def rows_to_slots(a: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wn: int, n: int, bias, topk_weights,
@@ -387,23 +396,41 @@ def rows_to_slots(a: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wn: i
     y = a.new_empty((num_tokens, n))
     # k = 1: one slot per token, so the GEMM writes y directly; else fp32 slots, summed in slot order.
     out = y if top_k == 1 else a.new_empty((tk, n), dtype=torch.float32)
+    with_bias = bias is not None
+    tensors = (a, w, bias if with_bias else w, topk_weights if with_bias else w, out, sorted_to_flat, expert_offsets,
+               tile_expert, tile_row_start)
+    precision = dot_precision(a.dtype)
+    plan_key = (a.device, a.dtype, tk, tile_expert.shape[0], w.shape, a.stride(), w.stride(), stride_wk, stride_wn, n,
+                bias.stride() if with_bias else None, num_tokens, top_k, precision, launch_settings())
+    plans = _ROWS_TO_SLOTS_PLANS.get(plan_key)
+    if plans is not None:
+        gemm, combine = plans
+        gemm(*tensors)
+        if combine is not None:
+            combine(out, y)
+        return y
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
         return (num_tiles * cdiv(n, block_n),)
 
-    with_bias = bias is not None
     block_m = block_m_for(a.device, tk, num_experts)
     weight, weight_desc = weight_operand(w, a.shape[1], n, stride_wk, stride_wn, block_m)
-    args = (a, weight, bias if with_bias else w, topk_weights if with_bias else w, out, sorted_to_flat,
-            expert_offsets, tile_expert, tile_row_start, n, a.shape[1], rows_bucket(tk, num_experts), *a.stride(),
-            w.stride(0), stride_wk, stride_wn, *(bias.stride() if with_bias else (0, 0)), *out.stride())
-    meta = dict(BIAS_AND_WEIGHT=with_bias, WEIGHT_DESC=weight_desc, INPUT_PRECISION=dot_precision(a.dtype),
-                GROUP_M=GROUP_M, BLOCK_M=block_m)
+    args = (a, weight, *tensors[2:], n, a.shape[1], rows_bucket(tk, num_experts), *a.stride(), w.stride(0), stride_wk,
+            stride_wn, *(bias.stride() if with_bias else (0, 0)), *out.stride())
+    meta = dict(BIAS_AND_WEIGHT=with_bias, WEIGHT_DESC=weight_desc, INPUT_PRECISION=precision, GROUP_M=GROUP_M,
+                BLOCK_M=block_m)
+    combine = _slot_combine_plan(a.device, num_tokens, top_k, n, y.stride()) if top_k > 1 and num_tokens else None
     if tk > 0:
-        (_rows_to_slots if with_bias else _rows_to_slots_dx)(grid, a.device, args, meta)
-    if top_k > 1:
-        slot_combine(out.view(num_tokens, top_k, n), y)
+        kernel = _rows_to_slots if with_bias else _rows_to_slots_dx
+        gemm = kernel.launch_plan(grid, a.device, args, meta, len(tensors))
+        if gemm is None:  # autotune chooses first, or a TMA descriptor: the launch as built
+            kernel(grid, a.device, args, meta)
+        else:
+            _ROWS_TO_SLOTS_PLANS.remember(plan_key, (gemm, combine))
+            gemm(*tensors)
+    if combine is not None:
+        combine(out, y)
     return y
 
 

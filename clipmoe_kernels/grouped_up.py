@@ -25,11 +25,13 @@ import triton.language as tl
 from clipmoe_kernels._triton_utils import (
     GEMM_CONFIGS,
     GEMM_CONFIGS_LARGE,
+    PlanCache,
     TunedKernel,
     block_m_for,
     cdiv,
     custom_op,
     dot_precision,
+    launch_settings,
     rows_bucket,
     weight_operand,
 )
@@ -106,6 +108,7 @@ def _grouped_up_fwd_kernel(
 # The epilogue holds the fp32 h and act(h) tiles: beyond 64 elements of each per thread they spill (ptxas -v).
 _grouped_up_fwd = TunedKernel(_grouped_up_fwd_kernel, GEMM_CONFIGS, key=["D", "F", "ROWS_BUCKET"],
                               large_configs=GEMM_CONFIGS_LARGE, max_outputs_per_thread=64, weight_arg="w1")
+_UP_PLANS = PlanCache()  # grouped_up's launches, replayed (see LaunchPlan)
 
 
 @custom_op("clipmoe::grouped_up")
@@ -116,29 +119,40 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
     """(a, h): act(h) and h = x W1[e]ᵀ + b1[e], both [TK, F] in x.dtype, expert-sorted rows. h is [0, F] unless
     store_h. With dropout_p > 0, a is act(h) ⊙ keep / (1 - p), keep the Philox mask of dropout_seed (dropout.py).
     The moe_align tile table must have been built with block_m = block_m_for(x.device, TK, E)."""
-    get_activation(activation)
     tk = sorted_to_flat.shape[0]
     E, F, D = w1.shape
     a = x.new_empty((tk, F))
     h = x.new_empty((tk if store_h else 0, F))
     h_arg = h if store_h else a  # never written when STORE_H is False
+    dropout = dropout_p > 0
+    tensors = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
+               dropout_seed if dropout else sorted_to_flat)
+    precision = dot_precision(x.dtype)
+    plan_key = (x.device, x.dtype, tk, tile_expert.shape[0], w1.shape, x.stride(), w1.stride(), b1.stride(), top_k,
+                activation, store_h, dropout_p, precision, launch_settings())
+    plan = _UP_PLANS.get(plan_key)
+    if plan is not None:
+        plan(*tensors)
+        return a, h
+    get_activation(activation)
     num_tiles = tile_expert.shape[0]
 
     def grid(block_n, block_k):
         return (num_tiles * cdiv(F, block_n),)
 
-    dropout = dropout_p > 0
     block_m = block_m_for(x.device, tk, E)
     stride_w1e, stride_w1f, stride_w1d = w1.stride()
     weight, weight_desc = weight_operand(w1, D, F, stride_w1d, stride_w1f, block_m)
-    args = (x, weight, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
-            dropout_seed if dropout else sorted_to_flat, D, F, rows_bucket(tk, E), dropout_threshold(dropout_p),
-            1.0 / (1.0 - dropout_p), *x.stride(), stride_w1e, stride_w1f, stride_w1d, *b1.stride(), a.stride(0),
-            h_arg.stride(0))
+    args = (x, weight, *tensors[2:], D, F, rows_bucket(tk, E), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            *x.stride(), stride_w1e, stride_w1f, stride_w1d, *b1.stride(), a.stride(0), h_arg.stride(0))
     meta = dict(TOP_K=top_k, ACTIVATION=activation, STORE_H=store_h, DROPOUT=dropout, WEIGHT_DESC=weight_desc,
-                INPUT_PRECISION=dot_precision(x.dtype), GROUP_M=GROUP_M, BLOCK_M=block_m)
+                INPUT_PRECISION=precision, GROUP_M=GROUP_M, BLOCK_M=block_m)
     if tk > 0:
-        _grouped_up_fwd(grid, x.device, args, meta)
+        plan = _grouped_up_fwd.launch_plan(grid, x.device, args, meta, len(tensors))
+        if plan is None:  # autotune chooses first, or a TMA descriptor: the launch as built
+            _grouped_up_fwd(grid, x.device, args, meta)
+        else:
+            _UP_PLANS.remember(plan_key, plan)(*tensors)
     return a, h
 
 

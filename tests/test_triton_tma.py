@@ -100,7 +100,9 @@ def test_batch_1_launches_get_the_weight_itself(monkeypatch):
     """The pointer path at batch 1 decides from the tile size alone (not even the environment is read) and builds
     nothing: the kernel argument is the weight tensor."""
     w = w1_like(torch.float32)
-    monkeypatch.setattr(_triton_utils, "os", None)  # any environment read in _triton_utils would raise
+    def no_environment(*args):
+        raise AssertionError("the batch-1 pointer path read the environment")
+    monkeypatch.setattr(_triton_utils, "env_value", no_environment)
     arg, layout = weight_operand(w, D, F, *w1_strides(w), BLOCK_M_GPU)
     assert arg is w and layout == ""
 
