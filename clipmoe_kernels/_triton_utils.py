@@ -426,13 +426,16 @@ class TunedKernel:
                                          if limit is None or block_m * c.BLOCK_N <= limit * 32 * c.num_warps]
         return self._candidates[block_m]
 
+    def _layout(self, meta):
+        """The launch's weight layout: None for kernels without WEIGHT_DESC, "" on the pointer path."""
+        return meta.get("WEIGHT_DESC") if self._weight_index is not None else None
+
     def resolve(self, device: torch.device, args, meta) -> TileConfig | None:
         """The config of a launch that needs no autotuning: the pinned one, the cached one, or INTERPRET_CONFIG on
         the interpreter; None when autotune has to choose."""
         cfg = pinned_config()
         if cfg is None:
-            layout = meta.get("WEIGHT_DESC") if self._weight_index is not None else None  # "" on the pointer path
-            cfg = self.cached_config(device, args, meta["BLOCK_M"], layout)
+            cfg = self.cached_config(device, args, meta["BLOCK_M"], self._layout(meta))
             if cfg is None and (uses_interpreter(device) or is_interpreter()):
                 cfg = INTERPRET_CONFIG
         return cfg
@@ -440,7 +443,7 @@ class TunedKernel:
     def __call__(self, grid, device: torch.device, args, meta):
         """`grid(BLOCK_N, BLOCK_K)` -> launch grid; `meta`: constexpr arguments other than the tunables."""
         cfg = self.resolve(device, args, meta)
-        layout = meta.get("WEIGHT_DESC") if self._weight_index is not None else None
+        layout = self._layout(meta)
         if cfg is not None:
             if layout:
                 set_weight_block(args[self._weight_index], layout, cfg.BLOCK_N, cfg.BLOCK_K)

@@ -16,6 +16,7 @@ from clipmoe_kernels._hotpath import device_type
 from clipmoe_kernels.expert_ffn_triton import KERNEL_DTYPES, expert_ffn_triton, fused_backward, fused_forward
 from clipmoe_kernels.router import (
     MAX_EXPERTS,
+    NO_STATS,
     RouterOutput,
     route_topk,
     route_topk_without_stats,
@@ -23,13 +24,11 @@ from clipmoe_kernels.router import (
     topk_routing_triton,
 )
 
-_NO_STATS = (None,) * 4
-
 
 def _routing(logits, top_k, renormalize, stats):
     if stats:
         return route_topk(logits, top_k, renormalize)
-    return (*route_topk_without_stats(logits, top_k, renormalize), *_NO_STATS)
+    return (*route_topk_without_stats(logits, top_k, renormalize), *NO_STATS)
 
 
 class MoEFunction(torch.autograd.Function):

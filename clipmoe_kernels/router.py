@@ -271,7 +271,7 @@ def router_backward(probs, ids, renormalize, d_probs, d_weights, d_psums, d_lse)
     return d_logits
 
 
-_NO_STATS = (None,) * 4
+NO_STATS = (None,) * 4
 
 
 def _check_router_args(router_logits, top_k):
@@ -316,8 +316,8 @@ def topk_routing_triton(router_logits: torch.Tensor, top_k: int, renormalize: bo
             raise ValueError(f"topk_routing_triton supports up to {MAX_EXPERTS} experts, got E={E}")
         if not (router_logits.requires_grad and torch.is_grad_enabled()):  # no autograd.Function bookkeeping
             if not stats:
-                return RouterOutput(*route_topk_without_stats(router_logits, top_k, renormalize), *_NO_STATS)
+                return RouterOutput(*route_topk_without_stats(router_logits, top_k, renormalize), *NO_STATS)
             return RouterOutput(*route_topk(router_logits, top_k, renormalize))
         out = RouterOutput(*RouterFunction.apply(router_logits, top_k, renormalize))
-    return out if stats else RouterOutput(*out[:3], *_NO_STATS)
+    return out if stats else RouterOutput(*out[:3], *NO_STATS)
 
