@@ -91,7 +91,7 @@ def _record_configs(d_model, hidden, tokens, num_experts, top_k):
     config = TileConfig(128, 64, 8, 3)._asdict()
     bucket = rows_bucket(tokens * top_k, num_experts)
     for kernel, widths in ((_grouped_up_fwd, (d_model, hidden)), (_rows_to_slots, (d_model, hidden))):
-        key = tuned_configs.key_string(kernel.key, (*widths, bucket))
+        key = tuned_configs.key_string(kernel.key, (*widths, bucket), torch.float32)  # the fp32 tensors below
         tuned_configs.record(torch.device("cpu"), kernel.name, key, config)
 
 

@@ -453,7 +453,7 @@ class TunedKernel:
         tuned = self.autotuner(meta["BLOCK_M"], layout)
         tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
         best = tuned.best_config
-        tuned_configs.record(device, self.name, self.table_key(self._key_values(args), layout),
+        tuned_configs.record(device, self.name, self.table_key(self._key_values(args), args[0].dtype, layout),
                              dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages), cache=True)
 
     def launch_plan(self, grid, device: torch.device, args, meta, num_tensors: int):
@@ -469,22 +469,23 @@ class TunedKernel:
                           dict(meta, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages))
 
-    def table_key(self, values, layout) -> str:
-        """The tuned-config table's key of a launch: the autotune key's values, and the weight layout on the
-        descriptor path (a different kernel variant, tuned apart)."""
-        key = tuned_configs.key_string(self.key, values)
+    def table_key(self, values, dtype: torch.dtype, layout) -> str:
+        """The tuned-config table's key of a launch: the autotune key's values, the inputs' dtype (that of the
+        kernel's first argument, its row operand), and the weight layout on the descriptor path (a different kernel
+        variant, tuned apart)."""
+        key = tuned_configs.key_string(self.key, values, dtype)
         return f"{key},WEIGHT_DESC={layout}" if layout else key
 
     def cached_config(self, device: torch.device, args, block_m: int, layout=None) -> TileConfig | None:
         """The cached choice (tuned_configs) for this launch, checked against the candidates; None when there is
-        none. Memoised per (device, key values, BLOCK_M, layout, table, table generation): it runs at every launch,
-        and building the key string, naming the device and finding the table cost several µs."""
-        values = self._key_values(args)
-        memo_key = (device, values, block_m, layout, tuned_configs.table_env(), tuned_configs.generation())
+        none. Memoised per (device, key values, dtype, BLOCK_M, layout, table, table generation): it runs at every
+        launch, and building the key string, naming the device and finding the table cost several µs."""
+        values, dtype = self._key_values(args), args[0].dtype
+        memo_key = (device, values, dtype, block_m, layout, tuned_configs.table_env(), tuned_configs.generation())
         cfg = self._memo.get(memo_key)
         if cfg is not None:
             return cfg
-        key = self.table_key(values, layout)
+        key = self.table_key(values, dtype, layout)
         candidates = self.candidates(block_m)
         cached = tuned_configs.lookup(device, self.name, key, accept=lambda c: TileConfig(**c) in candidates)
         if cached is None:

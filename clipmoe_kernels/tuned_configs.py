@@ -4,9 +4,10 @@ added to (`cache_path`: $XDG_CACHE_HOME/clipmoe/tuned_configs.json, ~/.cache/...
 starts tuned; the JSON shipped in the package (tuned_configs.json, written by the GPU check with
 `save_tuned_configs`).
 
-Format: {device name: {kernel name: {"D=1024,F=4096,ROWS_BUCKET=32768": {"BLOCK_N": 256, "BLOCK_K": 64,
-"num_warps": 8, "num_stages": 3}}}}. The key is the kernel's autotune key (its widths and the power-of-two bucket
-of rows per expert, _triton_utils.rows_bucket), so one entry serves every batch size of a regime. A launch whose
+Format: {device name: {kernel name: {"D=1024,F=4096,ROWS_BUCKET=32768,dtype=bfloat16": {"BLOCK_N": 256,
+"BLOCK_K": 64, "num_warps": 8, "num_stages": 3}}}}. The key is the kernel's autotune key (its widths and the
+power-of-two bucket of rows per expert, _triton_utils.rows_bucket) and the inputs' dtype, so one entry serves every
+batch size of a regime. A launch whose
 (device, kernel, key) is listed runs that config at once instead of benchmarking every candidate (minutes on a
 cold cache). Environment variable CLIPMOE_TUNED_CONFIGS names another JSON file to read instead of the shipped one;
 CLIPMOE_TUNED_CACHE names another autotune cache file, or "off" for none. A cache entry that is unreadable or no
@@ -50,8 +51,11 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}-interpreter"
 
 
-def key_string(names, values) -> str:
-    return ",".join(f"{n}={int(v)}" for n, v in zip(names, values, strict=True))
+def key_string(names, values, dtype: torch.dtype) -> str:
+    """A table key: the autotune key's values and the inputs' dtype, "D=1024,F=4096,ROWS_BUCKET=32768,dtype=bfloat16"
+    (a choice for 16-bit inputs can need more shared memory than a block has when the inputs are fp32)."""
+    widths = ",".join(f"{n}={int(v)}" for n, v in zip(names, values, strict=True))
+    return f"{widths},dtype={str(dtype).removeprefix('torch.')}"
 
 
 def _read(path: Path) -> dict:

@@ -79,7 +79,7 @@ def test_a_cached_config_is_launched_instead_of_the_default(tuned_file, monkeypa
     """An entry of the tuned-config JSON for this device, kernel and autotune key (widths and rows bucket) is what the
     launch uses; other kernels keep the default; the result is unchanged."""
     T, D, F, E, k = 19, 16, 40, 3, 2
-    key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+    key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)], torch.float32)
     cached = GEMM_CONFIGS[1]
     tuned_file.write_text(json.dumps({"cpu-interpreter": {"_grouped_up_fwd_kernel": {key: cached._asdict()}}}))
     seen = _launched_configs(monkeypatch)
@@ -95,7 +95,7 @@ def test_down_forward_and_dx_keep_their_own_tuned_entries(tuned_file, monkeypatc
     """The down-projection forward and the up-projection's dx run one kernel at equal widths (N = D, K = F) but read
     their weights along different dimensions: an entry for one must not be the other's choice."""
     T, D, F, E, k = 19, 16, 40, 3, 2
-    key = tuned_configs.key_string(["N", "K", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+    key = tuned_configs.key_string(["N", "K", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)], torch.float32)
     cached = GEMM_CONFIGS[1]
     tuned_file.write_text(json.dumps({"cpu-interpreter": {"_rows_to_slots_kernel": {key: cached._asdict()}}}))
     seen = {}
@@ -118,7 +118,7 @@ def test_the_launch_path_memo_follows_the_table(tuned_file, tmp_path, monkeypatc
     """The launch path memoises its lookups; a new autotune choice, another CLIPMOE_TUNED_CONFIGS file and
     forget_tuned_configs must still change what the next launch uses."""
     T, D, F, E, k = 19, 16, 40, 3, 2
-    key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+    key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)], torch.float32)
     seen = _launched_configs(monkeypatch)
     ids, w = routing(T, E, k)
     x, params = torch.randn(T, D), expert_weights(D, F, E)
@@ -155,7 +155,7 @@ def test_autotune_choices_are_saved_and_read_back(tuned_file):
 def test_bad_tuned_config_files_are_named(tuned_file, content, words):
     T, D, F, E, k = 9, 16, 16, 2, 1
     if content is None:  # a config autotune could not have chosen (buffers are sized for the candidates)
-        key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+        key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)], torch.float32)
         bad = {"BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
         content = json.dumps({"cpu-interpreter": {"_grouped_up_fwd_kernel": {key: bad}}})
     tuned_file.write_text(content)
@@ -258,12 +258,35 @@ def test_autotune_choices_are_in_the_cache_for_the_next_process(real_autotune, m
     assert seen["_grouped_up_fwd_kernel"] == (up["BLOCK_N"], up["BLOCK_K"])
 
 
+def test_a_choice_for_16_bit_inputs_is_not_launched_for_fp32_inputs(real_autotune, monkeypatch):
+    """Autotune's choice depends on the input dtype: a tile that fits shared memory in bf16 may not in fp32 (the
+    down-projection's 128x256 tile on the TMA path: 144 KiB in bf16, 256 KiB in fp32, over the 227 KiB of an H200
+    block; test_triton_compile.py), so the cache keys carry the dtype, and an fp32 layer at the widths a 16-bit one
+    tuned autotunes for itself instead of launching that choice (the user's cache keeps choices across processes)."""
+    T, D, F, E, k = 19, 16, 40, 3, 2
+    ids, w = routing(T, E, k)
+    x, params = torch.randn(T, D), expert_weights(D, F, E)
+    autotuned = _count_autotunes(monkeypatch)
+
+    def forward(dtype):
+        autotuned.clear()
+        expert_ffn_triton(x.to(dtype), ids, w, *[p.to(dtype) for p in params])
+        return set(autotuned)
+    forward_kernels = {"_grouped_up_fwd_kernel", "_rows_to_slots_kernel"}
+    assert forward(torch.float16) == forward_kernels
+    assert forward(torch.float16) == set()  # cached
+    assert forward(torch.float32) == forward_kernels
+    assert forward(torch.float32) == set()
+    written = json.loads(real_autotune.read_text())["cpu-interpreter"]["_grouped_up_fwd_kernel"]
+    assert sorted(key.rpartition("dtype=")[2] for key in written) == ["float16", "float32"]
+
+
 @pytest.mark.parametrize("problem", ["not a candidate", "not JSON", "fields missing", "not a table"])
 def test_a_stale_or_broken_cache_is_tuned_again_and_rewritten(real_autotune, monkeypatch, problem):
     """A cache entry from another package version (not one of the candidates now), a file cut short and an entry
     without its fields are passed over: the kernels autotune, and the file then holds valid choices."""
     T, D, F, E, k = 19, 16, 40, 3, 2
-    key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)])
+    key = tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [D, F, rows_bucket(T * k, E)], torch.float32)
     content = {"not a candidate": {"cpu-interpreter": {"_grouped_up_fwd_kernel": {key: GEMM_CONFIGS[-1]._asdict()}}},
                "fields missing": {"cpu-interpreter": {"_grouped_up_fwd_kernel": {key: {"BLOCK_N": 32}}}},
                "not a table": {"cpu-interpreter": {"_grouped_up_fwd_kernel": [1, 2]}}}.get(problem)

@@ -206,18 +206,24 @@ def test_autotune_space_covers_both_tile_tables():
     assert not uses_weight_descriptor(w1, w1.stride(2), w1.stride(1), BLOCK_M_GPU, capability=(9, 0))
 
 
+# sm_90's largest dynamic shared memory per block (227 KiB, cudaDevAttrMaxSharedMemoryPerBlockOptin on H100/H200).
+SHARED_PER_BLOCK_SM90 = 232_448
+
+
 def _id(name, block_m, cfg, weight_desc):
     tma = "-tma" if weight_desc else ""
     return f"{name}-M{block_m}-N{cfg.BLOCK_N}-K{cfg.BLOCK_K}-w{cfg.num_warps}-s{cfg.num_stages}{tma}"
 
 
 @functools.cache
-def compiled_gemm(name, block_m, cfg, weight_desc):
-    """(PTX, ptxas -v report) of a GEMM kernel in bf16 at a tile config (one compile shared by the tests below)."""
-    kernel, pointer_types, constexprs, unit_strides = _gemm_cases("bf16", block_m, cfg.BLOCK_N, cfg.BLOCK_K,
+def compiled_gemm(name, block_m, cfg, weight_desc, dtype="bf16"):
+    """(PTX, ptxas -v report, shared memory bytes) of a GEMM kernel at a tile config (one compile shared by the tests
+    below)."""
+    kernel, pointer_types, constexprs, unit_strides = _gemm_cases(dtype, block_m, cfg.BLOCK_N, cfg.BLOCK_K,
                                                                   weight_desc=weight_desc)[name]
-    ptx = compile_for_sm90(kernel, pointer_types, constexprs, cfg.num_warps, cfg.num_stages, unit_strides).asm["ptx"]
-    return ptx, ptxas_report(ptx)
+    compiled = compile_for_sm90(kernel, pointer_types, constexprs, cfg.num_warps, cfg.num_stages, unit_strides)
+    ptx = compiled.asm["ptx"]
+    return ptx, ptxas_report(ptx), compiled.metadata.shared
 
 
 AUTOTUNE_SPACE = [pytest.param(*case, id=_id(*case)) for case in _autotune_space()]
@@ -226,20 +232,37 @@ CASE = "name,block_m,cfg,weight_desc"
 
 @pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
 def test_autotune_configs_use_wgmma(name, block_m, cfg, weight_desc):
-    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
+    ptx, _, _ = compiled_gemm(name, block_m, cfg, weight_desc)
     assert "wgmma.mma_async" in ptx, f"{name}: no wgmma (the GEMM would run on the pre-Hopper mma path)"
 
 
 @pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
 def test_autotune_configs_do_not_spill(name, block_m, cfg, weight_desc):
-    _, report = compiled_gemm(name, block_m, cfg, weight_desc)
+    _, report, _ = compiled_gemm(name, block_m, cfg, weight_desc)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     assert spills and not any(spills), f"{name}: register spills {spills}"
 
 
 @pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
+def test_autotune_configs_fit_shared_memory(name, block_m, cfg, weight_desc):
+    """In bf16, every candidate fits the shared memory of one block: one that did not could never launch (autotune
+    would score it inf every time, and a tuned table naming it would fail at launch)."""
+    _, _, shared = compiled_gemm(name, block_m, cfg, weight_desc)
+    assert shared <= SHARED_PER_BLOCK_SM90, f"{name}: {shared} bytes of shared memory, over {SHARED_PER_BLOCK_SM90}"
+
+
+def test_a_bf16_choice_can_be_too_big_for_fp32():
+    """Why the tuned-config keys carry the dtype (tuned_configs.key_string): the down-projection's widest 128-row
+    tile on the TMA path fits a block in bf16 but not in fp32, so a bf16 layer's choice launched for an fp32 layer
+    of the same widths would fail on the GPU."""
+    cfg = next(c for c in grouped_gemm._rows_to_slots.candidates(BLOCK_M_GPU_LARGE) if c.BLOCK_N == 256)
+    assert compiled_gemm("down_fwd", BLOCK_M_GPU_LARGE, cfg, True)[2] <= SHARED_PER_BLOCK_SM90
+    assert compiled_gemm("down_fwd", BLOCK_M_GPU_LARGE, cfg, True, "fp32")[2] > SHARED_PER_BLOCK_SM90
+
+
+@pytest.mark.parametrize(CASE, AUTOTUNE_SPACE)
 def test_autotune_configs_pipeline_wgmma(name, block_m, cfg, weight_desc):
-    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
+    ptx, _, _ = compiled_gemm(name, block_m, cfg, weight_desc)
     waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
     assert any(w > 0 for w in waits), f"{name}: every wgmma waits synchronously (wait_group counts {waits})"
 
@@ -248,7 +271,7 @@ def test_autotune_configs_pipeline_wgmma(name, block_m, cfg, weight_desc):
 def test_weight_tiles_load_by_tma_on_the_descriptor_path(name, block_m, cfg, weight_desc):
     """The descriptor path loads the weight tiles with Hopper's TMA unit (a 3-D bulk tensor copy: one expert's
     [BLOCK_K, BLOCK_N] box of the [E, ·, ·] weights); the pointer path has no bulk tensor copy at all."""
-    ptx, _ = compiled_gemm(name, block_m, cfg, weight_desc)
+    ptx, _, _ = compiled_gemm(name, block_m, cfg, weight_desc)
     tma = re.findall(r"cp\.async\.bulk\.tensor\.(\d)d", ptx)
     if weight_desc:
         assert tma and set(tma) == {"3"}, f"{name}: no 3-D TMA load of the weight tiles (bulk tensor copies {tma})"

@@ -149,7 +149,7 @@ def test_a_cached_config_of_the_descriptor_path_is_keyed_apart_and_sets_the_box(
     bucket = rows_bucket(T * k, E)
     cached = GEMM_CONFIGS_LARGE[2]  # 128 x 32: neither the pointer variant's choice nor INTERPRET_CONFIG (64 x 64)
     pointer_choice = GEMM_CONFIGS_LARGE[0]
-    keys = {tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [d, f, bucket]) + suffix: cfg._asdict()
+    keys = {tuned_configs.key_string(["D", "F", "ROWS_BUCKET"], [d, f, bucket], torch.float32) + suffix: cfg._asdict()
             for suffix, cfg in ((",WEIGHT_DESC=nk", cached), ("", pointer_choice))}
     path.write_text(json.dumps({"cpu-interpreter": {"_grouped_up_fwd_kernel": keys}}))
     boxes = []
