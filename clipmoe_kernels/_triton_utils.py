@@ -320,12 +320,25 @@ def _interpret_jit_calls():
 
 
 def launch(kernel, grid, device: torch.device, *args, **kwargs):
-    """Launch a @triton.jit kernel with fixed meta-parameters: interpreted for CPU tensors, compiled otherwise."""
+    """Launch a @triton.jit kernel with fixed meta-parameters: interpreted for CPU tensors, compiled otherwise, on
+    the GPU that holds the tensors (`device`)."""
     if uses_interpreter(device):
         with _interpret_jit_calls():
             _interpreted(kernel)[grid](*args, **kwargs)
-    else:  # what kernel[grid](...) calls, without the lambda it builds per launch
-        kernel.run(*args, grid=grid, warmup=False, **kwargs)
+    elif device.index is None or device.index == torch.cuda.current_device():  # what kernel[grid](...) calls,
+        kernel.run(*args, grid=grid, warmup=False, **kwargs)                   # without its per-launch lambda
+    else:
+        with on_device(device):
+            kernel.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+def on_device(device: torch.device):
+    """A context in which `device` is the current CUDA device (a no-op context for the current one or a CPU device).
+    Triton launches on the current device and its stream: tensors on another GPU (a model on cuda:1 in a process
+    whose current device is cuda:0) would be read by a kernel on the wrong GPU, unordered with their own stream."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
 
 
 class LaunchPlan(NamedTuple):
@@ -451,7 +464,8 @@ class TunedKernel:
                    BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
         tuned = self.autotuner(meta["BLOCK_M"], layout)
-        tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
+        with on_device(device):  # the benchmark runs and the launch, as in launch()
+            tuned[lambda m: grid(m["BLOCK_N"], m["BLOCK_K"])](*args, **meta)
         best = tuned.best_config
         tuned_configs.record(device, self.name, self.table_key(self._key_values(args), args[0].dtype, layout),
                              dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages), cache=True)
