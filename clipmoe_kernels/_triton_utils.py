@@ -325,8 +325,8 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs):
     if uses_interpreter(device):
         with _interpret_jit_calls():
             _interpreted(kernel)[grid](*args, **kwargs)
-    elif device.index is None or device.index == torch.cuda.current_device():  # what kernel[grid](...) calls,
-        kernel.run(*args, grid=grid, warmup=False, **kwargs)                   # without its per-launch lambda
+    elif device.index is None or device.index == torch.cuda.current_device():  # on_device's test, without a
+        kernel.run(*args, grid=grid, warmup=False, **kwargs)  # context per launch; kernel[grid](...) minus its lambda
     else:
         with on_device(device):
             kernel.run(*args, grid=grid, warmup=False, **kwargs)
