@@ -75,9 +75,10 @@ class TileConfig(NamedTuple):
 # Autotune candidates on CUDA (BLOCK_M fixed above). Small on purpose: each config costs a compile per dtype and
 # activation (about 1 s each, measured for sm_90 on the 2-core dev machine) and a benchmark per autotune key. Picked
 # for Hopper with 16-bit inputs, not yet measured on a GPU: 64x128 / 64x256 output tiles for wide D and F, the 64x64
-# entry for narrow ones and for fp32 inputs, whose widest tiles exceed shared memory (autotune scores those as inf),
-# and 64x32 tiles as the small-M path: at inference sizes (ViT-B/16 batch 1: 8 row tiles) the down-projection has
-# 96 programs of 64 columns for 132 SMs; 32 columns double the programs and halve the work of each.
+# entry for narrow ones and for fp32 inputs (in fp32 one candidate exceeds a block's shared memory, the down-
+# projection's 128x256 TMA tile, and autotune scores it inf; tests/test_triton_compile.py), and 64x32 tiles as the
+# small-M path: at inference sizes (ViT-B/16 batch 1: 8 row tiles) the down-projection has 96 programs of 64 columns
+# for 132 SMs; 32 columns double the programs and halve the work of each.
 GEMM_CONFIGS = [
     TileConfig(64, 32, 4, 4),
     TileConfig(128, 32, 4, 4),
