@@ -7,12 +7,11 @@ starts tuned; the JSON shipped in the package (tuned_configs.json, written by th
 Format: {device name: {kernel name: {"D=1024,F=4096,ROWS_BUCKET=32768,dtype=bfloat16": {"BLOCK_N": 256,
 "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}}}}. The key is the kernel's autotune key (its widths and the
 power-of-two bucket of rows per expert, _triton_utils.rows_bucket) and the inputs' dtype, so one entry serves every
-batch size of a regime. A launch whose
-(device, kernel, key) is listed runs that config at once instead of benchmarking every candidate (minutes on a
-cold cache). Environment variable CLIPMOE_TUNED_CONFIGS names another JSON file to read instead of the shipped one;
-CLIPMOE_TUNED_CACHE names another autotune cache file, or "off" for none. A cache entry that is unreadable or no
-longer one of the kernel's candidates (another package version) is passed over and tuned again; one in the
-shipped (or named) table is an error.
+batch size of a regime. A launch whose (device, kernel, key) is listed runs that config at once instead of
+benchmarking every candidate (minutes on a cold cache). Environment variable CLIPMOE_TUNED_CONFIGS names another
+JSON file to read instead of the shipped one; CLIPMOE_TUNED_CACHE names another autotune cache file, or "off" for
+none. A cache entry that is unreadable or no longer one of the kernel's candidates (another package version) is
+passed over and tuned again; one in the shipped (or named) table is an error.
 """
 import contextlib
 import json
