@@ -326,20 +326,24 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs):
     if uses_interpreter(device):
         with _interpret_jit_calls():
             _interpreted(kernel)[grid](*args, **kwargs)
-    elif device.index is None or device.index == torch.cuda.current_device():  # on_device's test, without a
-        kernel.run(*args, grid=grid, warmup=False, **kwargs)  # context per launch; kernel[grid](...) minus its lambda
-    else:
-        with on_device(device):
+    elif _is_other_gpu(device):
+        with torch.cuda.device(device.index):
             kernel.run(*args, grid=grid, warmup=False, **kwargs)
+    else:  # what kernel[grid](...) calls, without the lambda it builds per launch (and no context per launch)
+        kernel.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+def _is_other_gpu(device: torch.device) -> bool:
+    """Whether `device` is a CUDA device other than the current one. Triton launches on the current device and its
+    stream: tensors on another GPU (a model on cuda:1 in a process whose current device is cuda:0) would be read by
+    a kernel on the wrong GPU, unordered with their own stream."""
+    return device_type(device) == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
 
 
 def on_device(device: torch.device):
-    """A context in which `device` is the current CUDA device (a no-op context for the current one or a CPU device).
-    Triton launches on the current device and its stream: tensors on another GPU (a model on cuda:1 in a process
-    whose current device is cuda:0) would be read by a kernel on the wrong GPU, unordered with their own stream."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device.index)
+    """A context in which `device` is the current CUDA device (a no-op context for the current one or a CPU
+    device); see _is_other_gpu."""
+    return torch.cuda.device(device.index) if _is_other_gpu(device) else contextlib.nullcontext()
 
 
 class LaunchPlan(NamedTuple):
