@@ -233,7 +233,9 @@ class MoEFFN(nn.Module):
                                       activation=self.activation, dropout_p=self.dropout, training=self.training)
         # object.__setattr__: nn.Module's own __setattr__ checks parameter/buffer/module dicts (about 1 µs per call)
         object.__setattr__(self, "aux", MoEAux(logits, probs, topk_ids, topk_weights, stats))
-        return y.view(x.shape)  # y is a fresh contiguous [T, D]; x's last dimension is d_model (checked)
+        # y is a fresh contiguous [T, D]; x's last dimension is d_model (checked). The sizes as ints: view(torch.Size)
+        # costs ~1.6 µs more to parse
+        return y.view(*x.shape)
 
 
 def collect_aux_losses(model: nn.Module, form: str = "paper") -> AuxLosses:

@@ -36,7 +36,7 @@ def dropout_threshold(dropout_p: float) -> int:
 
 def dropout_seed(device: torch.device) -> torch.Tensor:
     """A fresh [1] int64 Philox key from torch's generator of `device` (a device op: no host synchronisation)."""
-    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+    return torch.randint(2**62, (1,), device=device, dtype=torch.int64)
 
 
 @triton.jit

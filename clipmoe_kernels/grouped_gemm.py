@@ -393,9 +393,9 @@ def rows_to_slots(a: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wn: i
     j·stride_wn), with bias and routing weight (`bias` [E, n] and `topk_weights` given) or without (both None); fp32
     slots summed in slot order (deterministic). a [TK, K] expert-sorted rows."""
     tk, num_experts = sorted_to_flat.shape[0], w.shape[0]
-    y = a.new_empty((num_tokens, n))
+    y = a.new_empty(num_tokens, n)  # sizes as ints: see grouped_up
     # k = 1: one slot per token, so the GEMM writes y directly; else fp32 slots, summed in slot order.
-    out = y if top_k == 1 else a.new_empty((tk, n), dtype=torch.float32)
+    out = y if top_k == 1 else a.new_empty(tk, n, dtype=torch.float32)
     with_bias = bias is not None
     tensors = (a, w, bias if with_bias else w, topk_weights if with_bias else w, out, sorted_to_flat, expert_offsets,
                tile_expert, tile_row_start)

@@ -121,8 +121,9 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
     The moe_align tile table must have been built with block_m = block_m_for(x.device, TK, E)."""
     tk = sorted_to_flat.shape[0]
     E, F, D = w1.shape
-    a = x.new_empty((tk, F))
-    h = x.new_empty((tk if store_h else 0, F))
+    # sizes as separate ints: a size tuple costs ~0.4 µs more to parse (new_empty, view; a torch.Size ~1.6 µs)
+    a = x.new_empty(tk, F)
+    h = x.new_empty(tk if store_h else 0, F)
     h_arg = h if store_h else a  # never written when STORE_H is False
     dropout = dropout_p > 0
     tensors = (x, w1, b1, a, h_arg, sorted_to_flat, expert_offsets, tile_expert, tile_row_start,
