@@ -121,7 +121,7 @@ def grouped_up(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, sorted_to_fl
     The moe_align tile table must have been built with block_m = block_m_for(x.device, TK, E)."""
     tk = sorted_to_flat.shape[0]
     E, F, D = w1.shape
-    # sizes as separate ints: a size tuple costs ~0.4 µs more to parse (new_empty, view; a torch.Size ~1.6 µs)
+    # sizes as separate ints: torch parses a size tuple in ~3.5k more instructions, a torch.Size in ~13.5k (callgrind)
     a = x.new_empty(tk, F)
     h = x.new_empty(tk if store_h else 0, F)
     h_arg = h if store_h else a  # never written when STORE_H is False
