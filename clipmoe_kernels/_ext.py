@@ -17,6 +17,11 @@ except ImportError as exc:  # not built (CLIPMOE_SKIP_EXT_BUILD=1, a pure-Python
 _EXT_DEVICE_TYPES = frozenset() if _C is None else frozenset(("cpu", "cuda") if _C.built_with_cuda() else ("cpu",))
 
 
+# The moe_align op's C++ function without the dispatcher (routing.moe_align's eager path); None in an extension built
+# before it was exposed, whose calls then take torch.ops.
+moe_align_unboxed = getattr(_C, "moe_align", None)
+
+
 def has_ext_op(device_type: str) -> bool:
     """Whether the extension implements its ops for tensors on `device_type` ("cpu" or "cuda")."""
     return device_type in _EXT_DEVICE_TYPES

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from clipmoe_kernels import tuned_configs
-from clipmoe_kernels._hotpath import device_type, env_value
+from clipmoe_kernels._hotpath import device_type, env_value, env_values
 
 try:
     import triton  # noqa: F401  (importing triton does not initialise CUDA)
@@ -373,12 +373,15 @@ class PlanCache(dict):
         return plan
 
 
+_SETTINGS_ENV = (ENV_TRITON_CONFIG, tuned_configs.ENV_TUNED_CONFIGS, tuned_configs.ENV_TUNED_CACHE, ENV_TRITON_TMA,
+                 "TRITON_INTERPRET")
+
+
 def launch_settings() -> tuple:
-    """What, besides its inputs, decides a launch's build: the environment variables read on the launch path and
-    the tuned-config table's generation (new autotune choices). Part of every plan key with the inputs (for GEMMs
-    dot_precision too), so that a change to any of them rebuilds the plans."""
-    return (env_value(ENV_TRITON_CONFIG), tuned_configs.table_env(), env_value(ENV_TRITON_TMA),
-            env_value("TRITON_INTERPRET"), tuned_configs.generation())
+    """What, besides its inputs, decides a launch's build: the environment variables read on the launch path (raw)
+    and the tuned-config table's generation (new autotune choices). Part of every plan key with the inputs (for
+    GEMMs dot_precision too), so that a change to any of them rebuilds the plans."""
+    return env_values(_SETTINGS_ENV), tuned_configs.generation()
 
 
 def custom_op(name: str):

@@ -151,7 +151,6 @@ def router_programs(num_tokens: int) -> tuple[int, int]:
     return cdiv(blocks, per_program), per_program
 
 
-@eager_cache()  # triton.next_power_of_2 costs about 1.4 µs a call, at every batch-1 forward
 def block_size(n: int) -> int:
     """The router kernel's block over n experts or choices: a power of two, at least 2 (tl.arange's minimum)."""
     return max(2, triton.next_power_of_2(n))
@@ -161,27 +160,26 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, stats: bool):
     """Allocate the outputs and launch the router kernel: (probs, weights, ids) and, when `stats`, (counts,
     prob_sums, topk_counts, lse) as well."""
     T, E = logits.shape
-    dev = logits.device
-    # sizes as separate ints: a tuple first fails torch's int parse for the `*size` overload (an exception, ~0.3 µs)
-    probs = torch.empty(T, E, dtype=torch.float32, device=dev)
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
-    ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
+    f32, i32 = torch.float32, torch.int32
+    # logits.new_empty with sizes as separate ints: see grouped_up (torch.empty(..., device=) parses ~1k more)
+    probs = logits.new_empty(T, E, dtype=f32)
+    weights = logits.new_empty(T, top_k, dtype=f32)
+    ids = logits.new_empty(T, top_k, dtype=i32)
     num_programs, blocks_per_program = router_programs(T)
     if not stats:
         if num_programs:
             _launch_router(logits, probs, weights, ids, probs, probs, probs, probs, num_programs, blocks_per_program,
                            top_k, renormalize, False)
         return probs, weights, ids
-    lse = torch.empty(T, dtype=torch.float32, device=dev)
+    lse = logits.new_empty(T, dtype=f32)
     if num_programs == 0:
-        def zeros(dtype):
-            return torch.zeros((E,), dtype=dtype, device=dev)
-        return probs, weights, ids, zeros(torch.int32), zeros(torch.float32), zeros(torch.int32), lse
+        return probs, weights, ids, logits.new_zeros(E, dtype=i32), logits.new_zeros(E, dtype=f32), \
+            logits.new_zeros(E, dtype=i32), lse
     # One program: its statistics are the totals and go straight into the [E] outputs; else [programs, E] partials.
     partial = (E,) if num_programs == 1 else (num_programs, E)
-    counts = torch.empty(*partial, dtype=torch.int32, device=dev)
-    topk_counts = torch.empty(*partial, dtype=torch.int32, device=dev)
-    psums = torch.empty(*partial, dtype=torch.float32, device=dev)
+    counts = logits.new_empty(*partial, dtype=i32)
+    topk_counts = logits.new_empty(*partial, dtype=i32)
+    psums = logits.new_empty(*partial, dtype=f32)
     _launch_router(logits, probs, weights, ids, lse, counts, topk_counts, psums, num_programs, blocks_per_program,
                    top_k, renormalize, True)
     if num_programs > 1:  # program-order sums of the partials
@@ -190,12 +188,18 @@ def _route(logits: torch.Tensor, top_k: int, renormalize: bool, stats: bool):
     return probs, weights, ids, counts, psums, topk_counts, lse
 
 
+@eager_cache(maxsize=256)  # at every forward: one lookup for the whole dict (triton.next_power_of_2 costs ~1.4 µs)
+def _router_meta(num_experts: int, top_k: int, renormalize: bool, stats: bool) -> dict:
+    """The router launch's constexprs and warps (launch copies the dict: the cached one is never changed)."""
+    return dict(TOP_K=top_k, RENORMALIZE=renormalize, STATS=stats, BLOCK_T=ROUTER_BLOCK_T,
+                BLOCK_E=block_size(num_experts), BLOCK_K=block_size(top_k), num_warps=4)
+
+
 def _launch_router(logits, probs, weights, ids, lse, counts, topk_counts, psums, num_programs, blocks_per_program,
                    top_k, renormalize, stats):
     T, E = logits.shape
     launch(_router_fwd_kernel, (num_programs,), logits.device, logits, probs, weights, ids, lse, counts, topk_counts,
-           psums, T, E, blocks_per_program, logits.stride(0), logits.stride(1), TOP_K=top_k, RENORMALIZE=renormalize,
-           STATS=stats, BLOCK_T=ROUTER_BLOCK_T, BLOCK_E=block_size(E), BLOCK_K=block_size(top_k), num_warps=4)
+           psums, T, E, blocks_per_program, *logits.stride(), **_router_meta(E, top_k, renormalize, stats))
 
 
 @custom_op("clipmoe::route_topk")

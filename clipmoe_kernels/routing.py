@@ -7,14 +7,15 @@ weights to sum to 1. This is CLIP-MoE's order of operations (softmax before top-
 
 `moe_align` builds, from topk_ids [T, k], a stable counting sort of the TK flat slots by expert plus a tile table for
 grouped GEMMs (see RoutingMeta). It runs as the C++/CUDA op torch.ops.clipmoe.moe_align when the extension is built
-for the tensor's device, and as `moe_align_ref` (plain torch) otherwise. The CUDA op never synchronises with the host,
-so out-of-range ids there trap on the device with a printed message instead of raising on the host.
+for the tensor's device (an eager call on a plain tensor calls the op's C++ function without the dispatcher), and as
+`moe_align_ref` (plain torch) otherwise. The CUDA op never synchronises with the host, so out-of-range ids there
+trap on the device with a printed message instead of raising on the host.
 """
 from typing import NamedTuple
 
 import torch
 
-from clipmoe_kernels._ext import has_ext_op
+from clipmoe_kernels._ext import has_ext_op, moe_align_unboxed
 from clipmoe_kernels._hotpath import device_type
 
 # Rows per grouped-GEMM tile when the caller does not care (the sorted-segment torch path ignores tiles).
@@ -95,6 +96,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int = DEFAULT_B
         extension: a device-side trap with a printed message, since a host check would synchronise).
     """
     if isinstance(topk_ids, torch.Tensor) and has_ext_op(device_type(topk_ids.device)):
+        if moe_align_unboxed is not None and type(topk_ids) is torch.Tensor and not torch.compiler.is_compiling():
+            # the op's own function: torch.ops' boxed call costs more than the op's work at batch 1 (callgrind)
+            return RoutingMeta(*moe_align_unboxed(topk_ids, num_experts, block_m))
         return RoutingMeta(*torch.ops.clipmoe.moe_align(topk_ids, num_experts, block_m))
     return moe_align_ref(topk_ids, num_experts, block_m)
 

@@ -92,6 +92,26 @@ def test_dispatch_uses_extension_when_built():
     assert all(torch.equal(a, b) for a, b in zip(meta, moe_align_ref(topk_ids, 4, 8), strict=True))
 
 
+@pytest.mark.skipif(not has_ext_op("cpu"), reason="extension not built")
+def test_eager_calls_skip_the_dispatcher(monkeypatch):
+    """Eager moe_align on a plain tensor calls the op's C++ function directly (the same outputs and errors as
+    torch.ops.clipmoe.moe_align); the registered op is not called."""
+    from clipmoe_kernels import routing
+    assert routing.moe_align_unboxed is not None  # built with the unboxed entry point
+    topk_ids = _routing("random", 33, 2, 4)
+
+    class NoOps:
+        def __getattr__(self, name):
+            raise AssertionError(f"torch.ops.{name} called in eager mode")
+    monkeypatch.setattr(routing.torch, "ops", NoOps())
+    for got, want in zip(moe_align(topk_ids, 4, 8), moe_align_ref(topk_ids, 4, 8), strict=True):
+        assert torch.equal(got, want) and got.dtype == torch.int32
+    with pytest.raises(ValueError, match="topk_ids holds 4 at flat index 1"):
+        moe_align(torch.tensor([[0, 4]]), 4, 8)
+    with pytest.raises(TypeError, match="topk_ids must be int32 or int64"):
+        moe_align(torch.tensor([[0.0, 1.0]]), 4, 8)
+
+
 def test_non_contiguous_ids():
     base = _routing("random", 30, 3, 5)
     topk_ids = base[:, ::2]  # a non-contiguous view: slots 0 and 2
