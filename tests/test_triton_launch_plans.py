@@ -96,3 +96,17 @@ def test_every_build_input_is_part_of_the_key(launches, change):
     else:
         ops.grouped_up(x, w1, b1, *table, K, "quick_gelu", True)
     assert len(_UP_PLANS) == 2
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_fp32_precision_follows_the_public_tf32_flag(allow_tf32):
+    """dot_precision reads the flag without torch.backends' attribute path, and answers as that path does."""
+    from clipmoe_kernels._triton_utils import dot_precision
+    matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    matmul.allow_tf32 = allow_tf32  # cuBLASModule's setattr (monkeypatch cannot see the attribute)
+    try:
+        assert matmul.allow_tf32 is allow_tf32
+        assert dot_precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+        assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        matmul.allow_tf32 = before
