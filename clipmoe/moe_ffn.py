@@ -233,8 +233,9 @@ class MoEFFN(nn.Module):
                                       activation=self.activation, dropout_p=self.dropout, training=self.training)
         # object.__setattr__: nn.Module's own __setattr__ checks parameter/buffer/module dicts (about 1 µs per call)
         object.__setattr__(self, "aux", MoEAux(logits, probs, topk_ids, topk_weights, stats))
-        # y is a fresh contiguous [T, D]; x's last dimension is d_model (checked). Sizes as ints: see grouped_up
-        return y.view(*x.shape)
+        # y is a fresh contiguous [T, D]; x's last dimension is d_model (checked). view_as parses no size argument
+        # (7.7k instructions against 10.5k for view(*x.shape), 24k for view(x.shape); callgrind)
+        return y.view_as(x)
 
 
 def collect_aux_losses(model: nn.Module, form: str = "paper") -> AuxLosses:

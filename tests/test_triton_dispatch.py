@@ -53,11 +53,11 @@ def test_compile_fullgraph_traces_the_cuda_dispatch(training):
 
 
 # ops that launch no kernel: views, allocations, dtype casts that are no-ops
-_NO_KERNEL = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::transpose", "aten::t",
-              "aten::resolve_conj", "aten::resolve_neg", "aten::empty", "aten::empty_strided", "aten::new_empty",
-              "aten::to", "aten::expand", "aten::select", "aten::slice", "aten::detach", "aten::alias",
-              "aten::unsqueeze", "aten::squeeze", "aten::contiguous", "aten::lift_fresh", "aten::unbind",
-              "aten::set_"}
+_NO_KERNEL = {"aten::view", "aten::view_as", "aten::reshape", "aten::_reshape_alias", "aten::as_strided",
+              "aten::transpose", "aten::t", "aten::resolve_conj", "aten::resolve_neg", "aten::empty",
+              "aten::empty_strided", "aten::new_empty", "aten::to", "aten::expand", "aten::select", "aten::slice",
+              "aten::detach", "aten::alias", "aten::unsqueeze", "aten::squeeze", "aten::contiguous",
+              "aten::lift_fresh", "aten::unbind", "aten::set_"}
 _LAUNCH = "triton kernel launch"
 
 
