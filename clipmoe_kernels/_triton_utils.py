@@ -354,11 +354,19 @@ class LaunchPlan(NamedTuple):
     kernel: object
     grid: tuple
     device: torch.device
-    scalars: tuple   # the kernel's arguments after the tensors
-    kwargs: dict     # constexprs, tile config, warps, stages
+    scalars: tuple     # the kernel's arguments after the tensors
+    kwargs: dict       # constexprs, tile config, warps, stages
+    interpreted: bool  # uses_interpreter(device), decided once
+
+    @classmethod
+    def build(cls, kernel, grid: tuple, device: torch.device, scalars: tuple, kwargs: dict) -> "LaunchPlan":
+        return cls(kernel, grid, device, scalars, kwargs, uses_interpreter(device))
 
     def __call__(self, *tensors):
-        launch(self.kernel, self.grid, self.device, *tensors, *self.scalars, **self.kwargs)
+        if self.interpreted or _is_other_gpu(self.device):
+            launch(self.kernel, self.grid, self.device, *tensors, *self.scalars, **self.kwargs)
+        else:  # launch's last branch, without its calls (two of the four launches' host cost at batch 1)
+            self.kernel.run(*tensors, *self.scalars, grid=self.grid, warmup=False, **self.kwargs)
 
 
 class PlanCache(dict):
@@ -487,9 +495,9 @@ class TunedKernel:
         cfg = self.resolve(device, args, meta)
         if cfg is None:
             return None
-        return LaunchPlan(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, tuple(args[num_tensors:]),
-                          dict(meta, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages))
+        return LaunchPlan.build(self.kernel, grid(cfg.BLOCK_N, cfg.BLOCK_K), device, tuple(args[num_tensors:]),
+                                dict(meta, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages))
 
     def table_key(self, values, dtype: torch.dtype, layout) -> str:
         """The tuned-config table's key of a launch: the autotune key's values, the inputs' dtype (that of the

@@ -372,8 +372,8 @@ def min_block_n(device, wgrad=False) -> int:
 
 def _slot_combine_plan(device, num_tokens: int, top_k: int, width: int, out_strides) -> LaunchPlan:
     grid = (cdiv(num_tokens, COMBINE_BLOCK_T), cdiv(width, COMBINE_BLOCK_D))
-    return LaunchPlan(_slot_combine_kernel, grid, device, (num_tokens, width, *out_strides),
-                      dict(TOP_K=top_k, BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D, num_warps=4))
+    return LaunchPlan.build(_slot_combine_kernel, grid, device, (num_tokens, width, *out_strides),
+                            dict(TOP_K=top_k, BLOCK_T=COMBINE_BLOCK_T, BLOCK_D=COMBINE_BLOCK_D, num_warps=4))
 
 
 def slot_combine(slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
