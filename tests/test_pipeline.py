@@ -28,7 +28,7 @@ from clipmoe.train.dmu import (
 )
 from clipmoe.train.loop import SeededDraws, TrainConfig, draw_keys, draw_seed, read_metrics, train
 from tests.dist_utils import free_port, run_gloo
-from tests.tolerances import assert_close
+from tests.tolerances import TOLERANCES, assert_close
 
 CPU = DistInfo()
 
@@ -224,9 +224,19 @@ def test_two_process_gloo_mcl_stage_matches_single_process(tmp_path):
     double = tmp_path / "double"
     mp.spawn(_mcl_stage_worker, args=(2, free_port(), str(double)), nprocs=2, join=True)
     want, got = torch.load(single / "ffns.pt"), torch.load(double / "ffns.pt")
+    # Two ranks sum the gradient in another order than one process, and AdamW divides each gradient element by its
+    # own magnitude: an element whose gradient is at rounding level may move by up to lr per step, in either
+    # direction (seen: 1 element of 65536 off by 4.8e-4 on one machine, none on another). So every element must lie
+    # within that bound, and all but a few in 10^4 within the table's tolerance: a missing all-reduce or a wrong
+    # shard of the batch would move most elements.
+    cfg = small_cfg()
+    tol = TOLERANCES[torch.float32]
     for name in want:
         for key in want[name]:
-            assert_close(got[name][key], want[name][key], msg=f"{name}.{key}")
+            a, b = got[name][key], want[name][key]
+            off = ~torch.isclose(a, b, atol=tol["atol"], rtol=tol["rtol"])
+            assert off.float().mean() <= 3e-4, f"{name}.{key}: {int(off.sum())} of {off.numel()} elements differ"
+            torch.testing.assert_close(a, b, atol=2 * cfg.lr * cfg.max_steps, rtol=0, msg=f"{name}.{key}")
     assert any(not torch.equal(want[n]["c_fc.weight"], ffn["c_fc.weight"])
                for n, ffn in ffn_state_dicts(tiny_model()).items())  # the stage did train
     # The logged losses are the global means: those of one process on the same global batches.
