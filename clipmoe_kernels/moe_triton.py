@@ -37,26 +37,26 @@ class MoEFunction(torch.autograd.Function):
         probs, weights, ids, counts, psums, topk_counts, lse = _routing(logits, top_k, renormalize, stats)
         y, saved = fused_forward(x, ids, weights, w1, b1, w2, b2, activation, True, dropout_p)
         ctx.save_for_backward(probs, ids, *saved)
-        ctx.mark_non_differentiable(ids, *((counts, topk_counts) if stats else ()))
+        # ids and the counts are int32: autograd never makes integer outputs differentiable (no marking needed)
         ctx.set_materialize_grads(False)
-        ctx.renormalize, ctx.logits_dtype, ctx.activation, ctx.dropout_p = renormalize, logits.dtype, activation, \
-            dropout_p
+        ctx.options = renormalize, logits.dtype, activation, dropout_p  # one attribute: one setattr
         return y, probs, weights, ids, counts, psums, topk_counts, lse
 
     @staticmethod
     def backward(ctx, dy, d_probs, d_weights, d_ids, d_counts, d_psums, d_topk_counts, d_lse):
         probs, ids, *saved = ctx.saved_tensors
+        renormalize, logits_dtype, activation, dropout_p = ctx.options
         need_logits, need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
         dx = dw1 = db1 = dw2 = db2 = None
         if dy is not None:
-            dx, ds, dw1, db1, dw2, db2 = fused_backward(saved, dy, ctx.activation, ctx.dropout_p, need_x,
+            dx, ds, dw1, db1, dw2, db2 = fused_backward(saved, dy, activation, dropout_p, need_x,
                                                         need_logits, need_w1, need_b1, need_w2, need_b2)
             if ds is not None:
                 d_weights = ds if d_weights is None else d_weights.to(torch.float32) + ds
         d_logits = None
         if need_logits and not (d_probs is None and d_weights is None and d_psums is None and d_lse is None):
-            d_logits = router_backward(probs, ids, ctx.renormalize, d_probs, d_weights, d_psums, d_lse)
-            d_logits = d_logits.to(ctx.logits_dtype)
+            d_logits = router_backward(probs, ids, renormalize, d_probs, d_weights, d_psums, d_lse)
+            d_logits = d_logits.to(logits_dtype)
         # logits, x, w1, b1, w2, b2, then top_k, renormalize, activation, dropout_p, stats
         return d_logits, dx, dw1, db1, dw2, db2, None, None, None, None, None
 

@@ -243,7 +243,7 @@ class RouterFunction(torch.autograd.Function):
         ctx.save_for_backward(probs, ids)
         ctx.renormalize = renormalize
         ctx.logits_dtype = logits.dtype
-        ctx.mark_non_differentiable(ids, counts, topk_counts)
+        # ids and counts are int32: never differentiable, so they need no marking
         return probs, weights, ids, counts, psums, topk_counts, lse
 
     @staticmethod

@@ -83,3 +83,7 @@ def test_routing_and_experts_record_one_autograd_node():
     assert routed.probs.grad_fn is node and routed.logsumexp.grad_fn is node
     inputs = {type(fn).__name__ for fn, _ in node.next_functions if fn is not None}
     assert inputs == {"AccumulateGrad", "MmBackward0"}, inputs  # the leaves and the router GEMM, no second node
+    # the integer outputs (ids, counts) are outside the graph, unmarked: autograd never differentiates integers
+    for name in ("topk_ids", "expert_counts", "topk_counts"):
+        tensor = getattr(routed, name)
+        assert not tensor.dtype.is_floating_point and not tensor.requires_grad and tensor.grad_fn is None, name
