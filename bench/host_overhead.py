@@ -15,7 +15,8 @@ Two measures of the same forward:
 - instructions: `python -m bench.host_overhead` runs each case under valgrind's callgrind (apt install valgrind)
   and prints instructions per forward. A count does not depend on the machine's load, so
   two versions of the code compare exactly where the timer's spread (10-30 % on the shared 2-core machine) hides a
-  change; on the dev machine 1 µs of this glue was about 8.5k instructions.
+  change; on the dev machine 1 µs of this glue was about 8.5-9k instructions at inference, 7.5k in training
+  (fastest rounds, 2026-12-02 and 2026-12-03).
 """
 import argparse
 import concurrent.futures
@@ -169,6 +170,7 @@ def main(argv=None):
         counts = pool.map(lambda case: count_instructions(*case, args.calls), CASES)
         for (tower, mode), count in zip(CASES, counts, strict=True):
             print(f"| {tower} | {mode} | **{count / 1e3:.1f}k** |", flush=True)
+
 
 if __name__ == "__main__":
     main()
