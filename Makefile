@@ -8,7 +8,7 @@ TORCH_STAMP := $(VENV)/.stamp-torch-2.14.1
 INSTALL_STAMP := $(VENV)/.stamp-clipmoe
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test compile-gpu-triton bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,20 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -q
+
+# The ahead-of-time sm_90 compile test again under the Triton of the GPU machine's image (3.6, which its torch 2.11
+# pins; this machine's torch 2.14.1 brings 3.8), installed beside the venv's and put first on the path: a kernel that
+# only this machine's Triton compiles fails here, not in the GPU check.
+GPU_TRITON := 3.6.0
+GPU_TRITON_SITE := $(VENV)/triton-$(GPU_TRITON)
+$(GPU_TRITON_SITE)/.stamp: | $(BIN)/python
+	$(BIN)/pip install -q --no-deps --target $(GPU_TRITON_SITE) triton==$(GPU_TRITON)
+	touch $@
+
+compile-gpu-triton: install $(GPU_TRITON_SITE)/.stamp
+	PYTHONPATH=$(GPU_TRITON_SITE) $(BIN)/python -c "import triton, sys; \
+		sys.exit(0 if triton.__version__ == '$(GPU_TRITON)' else f'imported triton {triton.__version__} from {triton.__file__}')"
+	PYTHONPATH=$(GPU_TRITON_SITE) $(BIN)/python -m pytest tests/test_triton_compile.py -q -p no:cacheprovider
 
 BENCH_JSON ?= bench/results/$(shell date +%Y-%m-%d)-$(shell uname -n | cut -c1-12).json
 bench: install
