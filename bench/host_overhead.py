@@ -70,7 +70,7 @@ def stubbed_launches():
     triton_utils.uses_interpreter = lambda device: False  # the CUDA launch path
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors pass the device check
     os.environ.pop(triton_utils.ENV_TRITON_CONFIG, None)
-    torch.set_num_threads(1)  # the router GEMM (subtracted) and moe_align take the same time in every run
+    torch.set_num_threads(1)  # moe_align, which computes here, takes the same time in every run
     try:
         with _heap_allocations():
             yield
