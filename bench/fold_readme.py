@@ -5,7 +5,8 @@
 RESULTS.json is the JSON bash bench/gpu_check.sh wrote (on the GPU machine under $OUT, fetched here). The files
 beside it that share its name (.md, .png, .log, -tests.xml) are copied into --results-dir with it, and the README's
 block between GPU_START and GPU_END (in its performance section) is replaced by the layer and whole-model tables
-with the command that printed them. Then commit bench/results/ and README.md. A dry run's JSON is refused (it holds
+with the command that printed them, and by the measured layer next to the traffic model's figures for it
+(gpu_table.model_table). Then commit bench/results/ and README.md. A dry run's JSON is refused (it holds
 no timings). Running it twice on the same JSON gives the same README.
 """
 import argparse
@@ -15,7 +16,7 @@ import shutil
 import sys
 import textwrap
 
-from bench import gpu_table
+from bench import gpu_table, traffic_model
 
 GPU_START = "<!-- gpu-check:start (python -m bench.fold_readme rewrites this block) -->"
 GPU_END = "<!-- gpu-check:end -->"
@@ -32,6 +33,13 @@ def readme_block(results, json_path) -> str:
              f"`naive / triton` etc.: the speed-up of triton).")
     lines = textwrap.wrap(intro, width=118, break_on_hyphens=False) + [""]
     lines += gpu_table.layer_table(results)
+    against_model = gpu_table.model_table(results)
+    if against_model:
+        intro = ("Measured against the traffic model (`bench/traffic_model.py`, the modelled section above) at "
+                 "the same shapes: ms measured and modelled, the ratios to the bound, how far the measured ratio is "
+                 f"from the modelled one, and the main-loop rate (fraction of the model's "
+                 f"{traffic_model.PEAK_FLOPS / 1e12:.0f} TFLOP/s) at which the model gives the measured time.")
+        lines += [""] + textwrap.wrap(intro, width=118, break_on_hyphens=False) + [""] + against_model
     for table in (gpu_table.e2e_table(results), gpu_table.encode_table(results)):
         if table:
             lines += [""] + table

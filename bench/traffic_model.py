@@ -24,10 +24,14 @@ Assumptions (each one is a constant below):
     cost per output tile (TILE_OVERHEAD_K elements of K, from the one public figure, measured at K = 512), so that
     longer main loops amortise it. Optimistic for these kernels: their epilogues do more than a plain matmul's
     (activation, dropout mask, scatter to slots, u), and their gathered row operands cannot be TMA loads.
+
+Checked against the GPU: `python -m bench.fold_readme` puts the GPU check's measured times at this shape next to
+the model's (bench/gpu_table.py, model_table), with the main-loop rate that reproduces each measured time.
 """
 import argparse
+import functools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 L2_BYTES = 60e6
 CONCURRENT = 132
@@ -86,6 +90,7 @@ class KernelTraffic:
     programs: int
     program_flops: float
     reduction: int = 0  # elements each program's main loop reduces over (K; a weight-gradient kernel's rows)
+    forward: bool = False  # part of the forward pass (else the backward's)
 
     @property
     def compute_s(self):
@@ -218,12 +223,14 @@ def training_step(shape, order):
     def h_block(tile, n, rows):  # down_bwd reads the saved pre-activation h[rows, n-block]
         return ((("h", tile, n), rows * min(down_bwd_n, F - n * down_bwd_n) * BF16),)
 
-    return [
+    forward = [
         # x rows gathered, W1[e] -> a and h (both [TK, F] bf16)
         row_tile_gemm("up forward", shape, order, F, D, True, BF16, none, 2 * BF16, up_n),
         # a rows (sorted), W2[e] -> fp32 slots [TK, D]
         row_tile_gemm("down forward", shape, order, D, F, False, BF16, none, FP32, slots_n),
         combine("combine y", shape),
+    ]
+    backward = [
         # dy rows gathered, W2[e], h -> dh and u = s·act(h) [TK, F] bf16 (+ ds partials, small)
         row_tile_gemm("down backward (dh, ds, u)", shape, order, F, D, True, BF16, h_block, 2 * BF16, down_bwd_n),
         # dh rows (sorted), W1[e] -> fp32 slots [TK, D]
@@ -232,10 +239,24 @@ def training_step(shape, order):
         wgrad("dW1, db1", shape, order, F, D, go_gathered=False, in_gathered=True),
         wgrad("dW2, db2 (from u)", shape, order, D, F, go_gathered=True, in_gathered=False),
     ]
+    return [replace(k, forward=True) for k in forward] + backward
 
 
-def bound_s(shape):
-    return 6 * 2.0 * shape.rows * shape.d_model * shape.hidden / PEAK_FLOPS
+@functools.lru_cache(maxsize=8)
+def _replayed(shape, order):
+    return tuple(training_step(shape, order))
+
+
+def modelled_kernels(shape, mode="forward_backward", order="grouped"):
+    """training_step's kernels of one pass: `mode` "forward" (the forward's three) or "forward_backward" (all).
+    The replay is cached: at the training shape it takes about 10 s, and the GPU tables ask for it per measured row."""
+    return [k for k in _replayed(shape, order) if k.forward or mode == "forward_backward"]
+
+
+def bound_s(shape, mode="forward_backward"):
+    """The dense-GEMM bound at PEAK_FLOPS: 2 GEMMs for the forward, 6 for forward + backward (2·TK·D·F FLOPs each)."""
+    gemms = 2 if mode == "forward" else 6
+    return gemms * 2.0 * shape.rows * shape.d_model * shape.hidden / PEAK_FLOPS
 
 
 def layer_time_s(kernels, mainloop):
@@ -259,8 +280,24 @@ def mainloop_for_ratio(kernels, bound, goal):
     return None
 
 
+def mainloop_reproducing(kernels, seconds):
+    """The main-loop rate (fraction of PEAK_FLOPS) at which the modelled time of `kernels` is `seconds`: what a
+    measured time says of the MAINLOOP assumption. None when the time is at or under the model's memory floor (its
+    bytes at HBM_BYTES_PER_S), which no main-loop rate reaches: then the traffic side of the model is wrong."""
+    floor = sum(k.memory_s for k in kernels)
+    if seconds <= floor * (1 + 1e-9):
+        return None
+    lo, hi = 1e-6, 1.0
+    while layer_time_s(kernels, hi) > seconds:  # the time falls as the rate rises, down to the floor
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if layer_time_s(kernels, mid) <= seconds else (mid, hi)
+    return hi
+
+
 def report(shape, order):
-    kernels = training_step(shape, order)
+    kernels = modelled_kernels(shape, "forward_backward", order)
     total_bytes = sum(k.hbm_bytes for k in kernels)
     total_min = sum(k.min_bytes for k in kernels)
     total_s = sum(k.time_s for k in kernels)

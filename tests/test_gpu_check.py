@@ -160,6 +160,48 @@ def test_encode_phase_runs_every_variant_on_the_cpu(triton_interpreter, capsys):
         in capsys.readouterr().out
 
 
+def model_columns(lines, run, mode):
+    header = cells(lines[0])
+    row = next(x for x in lines if x.startswith(f"| {run} | {mode} |"))
+    return dict(zip(header, cells(row), strict=True))
+
+
+def test_model_table_puts_the_traffic_model_next_to_the_measured_layer():
+    from bench import traffic_model
+    results = results_json()  # training forward_backward: triton 10 ms, bound 5 ms
+    shape = traffic_model.Shape(tokens=65792)
+    kernels = traffic_model.modelled_kernels(shape)
+    model_ms = sum(k.time_s for k in kernels) * 1e3
+    modelled_ratio = model_ms / (traffic_model.bound_s(shape) * 1e3)
+    lines = gpu_table.model_table(results)
+    row = model_columns(lines, "training", "forward_backward")
+    assert row["triton ms (model)"] == f"{model_ms:.3f}" and row["triton / bound"] == "2.00"
+    assert row["triton / bound (model)"] == f"{modelled_ratio:.2f}"
+    assert row["measured / model - 1"] == f"{2.0 / modelled_ratio - 1:+.0%}"
+    rate = float(row["main-loop rate reproducing triton ms"])
+    assert traffic_model.layer_time_s(kernels, rate) == pytest.approx(10e-3, rel=0.01)
+    text = "\n".join(lines)
+    assert "training forward_backward: the model is" in text and "over the 20% tolerance" in text
+    assert "measured bound / triton = 0.50" in text
+    tuned = model_columns(lines, "tuned (autotune)", "forward_backward")  # the training run's bound
+    assert tuned["triton / bound"] == "1.60"
+
+    # A measurement the model predicts within the tolerance is said to agree; rows the model does not describe
+    # (CUDA graphs, fp32, skewed routing) and rows without a timed bound are left out.
+    agreeing = results_json()
+    for r in agreeing["layer"]:
+        if r["provider"] == "triton" and r["phase"] == "training":
+            r["median_ms"] = 5.0 * modelled_ratio * 1.1
+    assert "the model is within 20% (+10%)" in "\n".join(gpu_table.model_table(agreeing))
+    for change in ({"graph": True}, {"dtype": "float32"}, {"routing": "skewed"}):
+        other = results_json()
+        other["layer"] = [{**r, **change} for r in other["layer"]]
+        assert gpu_table.model_table(other) == []
+    untimed = results_json()
+    untimed["layer"] = [r for r in untimed["layer"] if r["provider"] != "bound"]
+    assert gpu_table.model_table(untimed) == []
+
+
 def test_tests_summary_reads_junit(tmp_path):
     xml = tmp_path / "t.xml"
     xml.write_text('<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1" time="2.5">'
@@ -186,6 +228,7 @@ def test_fold_readme_rewrites_only_the_gpu_block(tmp_path, capsys):
     row = "| training | vit_l14 b256 T65792 E4 uniform | forward_backward | no | 10.000 [9.000, 11.000] | 2.00 |"
     assert row in text
     assert "| ViT-B-16 | torch | 20.00 [18.00, 22.00] | 12800 | 0.50 | 205 | 0.80 |" in text  # the encode table
+    assert "Measured against the traffic model" in text and "| training | forward_backward | 10.000 |" in text
     assert "python -m bench.fold_readme" in text
     stored = sorted(os.listdir(tmp_path / "results"))
     assert stored == ["gpu-20261201-120000.json", "gpu-20261201-120000.log", "gpu-20261201-120000.md"]

@@ -47,3 +47,24 @@ def test_tile_overhead_variant_reproduces_its_calibration_point():
     assert at_peak / traffic_model.tile_overhead_layer_time_s([compute]) == pytest.approx(0.762, abs=0.002)
     memory = traffic_model.KernelTraffic("copy", 1.0, 4.3e12, 4.3e12, 1, 0.0)
     assert traffic_model.tile_overhead_layer_time_s([memory]) == pytest.approx(memory.time_s)
+
+
+def test_mainloop_reproducing_inverts_the_modelled_time():
+    """The rate read from a measured time gives that time back in the model; the model's own time gives MAINLOOP;
+    a time under the memory floor has no rate."""
+    kernels = traffic_model.modelled_kernels(traffic_model.Shape(tokens=257 * 4))
+    modelled = sum(k.time_s for k in kernels)
+    assert traffic_model.mainloop_reproducing(kernels, modelled) == pytest.approx(traffic_model.MAINLOOP, rel=1e-6)
+    for seconds in (modelled * 0.5, modelled * 1.7):
+        rate = traffic_model.mainloop_reproducing(kernels, seconds)
+        assert traffic_model.layer_time_s(kernels, rate) == pytest.approx(seconds, rel=1e-6)
+    floor = sum(k.memory_s for k in kernels)
+    assert traffic_model.mainloop_reproducing(kernels, floor) is None
+
+
+def test_forward_kernels_are_the_forward_pass():
+    shape = traffic_model.Shape(tokens=257 * 4)
+    forward = traffic_model.modelled_kernels(shape, "forward")
+    assert [k.name for k in forward] == ["up forward", "down forward", "combine y"]
+    assert len(traffic_model.modelled_kernels(shape)) == 8
+    assert traffic_model.bound_s(shape) == pytest.approx(3 * traffic_model.bound_s(shape, "forward"))
