@@ -6,17 +6,22 @@ RESULTS.json is the JSON bash bench/gpu_check.sh wrote (on the GPU machine under
 beside it that share its name (.md, .png, .log, -tests.xml) are copied into --results-dir with it, and the README's
 block between GPU_START and GPU_END (in its performance section) is replaced by the layer and whole-model tables
 with the command that printed them, and by the measured layer next to the traffic model's figures for it
-(gpu_table.model_table). Then commit bench/results/ and README.md. A dry run's JSON is refused (it holds
-no timings). Running it twice on the same JSON gives the same README.
+(gpu_table.model_table). When the tuned phase ran, its chosen tile configs (RESULTS-tuned_configs.json beside
+the JSON) are merged into the autotune cache the package ships (--tuned-configs, default
+clipmoe_kernels/tuned_configs.json; only the keys they name change). Then commit bench/results/, README.md and
+that file. A dry run's JSON is refused (it holds no timings). Running it twice on the same JSON gives the same
+files.
 """
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
 import textwrap
 
 from bench import gpu_table, traffic_model
+from clipmoe_kernels import tuned_configs
 
 GPU_START = "<!-- gpu-check:start (python -m bench.fold_readme rewrites this block) -->"
 GPU_END = "<!-- gpu-check:end -->"
@@ -75,11 +80,32 @@ def copy_results(json_path, results_dir):
     return os.path.join(results_dir, os.path.basename(json_path))
 
 
+def merge_tuned(json_path, table, parser):
+    """The tuned phase's configs (RESULTS-tuned_configs.json beside the results, when the phase ran) merged into
+    `table`; returns the table's path, or None when there were none."""
+    chosen = json_path.rsplit(".", 1)[0] + "-tuned_configs.json"
+    if not os.path.exists(chosen):
+        print("no tuned configs in these results (the tuned phase did not run): the shipped table is unchanged")
+        return None
+    try:
+        with open(chosen) as f:
+            entries = json.load(f)
+        path = tuned_configs.merge_tuned_configs(entries, table, source=chosen)
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        parser.error(f"{chosen}: {exc}" if isinstance(exc, json.JSONDecodeError) else str(exc))
+    count = sum(len(keys) for kernels in entries.values() for keys in kernels.values())
+    print(f"merged {count} tuned tile configs from {chosen} into {path}")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json_file")
     parser.add_argument("--readme", default="README.md")
     parser.add_argument("--results-dir", default="bench/results")
+    parser.add_argument("--tuned-configs", default=str(tuned_configs.SHIPPED),
+                        help="the tile-config table the tuned phase's choices are merged into (default: the shipped "
+                             "one)")
     args = parser.parse_args(argv)
     try:
         results = gpu_table.load(args.json_file)
@@ -87,20 +113,23 @@ def main(argv=None):
         parser.error(str(exc))
     if results["dry_run"]:
         parser.error(f"{args.json_file}: a dry run's results (tiny shapes, no timings) do not go into the README")
-    stored = copy_results(args.json_file, args.results_dir)
+    stored = os.path.join(args.results_dir, os.path.basename(args.json_file))
+    with open(args.readme) as f:
+        readme = f.read()
+    try:  # everything that can refuse runs before anything is written
+        new = fold(readme, readme_block(results, stored), args.readme)
+    except ValueError as exc:
+        parser.error(str(exc))
+    merged = merge_tuned(args.json_file, args.tuned_configs, parser)
+    copy_results(args.json_file, args.results_dir)
     table = stored.rsplit(".", 1)[0] + ".md"
     if not os.path.exists(table):  # the run stopped before its tables: make them from the JSON
         with open(table, "w") as f:
             f.write(gpu_table.markdown(results))
-    with open(args.readme) as f:
-        readme = f.read()
-    try:
-        new = fold(readme, readme_block(results, stored), args.readme)
-    except ValueError as exc:
-        parser.error(str(exc))
     with open(args.readme, "w") as f:
         f.write(new)
-    print(f"{args.readme}: GPU block rewritten from {stored}; now commit {args.results_dir} and {args.readme}")
+    print(f"{args.readme}: GPU block rewritten from {stored}; now commit {args.results_dir}, {args.readme}"
+          + (f" and {merged}" if merged else ""))
     return 0
 
 

@@ -317,8 +317,8 @@ def phase_tuned(check):
                           reference=reference)
     finally:
         os.environ.pop("TRITON_PRINT_AUTOTUNING", None)
-        # The chosen configs, in the format of clipmoe_kernels/tuned_configs.json: copy that file over the shipped
-        # one and commit it, so later processes on this device start tuned (docs/kernels.md).
+        # The chosen configs, in the format of clipmoe_kernels/tuned_configs.json: bench.fold_readme merges them
+        # into the shipped one, which is committed, so later processes on this device start tuned (docs/kernels.md).
         from clipmoe_kernels.tuned_configs import save_tuned_configs
         save_tuned_configs(Path(check.json_path).with_name(Path(check.json_path).stem + "-tuned_configs.json"))
 

@@ -1,8 +1,8 @@
 """Tile configs chosen by autotuning, cached across processes. Three sources, read in this order: the choices
 autotune made in this process; the user's autotune cache, a JSON that every autotune choice on this machine is
 added to (`cache_path`: $XDG_CACHE_HOME/clipmoe/tuned_configs.json, ~/.cache/... by default), so a second run
-starts tuned; the JSON shipped in the package (tuned_configs.json, written by the GPU check with
-`save_tuned_configs`).
+starts tuned; the JSON shipped in the package (tuned_configs.json: the GPU check writes its choices with
+`save_tuned_configs`, and `python -m bench.fold_readme` merges them into it with `merge_tuned_configs`).
 
 Format: {device name: {kernel name: {"D=1024,F=4096,ROWS_BUCKET=32768,dtype=bfloat16": {"BLOCK_N": 256,
 "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}}}}. The key is the kernel's autotune key (its widths and the
@@ -156,6 +156,7 @@ def _locked(path: Path):
 
 
 def _merge_into_cache(path: Path, entries: dict):
+    """Merge `entries` into the JSON at `path` under a lock, written atomically (an unreadable file is replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         try:
@@ -183,15 +184,32 @@ def _merge_into_cache(path: Path, entries: dict):
 def save_tuned_configs(path=None) -> Path:
     """Merge this process's autotune choices into the JSON at `path` (default: the file lookups read) and write it;
     returns the path. The GPU check calls it after the benchmarks, so the next process starts tuned."""
+    return merge_tuned_configs(_chosen, path)
+
+
+def merge_tuned_configs(entries: dict, path=None, source: str = "entries") -> Path:
+    """Merge `entries` ({device: {kernel: {key: config}}}: a GPU check's -tuned_configs.json, or this process's
+    choices) into the JSON at `path` (default: the file lookups read), replacing only the keys they name; returns
+    the path. A config must hold exactly the four int fields (BLOCK_N, BLOCK_K, num_warps, num_stages); `source`
+    names the entries in the error otherwise. An unreadable table at `path` is an error, never overwritten."""
     path = Path(path) if path is not None else table_path()
-    table = json.loads(path.read_text()) if path.exists() else {}
-    for device, kernels in _chosen.items():
-        for kernel, keys in kernels.items():
-            table.setdefault(device, {}).setdefault(kernel, {}).update(keys)
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    _loaded.pop(path, None)
+    for device, kernels in _levels(entries, source, "device"):
+        for kernel, keys in _levels(kernels, f"{source}[{device!r}]", "kernel"):
+            for key, config in _levels(keys, f"{source}[{device!r}][{kernel!r}]", "key"):
+                if not (isinstance(config, dict) and set(config) == set(_CONFIG_FIELDS)
+                        and all(type(config[f]) is int for f in _CONFIG_FIELDS)):
+                    raise ValueError(f"{source}[{device!r}][{kernel!r}][{key!r}]: expected a config with the int "
+                                     f"fields {list(_CONFIG_FIELDS)}, got {config!r}")
+    _read(path)  # a damaged table stops the merge instead of being replaced
+    _merge_into_cache(path, entries)
     _generation[0] += 1
     return path
+
+
+def _levels(table, where: str, level: str):
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a JSON object of {level} entries, got {type(table).__name__}")
+    return table.items()
 
 
 def forget_tuned_configs():

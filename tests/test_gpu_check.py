@@ -221,8 +221,18 @@ def test_fold_readme_rewrites_only_the_gpu_block(tmp_path, capsys):
     readme = tmp_path / "README.md"
     before, after = "# x\n\n## Performance\n\ntext\n", "\n\n## CLI\nrest\n"
     readme.write_text(f"{before}{fold_readme.GPU_START}\nNot measured yet.\n{fold_readme.GPU_END}{after}")
-    argv = [str(path), "--readme", str(readme), "--results-dir", str(tmp_path / "results")]
+    key = "D=1024,F=4096,ROWS_BUCKET=32768,dtype=bfloat16"
+    chosen = {"NVIDIA H200": {"_grouped_up_fwd_kernel": {key: {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8,
+                                                               "num_stages": 3}}}}
+    (run / "gpu-20261201-120000-tuned_configs.json").write_text(json.dumps(chosen))
+    table = tmp_path / "tuned_configs.json"  # the shipped table, holding another device's choice
+    other = {"NVIDIA H100": {"_rows_to_slots_kernel": {key: {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4,
+                                                             "num_stages": 4}}}}
+    table.write_text(json.dumps(other))
+    argv = [str(path), "--readme", str(readme), "--results-dir", str(tmp_path / "results"),
+            "--tuned-configs", str(table)]
     assert fold_readme.main(argv) == 0
+    assert json.loads(table.read_text()) == {**other, **chosen}
     text = readme.read_text()
     assert text.startswith(before) and text.endswith(after) and "Not measured yet" not in text
     row = "| training | vit_l14 b256 T65792 E4 uniform | forward_backward | no | 10.000 [9.000, 11.000] | 2.00 |"
@@ -231,8 +241,21 @@ def test_fold_readme_rewrites_only_the_gpu_block(tmp_path, capsys):
     assert "Measured against the traffic model" in text and "| training | forward_backward | 10.000 |" in text
     assert "python -m bench.fold_readme" in text
     stored = sorted(os.listdir(tmp_path / "results"))
-    assert stored == ["gpu-20261201-120000.json", "gpu-20261201-120000.log", "gpu-20261201-120000.md"]
-    assert fold_readme.main(argv) == 0 and readme.read_text() == text  # twice: the same README
+    assert stored == ["gpu-20261201-120000-tuned_configs.json", "gpu-20261201-120000.json",
+                      "gpu-20261201-120000.log", "gpu-20261201-120000.md"]
+    merged = table.read_text()
+    assert fold_readme.main(argv) == 0 and readme.read_text() == text  # twice: the same files
+    assert table.read_text() == merged
+
+    for bad, words in (("{not json", "Expecting property name"), (json.dumps({"NVIDIA H200": {"k": {key: {
+            "BLOCK_N": 128}}}}), "expected a config with the int fields")):
+        (run / "gpu-20261201-120000-tuned_configs.json").write_text(bad)
+        with pytest.raises(SystemExit):
+            fold_readme.main(argv)
+        err = capsys.readouterr().err
+        assert "gpu-20261201-120000-tuned_configs.json" in err and words in err, err
+        assert table.read_text() == merged  # a bad file changes nothing
+    (run / "gpu-20261201-120000-tuned_configs.json").unlink()
 
     dry = run / "dry-run.json"
     dry.write_text(json.dumps(results_json(dry_run=True)))
