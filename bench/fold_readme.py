@@ -85,7 +85,8 @@ def merge_tuned(json_path, table, parser):
     `table`; returns the table's path, or None when there were none."""
     chosen = json_path.rsplit(".", 1)[0] + "-tuned_configs.json"
     if not os.path.exists(chosen):
-        print("no tuned configs in these results (the tuned phase did not run): the shipped table is unchanged")
+        print(f"no {os.path.basename(chosen)} beside the results (the tuned phase did not finish): {table} is "
+              f"unchanged")
         return None
     try:
         with open(chosen) as f:

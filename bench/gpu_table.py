@@ -136,9 +136,11 @@ def _timed(r):
 
 def model_table(results):
     """The measured layer next to bench/traffic_model.py's model of it: every eager bf16 training-shape row with
-    both triton and the bound timed (uniform routing, which the model's balanced routing stands for). Lines of
-    Markdown, [] when no such row was measured. Not in `markdown` (the GPU machine's tables step): the model's replay
-    takes about 10 s on this machine; bench.fold_readme adds it to the README."""
+    both triton and the bound timed (uniform routing, which the model's balanced routing stands for; the model
+    takes each kernel's widest autotune candidate where the training rows run the pinned config, a second-order
+    difference while every GEMM is compute-bound). Lines of Markdown, [] when no such row was measured. Not in
+    `markdown` (the GPU machine's tables step): the model's replay takes about 10 s on this machine;
+    bench.fold_readme adds it to the README."""
     from bench import traffic_model as model
     rows_out, notes = [], []
     for (phase, _, graph), rows in layer_groups(results).items():
