@@ -30,6 +30,7 @@ the model's (bench/gpu_table.py, model_table), with the main-loop rate that repr
 """
 import argparse
 import functools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -274,10 +275,10 @@ def tile_overhead_layer_time_s(kernels, k0=TILE_OVERHEAD_K):
 def mainloop_for_ratio(kernels, bound, goal):
     """Smallest main-loop rate (fraction of PEAK_FLOPS, to 0.01) at which bound / layer time reaches `goal`, or None
     if even 1.0 does not."""
-    for percent in range(1, 101):
-        if bound / layer_time_s(kernels, percent / 100) >= goal:
-            return percent / 100
-    return None
+    rate = mainloop_reproducing(kernels, bound / goal)
+    if rate is None or rate > 1.0 + 1e-9:
+        return None
+    return max(math.ceil(rate * 100 - 1e-6), 1) / 100
 
 
 def mainloop_reproducing(kernels, seconds):
